@@ -1,0 +1,267 @@
+"""Canonical checkpoint keys and the model-folder layout, shared by both frameworks.
+
+A model folder holds ``config.json``, ``model.safetensors`` (canonical keys, Linear weights
+``(out, in)``) and the tokenizer files. Frameworks may hold routed experts stacked
+``(E, out, in)``; ``stack_experts``/``unstack_experts`` map between the two layouts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from customllm.config import ModelConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+ATTN_PROJECTIONS = ("kv_proj_d", "q_proj_d", "k_proj_u", "v_proj_u", "q_proj_u", "rope_k", "rope_q", "o_proj")
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+# Prefixes that torch.compile, DDP and FSDP wrappers add to state-dict keys.
+WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_fsdp_wrapped_module.")
+
+
+def canonical_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every canonical key with its shape, in ARCHITECTURE.md order."""
+    d, h = config.hidden_size, config.num_attention_heads
+    attn_shapes = {
+        "kv_proj_d": (config.kv_latent_dim, d),
+        "q_proj_d": (config.q_latent_dim, d),
+        "k_proj_u": (h * config.qk_nope_head_dim, config.kv_latent_dim),
+        "v_proj_u": (h * config.v_head_dim, config.kv_latent_dim),
+        "q_proj_u": (h * config.qk_nope_head_dim, config.q_latent_dim),
+        "rope_k": (h * config.qk_rope_head_dim, d),
+        "rope_q": (h * config.qk_rope_head_dim, config.q_latent_dim),
+        "o_proj": (d, h * config.v_head_dim),
+    }
+    expert_shapes = {
+        "gate_proj": (config.intermediate_size, d),
+        "up_proj": (config.intermediate_size, d),
+        "down_proj": (d, config.intermediate_size),
+    }
+    shapes: dict[str, tuple[int, ...]] = {
+        "token_embeddings.weight": (config.vocab_size, d),
+        "position_embeddings.weight": (config.max_position_embeddings, d),
+    }
+    for i in range(config.num_hidden_layers):
+        layer = f"decoder_layers.{i}"
+        for name in ATTN_PROJECTIONS:
+            shapes[f"{layer}.self_attn.{name}.weight"] = attn_shapes[name]
+        experts = [f"shared_experts.{e}" for e in range(config.n_shared_experts)]
+        experts += [f"routed_experts.{e}" for e in range(config.n_routed_experts)]
+        for expert in experts:
+            for name in EXPERT_PROJECTIONS:
+                shapes[f"{layer}.mlp.{expert}.{name}.weight"] = expert_shapes[name]
+        shapes[f"{layer}.mlp.router.weight"] = (config.n_routed_experts, d)
+        shapes[f"{layer}.mlp.expert_bias"] = (config.n_routed_experts,)
+        shapes[f"{layer}.input_norm.weight"] = (d,)
+        shapes[f"{layer}.post_attn_norm.weight"] = (d,)
+    shapes["lm_head.weight"] = (config.vocab_size, d)
+    if config.lm_head_bias:
+        shapes["lm_head.bias"] = (config.vocab_size,)
+    return shapes
+
+
+def canonical_keys(config: ModelConfig) -> list[str]:
+    return list(canonical_shapes(config))
+
+
+def strip_wrapper_prefixes(weights: dict) -> dict:
+    """Drop `_orig_mod.` / `module.` prefixes (torch.compile, DDP, FSDP) from every key."""
+    out = {}
+    for key, value in weights.items():
+        while key.startswith(WRAPPER_PREFIXES):
+            key = next(key[len(p) :] for p in WRAPPER_PREFIXES if key.startswith(p))
+        out[key] = value
+    return out
+
+
+def check_weights(weights: dict, config: ModelConfig, source: str = "weights") -> None:
+    """Raise ValueError naming the first missing, extra or mis-shaped tensor."""
+    expected = canonical_shapes(config)
+    missing = [k for k in expected if k not in weights]
+    if missing:
+        raise ValueError(
+            f"{source}: missing tensor {missing[0]!r}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + " for the config; do the weights and config.json belong together?"
+        )
+    extra = [k for k in weights if k not in expected]
+    if extra:
+        raise ValueError(
+            f"{source}: unexpected tensor {extra[0]!r}"
+            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+            + " that the config does not have"
+        )
+    for key, shape in expected.items():
+        got = tuple(weights[key].shape)
+        if got != shape:
+            raise ValueError(
+                f"{source}: tensor {key!r} has shape {got}, the config expects {shape}"
+            )
+
+
+_ROUTED = re.compile(r"^(decoder_layers\.\d+\.mlp)\.routed_experts\.(\d+)\.(\w+)\.weight$")
+
+
+def stack_experts(weights: dict, config: ModelConfig, stack: Callable) -> dict:
+    """Canonical -> stacked: `...mlp.routed_experts.{e}.{proj}.weight` become
+    `...mlp.routed_experts.{proj}.weight` of shape (E, out, in). `stack` is the framework's stack."""
+    out, groups = {}, {}
+    for key, value in weights.items():
+        match = _ROUTED.match(key)
+        if match:
+            prefix, expert, proj = match.groups()
+            groups.setdefault((prefix, proj), {})[int(expert)] = value
+        else:
+            out[key] = value
+    for (prefix, proj), experts in groups.items():
+        out[f"{prefix}.routed_experts.{proj}.weight"] = stack([experts[e] for e in sorted(experts)])
+    return out
+
+
+_STACKED = re.compile(r"^(decoder_layers\.\d+\.mlp)\.routed_experts\.([a-z_]+)\.weight$")
+
+
+def unstack_experts(weights: dict) -> dict:
+    """Stacked -> canonical: the inverse of `stack_experts` (indexing works for numpy and mlx)."""
+    out = {}
+    for key, value in weights.items():
+        match = _STACKED.match(key)
+        if match:
+            prefix, proj = match.groups()
+            for e in range(value.shape[0]):
+                out[f"{prefix}.routed_experts.{e}.{proj}.weight"] = value[e]
+        else:
+            out[key] = value
+    return out
+
+
+def ordered(weights: dict, config: ModelConfig) -> dict:
+    """Canonical order of ARCHITECTURE.md (stable file layout)."""
+    return {k: weights[k] for k in canonical_keys(config) if k in weights}
+
+
+def find_weights_file(folder: str | Path) -> Path:
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"model folder not found: {folder}")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"not a model folder: {folder}")
+    path = folder / WEIGHTS_NAME
+    if not path.is_file():
+        found = sorted(p.name for p in folder.glob("*.safetensors"))
+        hint = f" (found {', '.join(found)})" if found else ""
+        raise FileNotFoundError(f"weights not found: {path}{hint}")
+    return path
+
+
+def load_numpy_weights(folder: str | Path) -> dict[str, np.ndarray]:
+    """Read model.safetensors into numpy (bfloat16 is widened to float32: numpy has no bf16)."""
+    from safetensors import safe_open
+
+    path = find_weights_file(folder)
+    try:
+        with safe_open(str(path), framework="np") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except TypeError:  # bfloat16 has no numpy dtype: read through the byte layout instead
+        return _load_bf16_as_float32(path)
+    except Exception as err:
+        raise ValueError(f"cannot read {path}: {err}") from err
+
+
+def _load_bf16_as_float32(path: Path) -> dict[str, np.ndarray]:
+    import json
+    import struct
+
+    data = path.read_bytes()
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + header_len])
+    base = 8 + header_len
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        raw = data[base + start : base + end]
+        if info["dtype"] == "BF16":
+            bits = np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16
+            out[key] = bits.view(np.float32).reshape(info["shape"])
+        else:
+            dtype = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32}[
+                info["dtype"]
+            ]
+            out[key] = np.frombuffer(raw, dtype=dtype).reshape(info["shape"]).copy()
+    return out
+
+
+@contextmanager
+def atomic_folder(dst: str | Path) -> Iterator[Path]:
+    """Write a folder under a temporary name beside `dst`, then rename it into place.
+
+    A crash at any moment leaves either the old `dst` or the complete new one, never half.
+    """
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_model_folder(
+    dst: str | Path,
+    config: ModelConfig,
+    write_weights: Callable[[Path], None],
+    tokenizer=None,
+) -> Path:
+    """Write `dst/` atomically: config.json, model.safetensors (via `write_weights(path)`),
+    and the tokenizer files when a tokenizer (or a tokenizer folder path) is given."""
+    dst = Path(dst)
+    with atomic_folder(dst) as tmp:
+        config.to_json(tmp / CONFIG_NAME, architectures=["CustomLLM"])
+        write_weights(tmp / WEIGHTS_NAME)
+        if tokenizer is not None:
+            save_tokenizer_files(tokenizer, tmp)
+    return dst
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+
+
+def save_tokenizer_files(tokenizer, folder: Path) -> None:
+    """Copy a tokenizer folder's files, or call `save_pretrained` on a tokenizer object."""
+    if isinstance(tokenizer, (str, Path)) and Path(tokenizer).is_dir():
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer) / name).is_file():
+                shutil.copy2(Path(tokenizer) / name, folder / name)
+    elif hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(str(folder))
+    else:
+        raise ValueError(f"cannot save tokenizer {tokenizer!r}: not a folder or a tokenizer")

@@ -1,0 +1,189 @@
+"""Model configuration: one dataclass, the presets, and a JSON round trip (config.json)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODEL_TYPE = "customllm"
+
+
+@dataclass
+class ModelConfig:
+    """Every field of ARCHITECTURE.md; the defaults are the 973M preset."""
+
+    vocab_size: int = 49152
+    hidden_size: int = 768
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 12
+    q_latent_dim: int = 192
+    kv_latent_dim: int = 192
+    qk_nope_head_dim: int | None = None  # derived: (hidden_size / 2) / heads
+    qk_rope_head_dim: int | None = None  # derived: (hidden_size / 2) / heads
+    v_head_dim: int | None = None  # derived: hidden_size / heads
+    intermediate_size: int = 1536
+    n_shared_experts: int = 1
+    n_routed_experts: int = 7
+    num_experts_per_tok: int = 2
+    router_score: str = "sigmoid"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    bias_update_rate: float = 1e-3
+    aux_loss_coef: float = 1e-4
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    embd_dropout: float = 0.1
+    attn_dropout: float = 0.3
+    mlp_dropout: float = 0.3
+    lm_head_bias: bool = True
+    initializer_range: float = 0.02
+    eos_token_id: int = 0
+    bos_token_id: int = 0
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        heads = self.num_attention_heads
+        if heads <= 0:
+            raise ValueError(f"num_attention_heads must be positive, got {heads}")
+        half = self.hidden_size // 2
+        for name, width in (
+            ("qk_nope_head_dim", half),
+            ("qk_rope_head_dim", half),
+            ("v_head_dim", self.hidden_size),
+        ):
+            if getattr(self, name) is None:
+                if width % heads:
+                    raise ValueError(
+                        f"num_attention_heads={heads} does not divide the {width}-wide "
+                        f"projections of hidden_size={self.hidden_size} ({name} would be "
+                        f"{width / heads:g}); choose a head count that divides {width}"
+                    )
+                setattr(self, name, width // heads)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first inconsistent field."""
+        positive = (
+            "vocab_size hidden_size num_hidden_layers q_latent_dim kv_latent_dim qk_nope_head_dim "
+            "qk_rope_head_dim v_head_dim intermediate_size n_routed_experts num_experts_per_tok "
+            "max_position_embeddings"
+        ).split()
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim must be even for RoPE, got {self.qk_rope_head_dim}")
+        if self.n_shared_experts not in (0, 1):
+            raise ValueError(f"n_shared_experts must be 0 or 1, got {self.n_shared_experts}")
+        if self.num_experts_per_tok > self.n_routed_experts:
+            raise ValueError(
+                f"num_experts_per_tok={self.num_experts_per_tok} exceeds "
+                f"n_routed_experts={self.n_routed_experts}"
+            )
+        if self.router_score not in ("sigmoid", "softmax"):
+            raise ValueError(f"router_score must be 'sigmoid' or 'softmax', got {self.router_score!r}")
+        for name in ("embd_dropout", "attn_dropout", "mlp_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    # Derived sizes -------------------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def kv_cache_numbers_per_token(self) -> int:
+        """Numbers cached per token and layer: c_kv plus the rotated per-head k_rope."""
+        return self.kv_latent_dim + self.num_attention_heads * self.qk_rope_head_dim
+
+    def num_parameters(self) -> int:
+        """Trainable parameters, computed from the shapes (expert_bias excluded)."""
+        d, h = self.hidden_size, self.num_attention_heads
+        attn = (
+            d * self.kv_latent_dim
+            + d * self.q_latent_dim
+            + self.kv_latent_dim * h * self.qk_nope_head_dim
+            + self.kv_latent_dim * h * self.v_head_dim
+            + self.q_latent_dim * h * self.qk_nope_head_dim
+            + d * h * self.qk_rope_head_dim
+            + self.q_latent_dim * h * self.qk_rope_head_dim
+            + h * self.v_head_dim * d
+        )
+        experts = (self.n_shared_experts + self.n_routed_experts) * 3 * d * self.intermediate_size
+        layer = attn + experts + d * self.n_routed_experts + 2 * d
+        head = d * self.vocab_size + (self.vocab_size if self.lm_head_bias else 0)
+        embeddings = (self.vocab_size + self.max_position_embeddings) * d
+        return embeddings + self.num_hidden_layers * layer + head
+
+    # Presets and JSON ----------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        """Build from a config.json dict; unknown keys (model_type, architectures...) go to extra."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in values.items() if k in names}
+        extra = {k: v for k, v in values.items() if k not in names}
+        return cls(**known, extra=extra)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"model config not found: {path}")
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from err
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must hold a JSON object")
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = {**self.extra, **dataclasses.asdict(self)}
+        values.pop("extra")
+        values["model_type"] = MODEL_TYPE
+        return values
+
+    def to_json(self, path: str | Path, **extra: Any) -> None:
+        Path(path).write_text(json.dumps({**self.to_dict(), **extra}, indent=2, sort_keys=True))
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "973m": {},
+    "small": dict(
+        hidden_size=256,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        q_latent_dim=64,
+        kv_latent_dim=64,
+        intermediate_size=512,
+        max_position_embeddings=1024,
+        embd_dropout=0.0,
+        attn_dropout=0.0,
+        mlp_dropout=0.0,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        q_latent_dim=16,
+        kv_latent_dim=16,
+        intermediate_size=128,
+        max_position_embeddings=512,
+        embd_dropout=0.0,
+        attn_dropout=0.0,
+        mlp_dropout=0.0,
+    ),
+}

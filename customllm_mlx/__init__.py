@@ -1,0 +1,9 @@
+"""CustomLLM in MLX. On Linux CPU, importing this package first loads OpenBLAS for MLX's matmuls."""
+
+from customllm_mlx._blas import preload_openblas
+
+preload_openblas()
+
+from customllm_mlx.model import CustomLLM  # noqa: E402
+
+__all__ = ["CustomLLM"]

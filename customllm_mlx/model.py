@@ -1,0 +1,377 @@
+"""CustomLLM in MLX: the twin of customllm_torch/model.py (same classes, order and names).
+
+Differences are only what MLX forces: routed experts are held stacked (E, out, in) for
+`mx.gather_mm`, the cache is a list with one `LatentKVCache` per layer (the mlx_lm layout),
+and `expert_bias` is a frozen array rather than a buffer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from customllm.checkpoint import stack_experts, unstack_experts
+from customllm.config import ModelConfig
+
+ModelArgs = ModelConfig  # the name mlx_lm's loader looks for
+
+
+class LatentKVCache:
+    """One layer's cache: `c_kv` (B, S, kv_latent_dim) and rotated `k_rope` (B, H, S, rope_dim)."""
+
+    step = 256  # grow the buffers in chunks, as mlx_lm's KVCache does
+
+    def __init__(self):
+        self.c_kv = None
+        self.k_rope = None
+        self.offset = 0
+
+    def update_and_fetch(self, c_kv: mx.array, k_rope: mx.array):
+        T = c_kv.shape[1]
+        if self.c_kv is None or self.offset + T > self.c_kv.shape[1]:
+            grow = (T + self.step - 1) // self.step * self.step
+            new_c_kv = mx.zeros((c_kv.shape[0], grow, c_kv.shape[2]), c_kv.dtype)
+            new_k_rope = mx.zeros((*k_rope.shape[:2], grow, k_rope.shape[3]), k_rope.dtype)
+            if self.c_kv is None:
+                self.c_kv, self.k_rope = new_c_kv, new_k_rope
+            else:
+                self.c_kv = mx.concatenate([self.c_kv[:, : self.offset], new_c_kv], axis=1)
+                self.k_rope = mx.concatenate([self.k_rope[:, :, : self.offset], new_k_rope], axis=2)
+        self.c_kv[:, self.offset : self.offset + T] = c_kv
+        self.k_rope[:, :, self.offset : self.offset + T] = k_rope
+        self.offset += T
+        return self.c_kv[:, : self.offset], self.k_rope[:, :, : self.offset]
+
+    @property
+    def state(self):
+        if self.c_kv is None:
+            return []
+        return [self.c_kv[:, : self.offset], self.k_rope[:, :, : self.offset]]
+
+    @state.setter
+    def state(self, value):
+        self.c_kv, self.k_rope = value
+        self.offset = self.c_kv.shape[1]
+
+    @property
+    def meta_state(self):
+        return ""
+
+    @meta_state.setter
+    def meta_state(self, value):
+        pass
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    def empty(self) -> bool:
+        return self.c_kv is None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.state)
+
+
+class CustomRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dim,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, self.weight, self.eps)
+
+
+class RotaryEmbedding(nn.Module):
+    """Non-interleaved RoPE ("rotate_half"): `mx.fast.rope` with traditional=False."""
+
+    def __init__(self, dim: int, theta: float):
+        super().__init__()
+        self.dim, self.theta = dim, theta
+
+    def __call__(self, x: mx.array, offset: int) -> mx.array:
+        # x: (B, H, T, dim)
+        return mx.fast.rope(x, self.dim, traditional=False, base=self.theta, scale=1.0, offset=offset)
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, h = config.hidden_size, config.num_attention_heads
+        self.num_heads = h
+        self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
+        self.v_dim, self.kv_latent_dim = config.v_head_dim, config.kv_latent_dim
+        self.scale = 1.0 / math.sqrt(self.nope_dim + self.rope_dim)
+        self.kv_proj_d = nn.Linear(d, config.kv_latent_dim, bias=False)
+        self.q_proj_d = nn.Linear(d, config.q_latent_dim, bias=False)
+        self.k_proj_u = nn.Linear(config.kv_latent_dim, h * self.nope_dim, bias=False)
+        self.v_proj_u = nn.Linear(config.kv_latent_dim, h * self.v_dim, bias=False)
+        self.q_proj_u = nn.Linear(config.q_latent_dim, h * self.nope_dim, bias=False)
+        self.rope_k = nn.Linear(d, h * self.rope_dim, bias=False)
+        self.rope_q = nn.Linear(config.q_latent_dim, h * self.rope_dim, bias=False)
+        self.o_proj = nn.Linear(h * self.v_dim, d, bias=False)
+        self.rotary_emb = RotaryEmbedding(self.rope_dim, config.rope_theta)
+
+    def __call__(
+        self,
+        x: mx.array,
+        offset: int,
+        cache: LatentKVCache | None = None,
+        absorb: bool = False,
+    ) -> mx.array:
+        B, T, _ = x.shape
+        H = self.num_heads
+        c_q = self.q_proj_d(x)  # (B, T, q_latent_dim)
+        c_kv = self.kv_proj_d(x)  # (B, T, kv_latent_dim)
+        q_nope = self.q_proj_u(c_q).reshape(B, T, H, self.nope_dim).transpose(0, 2, 1, 3)
+        q_rope = self.rope_q(c_q).reshape(B, T, H, self.rope_dim).transpose(0, 2, 1, 3)
+        k_rope = self.rope_k(x).reshape(B, T, H, self.rope_dim).transpose(0, 2, 1, 3)
+        q_rope = self.rotary_emb(q_rope, offset)
+        k_rope = self.rotary_emb(k_rope, offset)  # (B, H, T, rope)
+        if cache is not None:
+            c_kv, k_rope = cache.update_and_fetch(c_kv, k_rope)
+        mask = "causal" if T > 1 else None  # lower-right aligned: queries sit at the end
+        if absorb:
+            out = self.absorbed_attention(q_nope, q_rope, c_kv, k_rope, mask)
+        else:
+            S = c_kv.shape[1]
+            k_nope = self.k_proj_u(c_kv).reshape(B, S, H, self.nope_dim).transpose(0, 2, 1, 3)
+            v = self.v_proj_u(c_kv).reshape(B, S, H, self.v_dim).transpose(0, 2, 1, 3)
+            q = mx.concatenate([q_nope, q_rope], axis=-1)  # (B, H, T, qk_head_dim)
+            k = mx.concatenate([k_nope, k_rope], axis=-1)  # (B, H, S, qk_head_dim)
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = out.transpose(0, 2, 1, 3).reshape(B, T, H * self.v_dim)
+        return self.o_proj(out)
+
+    def absorbed_attention(self, q_nope, q_rope, c_kv, k_rope, mask):
+        """Attention over the latent cache with k_proj_u folded into the query and v_proj_u
+        applied after the weighted sum: q_nope . k_nope = (q_nope W_uk,h) . c_kv."""
+        H, L = self.num_heads, self.kv_latent_dim
+        w_uk = self.k_proj_u.weight.reshape(H, self.nope_dim, L)
+        w_uv = self.v_proj_u.weight.reshape(H, self.v_dim, L)
+        q_latent = q_nope @ w_uk[None]  # (B, H, T, L)
+        q = mx.concatenate([q_latent, q_rope], axis=-1)
+        c_kv = c_kv[:, None]  # (B, 1, S, L): one latent "head" shared by all query heads
+        k = mx.concatenate([mx.broadcast_to(c_kv, (*k_rope.shape[:3], L)), k_rope], axis=-1)
+        out_latent = mx.fast.scaled_dot_product_attention(
+            q, k, mx.broadcast_to(c_kv, (*k_rope.shape[:3], L)), scale=self.scale, mask=mask
+        )
+        return out_latent @ w_uv.transpose(0, 2, 1)[None]  # (B, H, T, v_dim)
+
+
+class DeepSeekExpertLayer(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class StackedExpertLinear(nn.Module):
+    """E linear layers in one (E, out, in) weight, applied with `mx.gather_mm`."""
+
+    def __init__(self, input_dims: int, output_dims: int, num_experts: int):
+        super().__init__()
+        self.weight = mx.zeros((num_experts, output_dims, input_dims))
+
+    def __call__(self, x: mx.array, expert: mx.array) -> mx.array:
+        # x: (P, 1, in) rows sorted by expert; expert: (P,) -> (P, 1, out)
+        return mx.gather_mm(
+            x, self.weight.swapaxes(-1, -2), rhs_indices=expert, sorted_indices=True
+        )
+
+
+class StackedExperts(nn.Module):
+    """The routed experts held stacked; `routed_experts.{gate,up,down}_proj.weight` is (E, out, in)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int):
+        super().__init__()
+        self.gate_proj = StackedExpertLinear(hidden_size, intermediate_size, num_experts)
+        self.up_proj = StackedExpertLinear(hidden_size, intermediate_size, num_experts)
+        self.down_proj = StackedExpertLinear(intermediate_size, hidden_size, num_experts)
+
+    def __call__(self, x: mx.array, expert: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x, expert)) * self.up_proj(x, expert), expert)
+
+
+class LlamaMLP(nn.Module):
+    """1 shared + n routed SwiGLU experts, top-k routing with the aux-loss-free bias."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, inter = config.hidden_size, config.intermediate_size
+        self.num_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
+        self.router_score = config.router_score
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.aux_loss_coef = config.aux_loss_coef
+        self.shared_experts = [DeepSeekExpertLayer(d, inter) for _ in range(config.n_shared_experts)]
+        self.routed_experts = StackedExperts(d, inter, config.n_routed_experts)
+        self.router = nn.Linear(d, config.n_routed_experts, bias=False)
+        self.expert_bias = mx.zeros((config.n_routed_experts,))
+        self.freeze(keys=["expert_bias"], recurse=False)  # state, never a gradient
+
+    def route(self, x_flat: mx.array):
+        """Scores (N, E) in float32, chosen experts (N, k), and their weights (N, k)."""
+        logits = self.router(x_flat).astype(mx.float32)
+        scores = mx.sigmoid(logits) if self.router_score == "sigmoid" else mx.softmax(logits, -1)
+        biased = mx.stop_gradient(scores + self.expert_bias.astype(mx.float32))
+        idx = mx.stop_gradient(mx.argpartition(-biased, self.top_k - 1, axis=-1)[:, : self.top_k])
+        weights = mx.take_along_axis(scores, idx, axis=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdims=True)
+        return scores, idx, weights * self.routed_scaling_factor
+
+    def __call__(self, x: mx.array):
+        """Returns (y, aux_loss, load): load counts token-expert assignments per expert."""
+        B, T, D = x.shape
+        x_flat = x.reshape(-1, D)  # (N, D)
+        scores, idx, weights = self.route(x_flat)
+        y = self.dispatch(x_flat, idx, weights.astype(x.dtype))
+        for expert in self.shared_experts:
+            y = y + expert(x_flat)
+        one_hot = mx.stop_gradient(idx[..., None] == mx.arange(self.num_experts))  # (N, k, E)
+        load = one_hot.sum(axis=(0, 1))
+        aux_loss = self.sequence_aux_loss(scores.reshape(B, T, -1), one_hot.reshape(B, T, *one_hot.shape[1:]))
+        return y.reshape(B, T, D), aux_loss, load
+
+    def dispatch(self, x_flat, idx, weights):
+        """Run each routed expert only on its tokens: sort token-expert pairs by expert."""
+        flat_expert = idx.flatten()  # (N * k,)
+        order = mx.stop_gradient(mx.argsort(flat_expert))
+        token_of_pair = order // self.top_k
+        out = self.routed_experts(x_flat[token_of_pair][:, None], flat_expert[order])[:, 0]
+        out = out[mx.argsort(order)].reshape(*idx.shape, -1)  # back to (N, k, D)
+        return (out * weights[..., None]).sum(axis=1)
+
+    def sequence_aux_loss(self, scores: mx.array, one_hot: mx.array) -> mx.array:
+        """aux_loss_coef * sum_i f_i P_i per sequence, averaged over the batch."""
+        if self.aux_loss_coef == 0:
+            return mx.array(0.0)
+        T = scores.shape[1]
+        counts = one_hot.sum(axis=(1, 2)).astype(mx.float32)  # (B, E)
+        f = counts * self.num_experts / (self.top_k * T)
+        P = (scores / scores.sum(-1, keepdims=True)).mean(1)  # (B, E)
+        return self.aux_loss_coef * (f * P).sum(-1).mean()
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.self_attn = MultiHeadLatentAttention(config)
+        self.mlp = LlamaMLP(config)
+        self.input_norm = CustomRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attn_norm = CustomRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn_dropout = nn.Dropout(config.attn_dropout)
+        self.mlp_dropout = nn.Dropout(config.mlp_dropout)
+
+    def __call__(self, x, offset, cache=None, absorb=False):
+        x = x + self.attn_dropout(self.self_attn(self.input_norm(x), offset, cache, absorb))
+        mlp_out, aux_loss, load = self.mlp(self.post_attn_norm(x))
+        return x + self.mlp_dropout(mlp_out), aux_loss, load
+
+
+class CustomLLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.model_config = config
+        self.model_type = "customllm"
+        self.token_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.dropout = nn.Dropout(config.embd_dropout)
+        self.decoder_layers = [DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Normal(0, initializer_range) for matrices, zeros for biases, ones for norms."""
+        std = self.model_config.initializer_range
+
+        def init(path: str, value: mx.array) -> mx.array:
+            if path.endswith("expert_bias") or path.endswith(".bias"):
+                return mx.zeros_like(value)
+            if value.ndim == 1:  # norm weights
+                return mx.ones_like(value)
+            return std * mx.random.normal(value.shape, dtype=value.dtype)
+
+        self.update(tree_unflatten([(k, init(k, v)) for k, v in tree_flatten(self.parameters())]))
+
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        return self.decoder_layers
+
+    def make_cache(self) -> list[LatentKVCache]:
+        return [LatentKVCache() for _ in self.decoder_layers]
+
+    def __call__(
+        self,
+        inputs: mx.array,
+        cache: list[LatentKVCache] | None = None,
+        absorb: bool | None = None,
+        return_aux: bool = False,
+    ):
+        """Logits (B, T, vocab); with `return_aux`, also the aux loss and the expert loads
+        (num_layers, n_routed_experts)."""
+        B, T = inputs.shape
+        offset = 0 if cache is None else cache[0].offset
+        if offset + T > self.model_config.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {offset + T} tokens exceeds the context of "
+                f"{self.model_config.max_position_embeddings} (max_position_embeddings)"
+            )
+        absorb = cache is not None and T == 1 if absorb is None else absorb
+        pos = mx.arange(offset, offset + T)
+        x = self.dropout(self.token_embeddings(inputs) + self.position_embeddings(pos))
+        aux_loss, loads = mx.array(0.0), []
+        for i, layer in enumerate(self.decoder_layers):
+            x, layer_aux, load = layer(x, offset, None if cache is None else cache[i], absorb)
+            aux_loss = aux_loss + layer_aux
+            loads.append(load)
+        logits = self.lm_head(x)
+        if return_aux:
+            return logits, aux_loss, mx.stack(loads)
+        return logits
+
+    def update_expert_bias(self, load: mx.array) -> None:
+        """Aux-loss-free balancing: bias_i += rate * sign(mean(load) - load_i), per layer.
+
+        `load`: (num_layers, n_routed_experts) assignment counts over the whole global batch.
+        """
+        rate = self.model_config.bias_update_rate
+        load = load.astype(mx.float32)
+        share = load / mx.maximum(load.sum(-1, keepdims=True), 1)
+        delta = rate * mx.sign(share.mean(-1, keepdims=True) - share)
+        for layer, step in zip(self.decoder_layers, delta, strict=True):
+            layer.mlp.expert_bias = layer.mlp.expert_bias + step.astype(layer.mlp.expert_bias.dtype)
+
+    def sanitize(self, weights: dict) -> dict:
+        """Canonical checkpoint keys -> this module's stacked-expert layout."""
+        return stack_experts(weights, self.model_config, mx.stack)
+
+    def canonical_weights(self) -> dict[str, mx.array]:
+        """This module's parameters under the canonical keys of ARCHITECTURE.md."""
+        return unstack_experts(dict(tree_flatten(self.parameters())))
+
+
+Model = CustomLLM  # the name mlx_lm's loader looks for
+
+
+def causal_lm_loss(logits: mx.array, inputs: mx.array) -> mx.array:
+    """Logits at t predict token t+1: mean cross entropy over targets != -100."""
+    shift_logits = logits[:, :-1].astype(mx.float32)
+    shift_labels = inputs[:, 1:]
+    valid = shift_labels != -100
+    ce = nn.losses.cross_entropy(shift_logits, mx.where(valid, shift_labels, 0), reduction="none")
+    return (ce * valid).sum() / mx.maximum(valid.sum(), 1)

@@ -1,0 +1,8 @@
+"""CustomLLM, the PyTorch reference. Importing this registers the model with transformers' Auto classes."""
+
+from customllm_torch.io import load, save
+from customllm_torch.model import CustomLLM, CustomLLMConfig, register
+
+register()
+
+__all__ = ["CustomLLM", "CustomLLMConfig", "load", "save"]

@@ -1,0 +1,425 @@
+"""CustomLLM in PyTorch: the reference implementation of ARCHITECTURE.md.
+
+Twin of customllm_mlx/model.py: same classes, same order, same variable names.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+from customllm.config import MODEL_TYPE, ModelConfig
+
+
+class CustomLLMConfig(PretrainedConfig):
+    """The Hugging Face face of `ModelConfig` (same fields, same config.json)."""
+
+    model_type = MODEL_TYPE
+
+    def __init__(self, **kwargs):
+        names = set(ModelConfig.__dataclass_fields__) - {"extra"}
+        values = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+        config = ModelConfig(**values)  # validates and derives head dims
+        for name in names - {"eos_token_id", "bos_token_id"}:
+            setattr(self, name, getattr(config, name))
+        kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(eos_token_id=config.eos_token_id, bos_token_id=config.bos_token_id, **kwargs)
+
+    @classmethod
+    def from_model_config(cls, config: ModelConfig) -> CustomLLMConfig:
+        values = config.to_dict()
+        values.pop("model_type")
+        return cls(**{k: v for k, v in values.items() if k in ModelConfig.__dataclass_fields__})
+
+    def to_model_config(self) -> ModelConfig:
+        return ModelConfig.from_dict(
+            {k: getattr(self, k) for k in ModelConfig.__dataclass_fields__ if k != "extra"}
+        )
+
+
+class LatentKVCache:
+    """Per layer: `c_kv` (B, T, kv_latent_dim) and rotated `k_rope` (B, H, T, rope_dim)."""
+
+    def __init__(self, num_layers: int):
+        self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+
+    @property
+    def offset(self) -> int:
+        return 0 if self.layers[0] is None else self.layers[0][0].shape[1]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.offset
+
+    def update(self, layer_idx: int, c_kv: torch.Tensor, k_rope: torch.Tensor):
+        if self.layers[layer_idx] is not None:
+            old_c_kv, old_k_rope = self.layers[layer_idx]
+            c_kv = torch.cat([old_c_kv, c_kv], dim=1)
+            k_rope = torch.cat([old_k_rope, k_rope], dim=2)
+        self.layers[layer_idx] = (c_kv, k_rope)
+        return c_kv, k_rope
+
+    def nbytes(self) -> int:
+        return sum(c.nbytes + k.nbytes for c, k in filter(None, self.layers))
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        self.layers = [
+            None if kv is None else (kv[0][beam_idx], kv[1][beam_idx]) for kv in self.layers
+        ]
+
+
+class CustomRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * x32).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """Non-interleaved RoPE ("rotate_half"), angles computed in float32."""
+
+    def __init__(self, dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        # x: (B, H, T, dim), pos: (T,)
+        angles = pos.float()[:, None] * self.inv_freq[None, :]  # (T, dim/2)
+        angles = torch.cat([angles, angles], dim=-1)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        return x * cos + rotate_half(x) * sin
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, h = config.hidden_size, config.num_attention_heads
+        self.num_heads = h
+        self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
+        self.v_dim, self.kv_latent_dim = config.v_head_dim, config.kv_latent_dim
+        self.scale = 1.0 / math.sqrt(self.nope_dim + self.rope_dim)
+        self.kv_proj_d = nn.Linear(d, config.kv_latent_dim, bias=False)
+        self.q_proj_d = nn.Linear(d, config.q_latent_dim, bias=False)
+        self.k_proj_u = nn.Linear(config.kv_latent_dim, h * self.nope_dim, bias=False)
+        self.v_proj_u = nn.Linear(config.kv_latent_dim, h * self.v_dim, bias=False)
+        self.q_proj_u = nn.Linear(config.q_latent_dim, h * self.nope_dim, bias=False)
+        self.rope_k = nn.Linear(d, h * self.rope_dim, bias=False)
+        self.rope_q = nn.Linear(config.q_latent_dim, h * self.rope_dim, bias=False)
+        self.o_proj = nn.Linear(h * self.v_dim, d, bias=False)
+        self.rotary_emb = RotaryEmbedding(self.rope_dim, config.rope_theta)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        pos: torch.Tensor,
+        cache: LatentKVCache | None = None,
+        layer_idx: int = 0,
+        absorb: bool = False,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        H = self.num_heads
+        c_q = self.q_proj_d(x)  # (B, T, q_latent_dim)
+        c_kv = self.kv_proj_d(x)  # (B, T, kv_latent_dim)
+        q_nope = self.q_proj_u(c_q).view(B, T, H, self.nope_dim).transpose(1, 2)
+        q_rope = self.rope_q(c_q).view(B, T, H, self.rope_dim).transpose(1, 2)
+        k_rope = self.rope_k(x).view(B, T, H, self.rope_dim).transpose(1, 2)  # (B, H, T, rope)
+        q_rope = self.rotary_emb(q_rope, pos)
+        k_rope = self.rotary_emb(k_rope, pos)
+        if cache is not None:
+            c_kv, k_rope = cache.update(layer_idx, c_kv, k_rope)
+        mask = causal_mask(T, c_kv.shape[1], x.device)
+        if absorb:
+            out = self.absorbed_attention(q_nope, q_rope, c_kv, k_rope, mask)
+        else:
+            S = c_kv.shape[1]
+            k_nope = self.k_proj_u(c_kv).view(B, S, H, self.nope_dim).transpose(1, 2)
+            v = self.v_proj_u(c_kv).view(B, S, H, self.v_dim).transpose(1, 2)
+            q = torch.cat([q_nope, q_rope], dim=-1)  # (B, H, T, qk_head_dim)
+            k = torch.cat([k_nope, k_rope], dim=-1)  # (B, H, S, qk_head_dim)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        out = out.transpose(1, 2).reshape(B, T, H * self.v_dim)
+        return self.o_proj(out)
+
+    def absorbed_attention(self, q_nope, q_rope, c_kv, k_rope, mask):
+        """Attention over the latent cache with k_proj_u folded into the query and v_proj_u
+        applied after the weighted sum: q_nope . k_nope = (q_nope W_uk,h) . c_kv."""
+        H, L = self.num_heads, self.kv_latent_dim
+        w_uk = self.k_proj_u.weight.view(H, self.nope_dim, L)
+        w_uv = self.v_proj_u.weight.view(H, self.v_dim, L)
+        q_latent = torch.einsum("bhtn,hnl->bhtl", q_nope, w_uk)  # (B, H, T, L)
+        q = torch.cat([q_latent, q_rope], dim=-1)
+        k = torch.cat([c_kv[:, None].expand(-1, H, -1, -1), k_rope], dim=-1)  # (B, H, S, L+rope)
+        v = c_kv[:, None].expand(-1, H, -1, -1)  # (B, H, S, L)
+        out_latent = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return torch.einsum("bhtl,hvl->bhtv", out_latent, w_uv)  # (B, H, T, v_dim)
+
+
+def causal_mask(T: int, S: int, device) -> torch.Tensor | None:
+    """Boolean mask for T queries at the end of S keys (True = attend); None when T == 1."""
+    if T == 1:
+        return None
+    offset = S - T
+    rows = torch.arange(T, device=device)[:, None] + offset
+    return torch.arange(S, device=device)[None, :] <= rows
+
+
+class DeepSeekExpertLayer(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaMLP(nn.Module):
+    """1 shared + n routed SwiGLU experts, top-k routing with the aux-loss-free bias."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, inter = config.hidden_size, config.intermediate_size
+        self.num_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
+        self.router_score = config.router_score
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.aux_loss_coef = config.aux_loss_coef
+        self.shared_experts = nn.ModuleList(
+            DeepSeekExpertLayer(d, inter) for _ in range(config.n_shared_experts)
+        )
+        self.routed_experts = nn.ModuleList(
+            DeepSeekExpertLayer(d, inter) for _ in range(config.n_routed_experts)
+        )
+        self.router = nn.Linear(d, config.n_routed_experts, bias=False)
+        self.register_buffer("expert_bias", torch.zeros(config.n_routed_experts))
+
+    def route(self, x_flat: torch.Tensor):
+        """Scores (N, E) in float32, chosen experts (N, k), and their weights (N, k)."""
+        logits = self.router(x_flat).float()
+        scores = logits.sigmoid() if self.router_score == "sigmoid" else logits.softmax(-1)
+        idx = torch.topk(scores + self.expert_bias.float(), self.top_k, dim=-1).indices
+        weights = scores.gather(-1, idx)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return scores, idx, weights * self.routed_scaling_factor
+
+    def forward(self, x: torch.Tensor):
+        """Returns (y, aux_loss, load): load counts token-expert assignments per expert."""
+        B, T, D = x.shape
+        x_flat = x.reshape(-1, D)  # (N, D)
+        scores, idx, weights = self.route(x_flat)
+        y = self.dispatch(x_flat, idx, weights.to(x.dtype))
+        for expert in self.shared_experts:
+            y = y + expert(x_flat)
+        load = torch.bincount(idx.flatten(), minlength=self.num_experts)
+        aux_loss = self.sequence_aux_loss(scores.view(B, T, -1), idx.view(B, T, -1))
+        return y.view(B, T, D), aux_loss, load
+
+    def dispatch(self, x_flat, idx, weights):
+        """Run each routed expert only on its tokens: sort token-expert pairs by expert."""
+        flat_expert = idx.flatten()  # (N * k,)
+        order = torch.argsort(flat_expert, stable=True)
+        token_of_pair = order // self.top_k
+        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()
+        pair_weights = weights.flatten()[order, None]
+        y = torch.zeros_like(x_flat)
+        start = 0
+        for e, count in enumerate(counts):
+            if count:
+                tokens = token_of_pair[start : start + count]
+                out = self.routed_experts[e](x_flat[tokens]) * pair_weights[start : start + count]
+                y.index_add_(0, tokens, out)
+            start += count
+        return y
+
+    def sequence_aux_loss(self, scores: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """aux_loss_coef * sum_i f_i P_i per sequence, averaged over the batch."""
+        if self.aux_loss_coef == 0:
+            return scores.new_zeros(())
+        T = scores.shape[1]
+        counts = F.one_hot(idx, self.num_experts).sum(dim=(1, 2)).float()  # (B, E)
+        f = counts * self.num_experts / (self.top_k * T)
+        P = (scores / scores.sum(-1, keepdim=True)).mean(1)  # (B, E)
+        return self.aux_loss_coef * (f * P).sum(-1).mean()
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.self_attn = MultiHeadLatentAttention(config)
+        self.mlp = LlamaMLP(config)
+        self.input_norm = CustomRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attn_norm = CustomRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn_dropout = nn.Dropout(config.attn_dropout)
+        self.mlp_dropout = nn.Dropout(config.mlp_dropout)
+
+    def forward(self, x, pos, cache=None, absorb=False):
+        x = x + self.attn_dropout(
+            self.self_attn(self.input_norm(x), pos, cache, self.layer_idx, absorb)
+        )
+        mlp_out, aux_loss, load = self.mlp(self.post_attn_norm(x))
+        return x + self.mlp_dropout(mlp_out), aux_loss, load
+
+
+@dataclass
+class CustomLLMOutput(MoeCausalLMOutputWithPast):
+    """Adds the per-layer expert loads (num_layers, n_routed_experts) and the pure LM loss."""
+
+    expert_load: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+
+
+class CustomLLM(PreTrainedModel, GenerationMixin):
+    config_class = CustomLLMConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    _no_split_modules = ["DecoderLayer"]
+    _supports_sdpa = True
+
+    def __init__(self, config: CustomLLMConfig | ModelConfig):
+        if isinstance(config, ModelConfig):
+            config = CustomLLMConfig.from_model_config(config)
+        super().__init__(config)
+        cfg = config.to_model_config()
+        self.model_config = cfg
+        self.token_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.dropout = nn.Dropout(cfg.embd_dropout)
+        self.decoder_layers = nn.ModuleList(
+            DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)
+        )
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.model_config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, CustomRMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, LlamaMLP):
+            nn.init.zeros_(module.expert_bias)
+        elif isinstance(module, RotaryEmbedding):
+            dim = module.inv_freq.shape[0] * 2
+            theta = self.model_config.rope_theta
+            arange = torch.arange(0, dim, 2, dtype=torch.float32, device=module.inv_freq.device)
+            module.inv_freq.copy_(1.0 / theta ** (arange / dim))
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.token_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.token_embeddings = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        labels: torch.LongTensor | None = None,
+        cache: LatentKVCache | None = None,
+        use_cache: bool | None = None,
+        absorb: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CustomLLMOutput:
+        cache = kwargs.pop("past_key_values", None) if cache is None else cache
+        if use_cache and cache is None:
+            cache = LatentKVCache(len(self.decoder_layers))
+        B, T = input_ids.shape
+        offset = 0 if cache is None else cache.offset
+        if offset + T > self.model_config.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {offset + T} tokens exceeds the context of "
+                f"{self.model_config.max_position_embeddings} (max_position_embeddings)"
+            )
+        absorb = cache is not None and T == 1 if absorb is None else absorb
+        pos = torch.arange(offset, offset + T, device=input_ids.device)
+        x = self.dropout(self.token_embeddings(input_ids) + self.position_embeddings(pos))
+        aux_loss, loads = x.new_zeros((), dtype=torch.float32), []
+        for layer in self.decoder_layers:
+            x, layer_aux, load = layer(x, pos, cache, absorb)
+            aux_loss = aux_loss + layer_aux
+            loads.append(load)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(x)
+        loss = lm_loss = None
+        if labels is not None:
+            lm_loss = causal_lm_loss(logits, labels)
+            loss = lm_loss + aux_loss if self.training else lm_loss
+        return CustomLLMOutput(
+            loss=loss,
+            lm_loss=lm_loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            cache=cache,
+            expert_load=torch.stack(loads),
+        )
+
+    @torch.no_grad()
+    def update_expert_bias(self, load: torch.Tensor) -> None:
+        """Aux-loss-free balancing: bias_i += rate * sign(mean(load) - load_i), per layer.
+
+        `load`: (num_layers, n_routed_experts) assignment counts over the whole global batch.
+        """
+        rate = self.model_config.bias_update_rate
+        share = load.float() / load.float().sum(-1, keepdim=True).clamp(min=1)
+        delta = rate * torch.sign(share.mean(-1, keepdim=True) - share)
+        for layer, step in zip(self.decoder_layers, delta, strict=True):
+            layer.mlp.expert_bias.add_(step.to(layer.mlp.expert_bias))
+
+    def prepare_inputs_for_generation(self, input_ids, cache=None, **kwargs):
+        if cache is not None and cache.offset:
+            input_ids = input_ids[:, cache.offset :]
+        return {"input_ids": input_ids, "cache": cache, "use_cache": True}
+
+    def _supports_default_dynamic_cache(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return super().__repr__() + f"\nModel parameters: {self.num_parameters() / 1e6:.2f}M"
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Logits at t predict token t+1: mean cross entropy over labels != -100."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    return F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100
+    )
+
+
+def register() -> None:
+    """Register with AutoConfig / AutoModelForCausalLM (idempotent)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        AutoConfig.register(MODEL_TYPE, CustomLLMConfig)
+        AutoModelForCausalLM.register(CustomLLMConfig, CustomLLM)
+    except ValueError:
+        pass  # already registered
