@@ -24,6 +24,13 @@ WEIGHTS_NAME = "model.safetensors"
 ATTN_PROJECTIONS = ("kv_proj_d", "q_proj_d", "k_proj_u", "v_proj_u", "q_proj_u", "rope_k", "rope_q", "o_proj")
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # Prefixes that torch.compile, DDP and FSDP wrappers add to state-dict keys.
+# mlx_lm builds a model from a folder's `model_file` (with trust_remote_code=True); this shim
+# only points it at the installed customllm_mlx package.
+MLX_LM_SHIM_NAME = "customllm_mlx_lm.py"
+MLX_LM_SHIM = (
+    '"""Lets mlx_lm.load(folder, trust_remote_code=True) build CustomLLM (needs customllm[mlx])."""\n'
+    "from customllm_mlx.model import Model, ModelArgs  # noqa: F401\n"
+)
 WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_fsdp_wrapped_module.")
 
 
@@ -238,7 +245,8 @@ def save_model_folder(
     and the tokenizer files when a tokenizer (or a tokenizer folder path) is given."""
     dst = Path(dst)
     with atomic_folder(dst) as tmp:
-        config.to_json(tmp / CONFIG_NAME, architectures=["CustomLLM"])
+        config.to_json(tmp / CONFIG_NAME, architectures=["CustomLLM"], model_file=MLX_LM_SHIM_NAME)
+        (tmp / MLX_LM_SHIM_NAME).write_text(MLX_LM_SHIM)
         write_weights(tmp / WEIGHTS_NAME)
         if tokenizer is not None:
             save_tokenizer_files(tokenizer, tmp)

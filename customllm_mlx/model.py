@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from customllm.checkpoint import stack_experts, unstack_experts
 from customllm.config import ModelConfig
+from customllm_mlx.loss import cross_entropy
 
 ModelArgs = ModelConfig  # the name mlx_lm's loader looks for
 
@@ -373,5 +374,5 @@ def causal_lm_loss(logits: mx.array, inputs: mx.array) -> mx.array:
     shift_logits = logits[:, :-1].astype(mx.float32)
     shift_labels = inputs[:, 1:]
     valid = shift_labels != -100
-    ce = nn.losses.cross_entropy(shift_logits, mx.where(valid, shift_labels, 0), reduction="none")
+    ce = cross_entropy(shift_logits, mx.where(valid, shift_labels, 0))
     return (ce * valid).sum() / mx.maximum(valid.sum(), 1)
