@@ -23,7 +23,6 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 ATTN_PROJECTIONS = ("kv_proj_d", "q_proj_d", "k_proj_u", "v_proj_u", "q_proj_u", "rope_k", "rope_q", "o_proj")
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-# Prefixes that torch.compile, DDP and FSDP wrappers add to state-dict keys.
 # mlx_lm builds a model from a folder's `model_file` (with trust_remote_code=True); this shim
 # only points it at the installed customllm_mlx package.
 MLX_LM_SHIM_NAME = "customllm_mlx_lm.py"
@@ -31,6 +30,7 @@ MLX_LM_SHIM = (
     '"""Lets mlx_lm.load(folder, trust_remote_code=True) build CustomLLM (needs customllm[mlx])."""\n'
     "from customllm_mlx.model import Model, ModelArgs  # noqa: F401\n"
 )
+# Prefixes that torch.compile, DDP and FSDP wrappers add to state-dict keys.
 WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_fsdp_wrapped_module.")
 
 
@@ -217,6 +217,9 @@ def atomic_folder(dst: str | Path) -> Iterator[Path]:
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a model folder is for everyone to read
     try:
         yield tmp
         for f in tmp.rglob("*"):

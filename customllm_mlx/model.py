@@ -351,9 +351,8 @@ class CustomLLM(nn.Module):
         `load`: (num_layers, n_routed_experts) assignment counts over the whole global batch.
         """
         rate = self.model_config.bias_update_rate
-        load = load.astype(mx.float32)
-        share = load / mx.maximum(load.sum(-1, keepdims=True), 1)
-        delta = rate * mx.sign(share.mean(-1, keepdims=True) - share)
+        load = load.astype(mx.int32)  # exact counts: sign(mean - load_i) = sign(total - E * load_i)
+        delta = rate * mx.sign(load.sum(-1, keepdims=True) - load.shape[-1] * load).astype(mx.float32)
         for layer, step in zip(self.decoder_layers, delta, strict=True):
             layer.mlp.expert_bias = layer.mlp.expert_bias + step.astype(layer.mlp.expert_bias.dtype)
 

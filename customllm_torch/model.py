@@ -95,12 +95,13 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, dim: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.dim, self.theta = dim, theta
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        # x: (B, H, T, dim), pos: (T,)
-        angles = pos.float()[:, None] * self.inv_freq[None, :]  # (T, dim/2)
+        # x: (B, H, T, dim), pos: (T,); frequencies made here so they stay float32 whatever .to()
+        arange = torch.arange(0, self.dim, 2, dtype=torch.float32, device=x.device)
+        inv_freq = 1.0 / self.theta ** (arange / self.dim)
+        angles = pos.float()[:, None] * inv_freq[None, :]  # (T, dim/2)
         angles = torch.cat([angles, angles], dim=-1)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         return x * cos + rotate_half(x) * sin
@@ -322,11 +323,6 @@ class CustomLLM(PreTrainedModel, GenerationMixin):
             nn.init.ones_(module.weight)
         elif isinstance(module, LlamaMLP):
             nn.init.zeros_(module.expert_bias)
-        elif isinstance(module, RotaryEmbedding):
-            dim = module.inv_freq.shape[0] * 2
-            theta = self.model_config.rope_theta
-            arange = torch.arange(0, dim, 2, dtype=torch.float32, device=module.inv_freq.device)
-            module.inv_freq.copy_(1.0 / theta ** (arange / dim))
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.token_embeddings
@@ -388,8 +384,8 @@ class CustomLLM(PreTrainedModel, GenerationMixin):
         `load`: (num_layers, n_routed_experts) assignment counts over the whole global batch.
         """
         rate = self.model_config.bias_update_rate
-        share = load.float() / load.float().sum(-1, keepdim=True).clamp(min=1)
-        delta = rate * torch.sign(share.mean(-1, keepdim=True) - share)
+        load = load.long()  # exact counts: sign(mean - load_i) = sign(total - E * load_i)
+        delta = rate * torch.sign(load.sum(-1, keepdim=True) - load.shape[-1] * load).float()
         for layer, step in zip(self.decoder_layers, delta, strict=True):
             layer.mlp.expert_bias.add_(step.to(layer.mlp.expert_bias))
 

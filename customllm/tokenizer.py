@@ -1,0 +1,196 @@
+"""Tokenizer loading and training, framework-free.
+
+`load_tokenizer` returns a `transformers` fast tokenizer from a local folder or a hub id;
+`train_tokenizer` trains a byte-level BPE on local text and saves a folder that
+`AutoTokenizer.from_pretrained` loads. `transformers` is imported lazily (it pulls in torch when
+torch is installed), so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+DEFAULT_TOKENIZER = "HuggingFaceTB/cosmo2-tokenizer"
+EOS_TOKEN = "<|endoftext|>"
+SPECIAL_TOKENS = [EOS_TOKEN, "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 after training
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be used right now, or None if a TCP probe succeeds.
+
+    Checks `HF_HUB_OFFLINE` / `HF_DATASETS_OFFLINE`, then opens one connection to `HF_ENDPOINT`
+    (or the HTTPS proxy when one is set) with a short timeout, so callers fail in seconds instead
+    of sitting through the hub client's retries.
+    """
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in _TRUE:
+            return f"{var} is set"
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    url = urlparse(proxy or endpoint)
+    host = url.hostname or "huggingface.co"
+    port = url.port or (443 if url.scheme == "https" else 80)
+    error: list[str] = ["timed out"]
+
+    def probe() -> None:  # in a thread: DNS lookups ignore socket timeouts
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            error.clear()
+        except OSError as e:
+            error[0] = str(e) or type(e).__name__
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)
+    if thread.is_alive() or error:
+        return f"cannot reach {host}:{port} ({error[0] if error else 'timed out'})"
+    return None
+
+
+def looks_like_path(name: str) -> bool:
+    """True when `name` is meant as a filesystem path rather than a hub id `owner/name`."""
+    if name.startswith((".", "/", "~", "\\")) or "\\" in name or os.path.isabs(name):
+        return True
+    parts = Path(name).parts
+    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).exists())
+
+
+def _load_local(path: Path) -> PreTrainedTokenizerFast:
+    from transformers import AutoTokenizer
+
+    if path.is_file() and path.name == "tokenizer.json":
+        path = path.parent
+    if not path.exists():
+        raise FileNotFoundError(
+            f"tokenizer folder not found: {path} (pass a folder holding tokenizer.json, "
+            f"or a hub id such as {DEFAULT_TOKENIZER})"
+        )
+    if not path.is_dir():
+        raise ValueError(f"tokenizer path {path} is a file; pass the folder holding tokenizer.json")
+    if not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists():
+        found = sorted(p.name for p in path.iterdir())[:10]
+        raise ValueError(
+            f"{path} is not a tokenizer folder: no tokenizer.json or tokenizer_config.json "
+            f"(found {found})"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    return _require_fast(tokenizer, str(path))
+
+
+def _load_hub(name: str) -> PreTrainedTokenizerFast:
+    from transformers import AutoTokenizer
+
+    reason = hub_unreachable_reason()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name, trust_remote_code=False, local_files_only=reason is not None
+        )
+    except OSError as e:
+        why = f"the hub is unreachable ({reason}) and it is not cached" if reason else str(e)
+        raise OSError(
+            f"cannot load tokenizer {name!r}: {why}. Pass a local tokenizer folder instead "
+            f"(one with tokenizer.json)."
+        ) from e
+    return _require_fast(tokenizer, name)
+
+
+def _require_fast(tokenizer: object, where: str) -> PreTrainedTokenizerFast:
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise ValueError(f"{where} has no fast (tokenizers) backend; a tokenizer.json is needed")
+    return tokenizer  # type: ignore[return-value]
+
+
+def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_TOKENIZER) -> PreTrainedTokenizerFast:
+    """Load a fast tokenizer from a local folder or a hub id (never runs remote code).
+
+    A string that looks like a path (starts with `.`, `/` or `~`, or whose first component
+    exists) never falls through to the hub: a missing folder raises FileNotFoundError naming it.
+    """
+    name = os.fspath(name_or_path)
+    path = Path(name).expanduser()
+    if path.exists() or looks_like_path(name):
+        return _load_local(path)
+    return _load_hub(name)
+
+
+def eos_token_id(tokenizer: PreTrainedTokenizerFast) -> int:
+    """The end-of-text id appended after each document: `eos_token_id`, else `<|endoftext|>`."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None:
+        return int(eos)
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    eos = backend.token_to_id(EOS_TOKEN)
+    if eos is None:
+        raise ValueError(f"tokenizer has no eos token and no {EOS_TOKEN!r} in its vocabulary")
+    return int(eos)
+
+
+def train_tokenizer(
+    files: str | os.PathLike | Iterable[str | os.PathLike],
+    vocab_size: int,
+    out_dir: str | os.PathLike,
+    *,
+    min_frequency: int = 2,
+    text_column: str = "text",
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE (cosmo2-style pre-tokenizer) and save it as a tokenizer folder.
+
+    `files` is one or more data sources as `--data` accepts them (files, folders, globs,
+    `builtin`); only their training split is read. Special tokens: <|endoftext|> (id 0, also
+    bos/eos/unk), <|im_start|>, <|im_end|>. Returns the saved folder loaded back.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from customllm.corpus import iter_documents
+
+    min_vocab = 256 + len(SPECIAL_TOKENS)
+    if vocab_size < min_vocab:
+        raise ValueError(f"vocab_size must be at least {min_vocab} (256 bytes + special tokens)")
+    sources = [files] if isinstance(files, str | os.PathLike) else list(files)
+    if not sources:
+        raise ValueError("train_tokenizer needs at least one file")
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+
+    def texts() -> Iterable[str]:
+        for source in sources:
+            yield from iter_documents(os.fspath(source), text_column=text_column, split="train")
+
+    tokenizer.train_from_iterator(texts(), trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=EOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN,
+        clean_up_tokenization_spaces=False,
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    wrapped.save_pretrained(str(out))
+    return load_tokenizer(out.resolve())

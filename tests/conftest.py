@@ -1,0 +1,47 @@
+"""Shared fixtures: paths to the shared data and tokenizer, and tiny configs.
+
+The shared folder sits beside the repository (`../shared`), in CI as on the dev machines.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from customllm.config import ModelConfig
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+SHARED_DIR = REPO_DIR.parent / "shared"
+COSMO2_DIR = SHARED_DIR / "tokenizers" / "cosmo2"
+DATA_DIR = SHARED_DIR / "data"
+COSMO2_VOCAB_SIZE = 49152
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED_DIR.is_dir():
+        pytest.skip(f"shared folder not found: {SHARED_DIR}")
+    return SHARED_DIR
+
+
+@pytest.fixture(scope="session")
+def data_dir(shared_dir: Path) -> Path:
+    if not DATA_DIR.is_dir():
+        pytest.skip(f"shared data not found: {DATA_DIR}")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def cosmo2_path(shared_dir: Path) -> Path:
+    """The cosmo2 (SmolLM) tokenizer folder, 49,152 tokens."""
+    if not (COSMO2_DIR / "tokenizer.json").is_file():
+        pytest.skip(f"cosmo2 tokenizer not found: {COSMO2_DIR}")
+    return COSMO2_DIR
+
+
+@pytest.fixture
+def tiny_config() -> ModelConfig:
+    """The `tiny` preset with a 256-token vocabulary and a 64-token context: fast on CPU,
+    every ratio of the 973M model kept (2 layers, 7 routed experts, top-2, dropout off)."""
+    return ModelConfig.from_preset("tiny", vocab_size=256, max_position_embeddings=64)

@@ -1,0 +1,278 @@
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from customllm.corpus import (
+    BUILTIN,
+    builtin_documents,
+    is_heldout,
+    iter_documents,
+    parse_source,
+)
+from customllm.data import DEFAULT_HUB_DATA, StreamDataset, eval_batches
+from customllm.tokenizer import load_tokenizer
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+TRAIN_TXT = SHARED / "data" / "tinystories" / "train.txt"
+HELDOUT_TXT = SHARED / "data" / "tinystories" / "heldout.txt"
+DOCS = [
+    "Once upon a time there was a cat.",
+    "The dog barked.\n\nThen it slept all day long, dreaming of bones.",
+    "A short one.",
+    "Numbers 12345 and ünïcødé text.",
+    "The end of the little corpus is here, with a longer sentence to pad it out.",
+]
+OFFLINE_AND_PROXY_VARS = (
+    "HF_HUB_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HTTPS_PROXY",
+    "https_proxy",
+)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(SHARED / "tokenizers" / "cosmo2")
+
+
+@pytest.fixture
+def tiny_txt(tmp_path):
+    path = tmp_path / "tiny.txt"
+    path.write_text("".join(f"{d}\n<|endoftext|>\n" for d in DOCS), encoding="utf-8")
+    return path
+
+
+def expected_stream(tok, docs):
+    ids = []
+    for doc in docs:
+        ids += tok.encode(doc, add_special_tokens=False) + [0]
+    return np.array(ids, dtype=np.int32)
+
+
+def take(ds, n):
+    return [next(it) for it in [iter(ds)] for _ in range(n)]
+
+
+# --- documents and sources ----------------------------------------------------------------------
+
+
+def test_txt_splits_on_separator_lines_else_paragraphs(tmp_path, tiny_txt):
+    assert list(iter_documents(tiny_txt)) == DOCS
+    plain = tmp_path / "plain.txt"
+    plain.write_text("First para\nline two.\n\n\nSecond para.\r\n\r\nThird.", encoding="utf-8")
+    assert list(iter_documents(plain)) == ["First para\nline two.", "Second para.", "Third."]
+
+
+def test_folder_and_glob_sources(tmp_path, tiny_txt):
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "from jsonl"}) + "\n", encoding="utf-8")
+    (tmp_path / "notes.md").write_text("ignored", encoding="utf-8")
+    source = parse_source(str(tmp_path))
+    assert [p.name for p in source.files] == ["b.jsonl", "tiny.txt"]
+    assert list(iter_documents(tmp_path)) == ["from jsonl", *DOCS]
+    assert [p.name for p in parse_source(str(tmp_path / "*.txt")).files] == ["tiny.txt"]
+    hub = parse_source(DEFAULT_HUB_DATA)
+    assert (hub.kind, hub.config) == ("hub", "cosmopedia-v2")
+    assert hub.name == "HuggingFaceTB/smollm-corpus"
+
+
+# --- packing ------------------------------------------------------------------------------------
+
+
+def test_packing_reproduces_documents_joined_by_eos(tok, tiny_txt):
+    ds = StreamDataset(tiny_txt, tok, seq_len=7, split="all", loop=False)
+    blocks = list(ds)
+    expected = expected_stream(tok, DOCS)
+    assert all(b.shape == (8,) and b.dtype == np.int32 for b in blocks)
+    assert len(blocks) == len(expected) // 8
+    np.testing.assert_array_equal(np.concatenate(blocks), expected[: len(blocks) * 8])
+
+
+def test_looping_stream_carries_leftover_across_epochs(tok, tiny_txt):
+    ds = StreamDataset(tiny_txt, tok, seq_len=7, split="all")
+    one_epoch = expected_stream(tok, DOCS)
+    n_blocks = 3 * len(one_epoch) // 8
+    stream = np.concatenate(take(ds, n_blocks))
+    np.testing.assert_array_equal(stream, np.tile(one_epoch, 3)[: n_blocks * 8])
+    assert ds.epoch == n_blocks * 8 // len(one_epoch)
+
+
+def test_next_batch_shape(tok):
+    ds = StreamDataset(TRAIN_TXT, tok, seq_len=64)
+    batch = ds.next_batch(4)
+    assert batch.shape == (4, 65) and batch.dtype == np.int32
+
+
+# --- resume -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shuffle_buffer", [0, 5])
+def test_resume_matches_uninterrupted_stream_across_epochs(tok, tiny_txt, shuffle_buffer):
+    kwargs = dict(split="all", shuffle_buffer=shuffle_buffer, seed=3)
+    reference = take(StreamDataset(tiny_txt, tok, 7, **kwargs), 40)  # ~4 epochs of ~10 blocks
+    epochs = set()
+    for cut in [0, 1, 6, 9, 10, 11, 13, 25, 39]:
+        first = StreamDataset(tiny_txt, tok, 7, **kwargs)
+        take(first, cut)
+        epochs.add(first.epoch)
+        state = json.loads(json.dumps(first.state_dict()))
+        resumed = StreamDataset(tiny_txt, tok, 7, **kwargs)
+        resumed.load_state_dict(state)
+        np.testing.assert_array_equal(take(resumed, 40 - cut), reference[cut:])
+    assert max(epochs) >= 2  # some cuts fall after an epoch boundary
+
+
+def test_resume_on_real_corpus_with_shuffle_and_ranks(tok):
+    kwargs = dict(shuffle_buffer=16, seed=7, rank=1, world_size=2)
+    reference = take(StreamDataset(TRAIN_TXT, tok, 128, **kwargs), 60)
+    first = StreamDataset(TRAIN_TXT, tok, 128, **kwargs)
+    take(first, 35)
+    resumed = StreamDataset(TRAIN_TXT, tok, 128, **kwargs)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    np.testing.assert_array_equal(take(resumed, 25), reference[35:])
+
+
+def test_state_from_another_stream_is_rejected(tok, tiny_txt, tmp_path):
+    state = StreamDataset(tiny_txt, tok, 7).state_dict()
+    with pytest.raises(ValueError, match="seq_len: saved 7, now 8"):
+        StreamDataset(tiny_txt, tok, 8).load_state_dict(state)
+    other = tmp_path / "other.txt"
+    other.write_text("other text", encoding="utf-8")
+    with pytest.raises(ValueError, match="source"):
+        StreamDataset(other, tok, 7).load_state_dict(state)
+
+
+def test_rank_shards_are_disjoint_and_cover_the_stream(tok, tiny_txt):
+    full = list(StreamDataset(tiny_txt, tok, 3, split="all", loop=False))
+    shards = [
+        list(StreamDataset(tiny_txt, tok, 3, split="all", loop=False, rank=r, world_size=3))
+        for r in range(3)
+    ]
+    for rank, shard in enumerate(shards):
+        np.testing.assert_array_equal(np.array(shard), np.array(full[rank::3]))
+    assert sum(len(s) for s in shards) == len(full)
+
+
+# --- held-out split -----------------------------------------------------------------------------
+
+
+def test_train_and_heldout_splits_are_disjoint(tok):
+    train_docs = list(iter_documents(TRAIN_TXT, split="train"))
+    heldout_docs = list(iter_documents(TRAIN_TXT, split="heldout"))
+    assert len(train_docs) + len(heldout_docs) == 2309
+    assert 20 < len(heldout_docs) < 80
+    assert not set(heldout_docs) & set(train_docs)
+    assert all(is_heldout(d) for d in heldout_docs)
+
+    train_blocks = list(StreamDataset(TRAIN_TXT, tok, 512, split="train", loop=False))
+    train_text = tok.decode(np.concatenate(train_blocks).tolist())
+    assert train_docs[5] in train_text
+    assert not any(doc in train_text for doc in heldout_docs)
+
+    batches = eval_batches(None, TRAIN_TXT, tok, seq_len=64, batch_size=4)
+    eval_ids = np.concatenate([b.reshape(-1) for b in batches])
+    np.testing.assert_array_equal(eval_ids, expected_stream(tok, heldout_docs)[: len(eval_ids)])
+    assert len(eval_ids) > len(expected_stream(tok, heldout_docs)) - 4 * 65
+
+
+def test_eval_source_is_read_whole_and_capped(tok):
+    batches = eval_batches(HELDOUT_TXT, TRAIN_TXT, tok, seq_len=128, batch_size=8, max_batches=3)
+    assert [b.shape for b in batches] == [(8, 129)] * 3
+    first_docs = list(iter_documents(HELDOUT_TXT))[:3]
+    np.testing.assert_array_equal(batches[0][0], expected_stream(tok, first_docs)[:129])
+
+
+# --- columns and errors -------------------------------------------------------------------------
+
+
+def write_parquet(path, columns):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path, row_group_size=2)
+
+
+def test_jsonl_and_parquet_text_column(tok, tmp_path):
+    rows = [{"id": i, "content": f"document number {i}"} for i in range(5)]
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    parquet = tmp_path / "d.parquet"
+    write_parquet(parquet, {"id": [r["id"] for r in rows], "content": [r["content"] for r in rows]})
+    for path in (jsonl, parquet):
+        with pytest.raises(
+            ValueError, match=r"no text column 'text'.*'content'.*--text-column"
+        ) as e:
+            list(iter_documents(path))
+        assert path.name in str(e.value)
+        assert list(iter_documents(path, text_column="content")) == [r["content"] for r in rows]
+        ds = StreamDataset(path, tok, 3, text_column="content", split="all", loop=False)
+        first = ds.next_batch(1)
+        resumed = StreamDataset(path, tok, 3, text_column="content", split="all", loop=False)
+        resumed.load_state_dict(ds.state_dict())  # skips parquet row groups / jsonl rows
+        whole = StreamDataset(path, tok, 3, text_column="content", split="all", loop=False)
+        np.testing.assert_array_equal(
+            np.concatenate([first, resumed.next_batch(100)]), whole.next_batch(100)
+        )
+
+
+def test_undecodable_bytes_name_file_and_offset(tmp_path, tok):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine line\nw\xffrld\n")
+    with pytest.raises(ValueError, match=r"bad\.txt: not valid UTF-8 at byte offset 11"):
+        StreamDataset(bad, tok, 4).next_batch(1)
+
+
+@pytest.mark.parametrize("spec", ["./no_such_dir/data.txt", "missing.jsonl", "/no/such/*.txt"])
+def test_missing_path(spec):
+    with pytest.raises(FileNotFoundError, match="no_such_dir|missing.jsonl|/no/such"):
+        parse_source(spec)
+
+
+def test_empty_corpus(tok, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n<|endoftext|>\n  \n<|endoftext|>\n", encoding="utf-8")
+    for path in (empty, blank):
+        with pytest.raises(ValueError, match="empty corpus"):
+            StreamDataset(path, tok, 8).next_batch(1)
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(ValueError, match="empty corpus"):
+        parse_source(str(tmp_path / "sub"))
+    small = tmp_path / "small.txt"
+    small.write_text("hi", encoding="utf-8")
+    with pytest.raises(ValueError, match="corpus too small"):
+        StreamDataset(small, tok, 8, split="all", loop=False).next_batch(1)
+
+
+def test_hub_unreachable_fails_fast_with_hint(tok, monkeypatch):
+    for var in OFFLINE_AND_PROXY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    start = time.monotonic()
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(ConnectionError, match="--data PATH"):
+        StreamDataset(DEFAULT_HUB_DATA, tok, 128)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConnectionError, match="HF_HUB_OFFLINE.*--data PATH"):
+        list(iter_documents(DEFAULT_HUB_DATA))
+    assert time.monotonic() - start < 10
+
+
+# --- built-in corpus ----------------------------------------------------------------------------
+
+
+def test_builtin_corpus_is_real_text_with_disjoint_heldout(tok):
+    every = list(builtin_documents())
+    train, heldout = list(builtin_documents("train")), list(builtin_documents("heldout"))
+    assert len(every) > 50 and sum(map(len, every)) > 200_000
+    assert any("Python" in doc for doc in every)
+    assert len(heldout) >= 5 and len(train) + len(heldout) == len(every)
+    assert not set(train) & set(heldout)
+    assert list(iter_documents(BUILTIN, split="heldout")) == heldout
+    blocks = list(StreamDataset(BUILTIN, tok, 256, split="train", loop=False))
+    assert len(blocks) * 257 > 50_000
+    batches = eval_batches(None, BUILTIN, tok, seq_len=256, batch_size=4)
+    assert sum(len(b) for b in batches) * 257 > 4_000

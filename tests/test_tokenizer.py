@@ -1,0 +1,112 @@
+import time
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer
+
+from customllm.tokenizer import (
+    DEFAULT_TOKENIZER,
+    eos_token_id,
+    load_tokenizer,
+    train_tokenizer,
+)
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+COSMO2 = SHARED / "tokenizers" / "cosmo2"
+TINYSTORIES = SHARED / "data" / "tinystories"
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+@pytest.fixture(scope="module")
+def cosmo2():
+    return load_tokenizer(COSMO2)
+
+
+def test_cosmo2_loads_with_expected_vocab(cosmo2):
+    assert DEFAULT_TOKENIZER == "HuggingFaceTB/cosmo2-tokenizer"
+    assert len(cosmo2) == 49152
+    assert eos_token_id(cosmo2) == 0
+    assert cosmo2.convert_ids_to_tokens([0, 1, 2]) == SPECIALS
+
+
+def test_cosmo2_round_trips_heldout_text(cosmo2):
+    text = (TINYSTORIES / "heldout.txt").read_text(encoding="utf-8")
+    ids = cosmo2.encode(text, add_special_tokens=False)
+    assert 60_000 < len(ids) < 110_000
+    assert ids.count(0) == text.count("<|endoftext|>") == 418
+    assert cosmo2.decode(ids) == text
+
+
+def test_eos_falls_back_to_endoftext_token(cosmo2):
+    raw = Tokenizer.from_file(str(COSMO2 / "tokenizer.json"))  # no eos_token_id attribute
+    assert eos_token_id(raw) == 0
+
+
+@pytest.mark.parametrize("name", ["./no_such_tokenizer", "/no/such/tokenizer", "~/no_such_tok_x"])
+def test_missing_local_folder_is_a_clear_error(name):
+    start = time.monotonic()
+    with pytest.raises(FileNotFoundError, match="tokenizer folder not found"):
+        load_tokenizer(name)
+    assert time.monotonic() - start < 5
+
+
+def test_missing_folder_under_existing_dir_is_local(tmp_path, monkeypatch):
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="runs/tok"):
+        load_tokenizer("runs/tok")
+
+
+def test_folder_without_tokenizer_files(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="not a tokenizer folder"):
+        load_tokenizer(tmp_path)
+
+
+def test_hub_id_offline_fails_fast(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(OSError, match="local tokenizer folder"):
+        load_tokenizer("customllm-tests/no-such-tokenizer")
+    assert time.monotonic() - start < 10
+
+
+def test_hub_id_unreachable_fails_fast(monkeypatch):
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(OSError, match="unreachable"):
+        load_tokenizer("customllm-tests/no-such-tokenizer")
+    assert time.monotonic() - start < 10
+
+
+def test_train_tokenizer_saves_loadable_folder(tmp_path):
+    from transformers import AutoTokenizer
+
+    stories = (TINYSTORIES / "train.txt").read_text(encoding="utf-8").split("<|endoftext|>\n")
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("<|endoftext|>\n".join(stories[:300]), encoding="utf-8")
+
+    out = tmp_path / "tok"
+    trained = train_tokenizer(corpus, vocab_size=600, out_dir=out)
+    assert (out / "tokenizer.json").exists() and (out / "tokenizer_config.json").exists()
+    loaded = AutoTokenizer.from_pretrained(str(out))
+    assert len(loaded) == len(trained) == 600
+    assert loaded.convert_ids_to_tokens([0, 1, 2]) == SPECIALS
+    assert eos_token_id(loaded) == 0 and loaded.bos_token_id == 0
+
+    heldout = (TINYSTORIES / "heldout.txt").read_text(encoding="utf-8")[:5000]
+    for text in (heldout, "naïve café: 1234 ünïcødé 日本語 🙂\n\n  tabs\tand  spaces "):
+        ids = loaded.encode(text, add_special_tokens=False)
+        assert loaded.decode(ids) == text
+    # merges were learned: far fewer tokens than bytes
+    assert len(loaded.encode(heldout, add_special_tokens=False)) < len(heldout.encode()) / 2
+
+
+def test_train_tokenizer_rejects_tiny_vocab(tmp_path):
+    corpus = tmp_path / "a.txt"
+    corpus.write_text("hello world\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_tokenizer(corpus, vocab_size=100, out_dir=tmp_path / "tok")
