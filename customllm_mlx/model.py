@@ -100,7 +100,9 @@ class RotaryEmbedding(nn.Module):
 
     def __call__(self, x: mx.array, offset: int) -> mx.array:
         # x: (B, H, T, dim)
-        return mx.fast.rope(x, self.dim, traditional=False, base=self.theta, scale=1.0, offset=offset)
+        return mx.fast.rope(
+            x, self.dim, traditional=False, base=self.theta, scale=1.0, offset=offset
+        )
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -188,9 +190,17 @@ class StackedExpertLinear(nn.Module):
 
     def __call__(self, x: mx.array, expert: mx.array) -> mx.array:
         # x: (P, 1, in) rows sorted by expert; expert: (P,) -> (P, 1, out)
-        return mx.gather_mm(
-            x, self.weight.swapaxes(-1, -2), rhs_indices=expert, sorted_indices=True
-        )
+        weight = self.weight.swapaxes(-1, -2)
+        if x.dtype != mx.float32 and mx.default_device() == mx.cpu:
+            # MLX's CPU gather_mm supports float32 only
+            out = mx.gather_mm(
+                x.astype(mx.float32),
+                weight.astype(mx.float32),
+                rhs_indices=expert,
+                sorted_indices=True,
+            )
+            return out.astype(x.dtype)
+        return mx.gather_mm(x, weight, rhs_indices=expert, sorted_indices=True)
 
 
 class StackedExperts(nn.Module):
@@ -217,7 +227,9 @@ class LlamaMLP(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
         self.routed_scaling_factor = config.routed_scaling_factor
         self.aux_loss_coef = config.aux_loss_coef
-        self.shared_experts = [DeepSeekExpertLayer(d, inter) for _ in range(config.n_shared_experts)]
+        self.shared_experts = [
+            DeepSeekExpertLayer(d, inter) for _ in range(config.n_shared_experts)
+        ]
         self.routed_experts = StackedExperts(d, inter, config.n_routed_experts)
         self.router = nn.Linear(d, config.n_routed_experts, bias=False)
         self.expert_bias = mx.zeros((config.n_routed_experts,))
@@ -244,7 +256,9 @@ class LlamaMLP(nn.Module):
             y = y + expert(x_flat)
         one_hot = mx.stop_gradient(idx[..., None] == mx.arange(self.num_experts))  # (N, k, E)
         load = one_hot.sum(axis=(0, 1))
-        aux_loss = self.sequence_aux_loss(scores.reshape(B, T, -1), one_hot.reshape(B, T, *one_hot.shape[1:]))
+        aux_loss = self.sequence_aux_loss(
+            scores.reshape(B, T, -1), one_hot.reshape(B, T, *one_hot.shape[1:])
+        )
         return y.reshape(B, T, D), aux_loss, load
 
     def dispatch(self, x_flat, idx, weights):
@@ -352,7 +366,9 @@ class CustomLLM(nn.Module):
         """
         rate = self.model_config.bias_update_rate
         load = load.astype(mx.int32)  # exact counts: sign(mean - load_i) = sign(total - E * load_i)
-        delta = rate * mx.sign(load.sum(-1, keepdims=True) - load.shape[-1] * load).astype(mx.float32)
+        delta = rate * mx.sign(load.sum(-1, keepdims=True) - load.shape[-1] * load).astype(
+            mx.float32
+        )
         for layer, step in zip(self.decoder_layers, delta, strict=True):
             layer.mlp.expert_bias = layer.mlp.expert_bias + step.astype(layer.mlp.expert_bias.dtype)
 

@@ -5,7 +5,11 @@ The shared folder sits beside the repository (`../shared`), in CI as on the dev 
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+
+if importlib.util.find_spec("mlx") is not None:
+    import customllm_mlx  # noqa: F401  (first: preloads OpenBLAS before anything imports mlx.core)
 
 import pytest
 

@@ -1,0 +1,103 @@
+"""Load and save the canonical model folder (config.json, model.safetensors, tokenizer files).
+
+The file holds the canonical keys of ARCHITECTURE.md (one tensor per routed expert); the MLX
+model holds the routed experts stacked (E, out, in). Weights are checked under the canonical
+keys before stacking, so an error names the tensor as it appears in the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+
+from customllm.checkpoint import (
+    CONFIG_NAME,
+    TOKENIZER_FILES,
+    check_weights,
+    find_weights_file,
+    ordered,
+    save_model_folder,
+    strip_wrapper_prefixes,
+    unstack_experts,
+)
+from customllm.config import ModelConfig
+from customllm.tokenizer import load_tokenizer
+from customllm_mlx.model import CustomLLM
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+def load(path: str | Path, dtype: mx.Dtype | str | None = None) -> tuple[CustomLLM, object | None]:
+    """Read a model folder: (model in eval mode, tokenizer or None when the folder has none).
+
+    `dtype` casts the floating-point weights (the routing `expert_bias` stays as stored)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder not found: {path}")
+    dtype = as_dtype(dtype)
+    config = ModelConfig.from_json(path / CONFIG_NAME)
+    weights_path = find_weights_file(path)
+    try:
+        weights = mx.load(str(weights_path))
+    except Exception as err:
+        raise ValueError(f"cannot read {weights_path}: {err}") from err
+    weights = unstack_experts(strip_wrapper_prefixes(weights))
+    check_weights(weights, config, source=str(weights_path))
+    if dtype is not None:
+        weights = {k: cast(k, v, dtype) for k, v in weights.items()}
+
+    model = CustomLLM(config)  # the random init is lazy and is replaced before it is computed
+    model.load_weights(list(model.sanitize(weights).items()), strict=True)
+    mx.eval(model.parameters())
+    model.eval()
+    return model, _load_folder_tokenizer(path)
+
+
+def save(
+    model: CustomLLM,
+    path: str | Path,
+    tokenizer: object | str | Path | None = None,
+    dtype: mx.Dtype | str | None = None,
+) -> Path:
+    """Write `path/` atomically with canonical keys; `dtype` casts the floating-point weights
+    (the routing `expert_bias` stays float32: small bias steps vanish in bfloat16)."""
+    if not isinstance(model, CustomLLM):
+        raise TypeError(f"expected a customllm_mlx CustomLLM, got {type(model).__name__}")
+    dtype = as_dtype(dtype)
+    config: ModelConfig = model.model_config
+    weights = model.canonical_weights()
+    if dtype is not None:
+        weights = {
+            k: v.astype(mx.float32) if k.endswith("expert_bias") else cast(k, v, dtype)
+            for k, v in weights.items()
+        }
+    check_weights(weights, config, source="model parameters")
+    weights = ordered(weights, config)
+    mx.eval(weights)
+
+    def write_weights(file: Path) -> None:
+        mx.save_safetensors(str(file), weights, metadata={"format": "pt"})
+
+    return save_model_folder(path, config, write_weights, tokenizer)
+
+
+def as_dtype(dtype: mx.Dtype | str | None) -> mx.Dtype | None:
+    """`mx.bfloat16` or "bfloat16" (also "float32", "float16") -> mx.Dtype; None stays None."""
+    if dtype is None or isinstance(dtype, mx.Dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def cast(key: str, value: mx.array, dtype: mx.Dtype) -> mx.array:
+    if key.endswith("expert_bias") or not mx.issubdtype(value.dtype, mx.floating):
+        return value
+    return value.astype(dtype)
+
+
+def _load_folder_tokenizer(path: Path):
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    return load_tokenizer(path)

@@ -1,0 +1,469 @@
+"""The MLX model against ARCHITECTURE.md, plus its folder IO and `init` CLI."""
+
+# ruff: noqa: E402  (customllm_mlx must be imported before mlx.core: it preloads OpenBLAS)
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+customllm_mlx = pytest.importorskip("customllm_mlx")
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from click.testing import CliRunner
+from mlx.utils import tree_flatten
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
+
+from customllm.checkpoint import CONFIG_NAME, WEIGHTS_NAME, canonical_shapes
+from customllm.config import ModelConfig
+from customllm_mlx import model as mlx_model
+from customllm_mlx.cli import main as cli_main
+from customllm_mlx.model import CustomLLM, LatentKVCache, LlamaMLP, causal_lm_loss
+
+
+def build(config: ModelConfig, seed: int = 0, bias_std: float = 0.05) -> CustomLLM:
+    """A model in eval mode with a non-zero routing bias."""
+    mx.random.seed(seed)
+    model = CustomLLM(config)
+    for layer in model.decoder_layers:
+        layer.mlp.expert_bias = bias_std * mx.random.normal(layer.mlp.expert_bias.shape)
+    mx.eval(model.parameters())
+    return model.eval()
+
+
+def random_ids(config: ModelConfig, B: int = 2, T: int = 24, seed: int = 1) -> mx.array:
+    rng = np.random.default_rng(seed)
+    return mx.array(rng.integers(0, config.vocab_size, size=(B, T)))
+
+
+def loss_fn(model: CustomLLM, inputs: mx.array) -> mx.array:
+    logits, aux_loss, _ = model(inputs, return_aux=True)
+    return causal_lm_loss(logits, inputs) + aux_loss
+
+
+def params(model: CustomLLM) -> dict[str, mx.array]:
+    return dict(tree_flatten(model.parameters()))
+
+
+# --- Layout -----------------------------------------------------------------------------------
+
+
+def test_canonical_weights_have_the_checkpoint_keys_and_shapes(tiny_config):
+    model = build(tiny_config)
+    canonical = model.canonical_weights()
+    assert {k: tuple(v.shape) for k, v in canonical.items()} == canonical_shapes(tiny_config)
+    stacked = params(model)["decoder_layers.0.mlp.routed_experts.gate_proj.weight"]
+    assert stacked.shape == (7, 128, 64)
+    assert mx.array_equal(
+        canonical["decoder_layers.0.mlp.routed_experts.3.gate_proj.weight"], stacked[3]
+    )
+    trainable = dict(tree_flatten(model.trainable_parameters()))
+    assert not any(k.endswith("expert_bias") for k in trainable)
+    assert sum(v.size for v in trainable.values()) == tiny_config.num_parameters()
+
+
+# --- Decoding cache and absorption --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("absorb", [None, False, True])
+def test_cached_decode_equals_full_forward(tiny_config, monkeypatch, absorb):
+    monkeypatch.setattr(LatentKVCache, "step", 8)  # make the buffers grow several times
+    model = build(tiny_config)
+    ids = random_ids(tiny_config, T=40)
+    full = model(ids)
+
+    cache = model.make_cache()
+    chunks = [
+        model(ids[:, :5], cache=cache, absorb=absorb),
+        model(ids[:, 5:12], cache=cache, absorb=absorb),
+    ]
+    chunks += [model(ids[:, t : t + 1], cache=cache, absorb=absorb) for t in range(12, 40)]
+    cached = mx.concatenate(chunks, axis=1)
+    assert cache[0].offset == 40 and cache[0].c_kv.shape[1] >= 40
+    assert cache[0].state[0].shape == (2, 40, tiny_config.kv_latent_dim)
+    assert cache[0].state[1].shape == (2, 2, 40, tiny_config.qk_rope_head_dim)
+    np.testing.assert_allclose(np.array(cached), np.array(full), atol=1e-4, rtol=0)
+
+
+def test_absorbed_attention_equals_non_absorbed(tiny_config):
+    model = build(tiny_config)
+    ids = random_ids(tiny_config, T=20)
+    plain, absorbed = model(ids, absorb=False), model(ids, absorb=True)
+    np.testing.assert_allclose(np.array(absorbed), np.array(plain), atol=1e-4, rtol=0)
+    attn = model.decoder_layers[0].self_attn
+    x = mx.random.normal((2, 20, tiny_config.hidden_size))
+    np.testing.assert_allclose(
+        np.array(attn(x, 0, absorb=True)), np.array(attn(x, 0, absorb=False)), atol=1e-5, rtol=0
+    )
+
+
+def test_attention_is_causal(tiny_config):
+    model = build(tiny_config)
+    ids = random_ids(tiny_config, T=16)
+    changed = mx.concatenate([ids[:, :10], (ids[:, 10:] + 1) % tiny_config.vocab_size], axis=1)
+    a, b = np.array(model(ids)), np.array(model(changed))
+    np.testing.assert_allclose(a[:, :10], b[:, :10], atol=1e-6, rtol=0)
+    assert np.abs(a[:, 10:] - b[:, 10:]).max() > 1e-4
+
+
+def test_context_limit_is_enforced(tiny_config):
+    model = build(tiny_config)
+    with pytest.raises(ValueError, match="exceeds the context of 64"):
+        model(random_ids(tiny_config, T=65))
+
+
+# --- Training path: value_and_grad and mx.compile ---------------------------------------------
+
+
+def test_value_and_grad_and_compiled_loss_equal_eager(tiny_config):
+    model = build(tiny_config).train()
+    ids = random_ids(tiny_config, B=2, T=32)
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    loss, grads = loss_and_grad(model, ids)
+    grads = dict(tree_flatten(grads))
+
+    compiled_loss = mx.compile(lambda inputs: loss_fn(model, inputs), inputs=model.state)
+    assert abs(compiled_loss(ids).item() - loss.item()) <= 1e-6 * loss.item()
+    compiled_grad = mx.compile(
+        lambda inputs: loss_and_grad(model, inputs), inputs=model.state, outputs=model.state
+    )
+    c_loss, c_grads = compiled_grad(ids)
+    again, _ = compiled_grad(ids)  # the model's state survives the compiled call
+    assert again.item() == c_loss.item() and loss_fn(model, ids).item() == loss.item()
+    assert abs(c_loss.item() - loss.item()) <= 1e-6 * loss.item()
+    for key, value in tree_flatten(c_grads):
+        np.testing.assert_allclose(np.array(value), np.array(grads[key]), atol=1e-6, rtol=1e-4)
+
+    assert not any(k.endswith("expert_bias") for k in grads)
+    assert set(grads) == set(dict(tree_flatten(model.trainable_parameters())))
+    for name in (
+        "mlp.router.weight",
+        "mlp.routed_experts.down_proj.weight",
+        "self_attn.rope_k.weight",
+    ):
+        assert mx.abs(grads[f"decoder_layers.1.{name}"]).max().item() > 0, name
+    # the loss is the shifted LM loss plus the balance loss, about ln(vocab) at init
+    assert abs(loss.item() - np.log(tiny_config.vocab_size)) < 0.5
+
+
+def make_train_step(model: CustomLLM, optimizer, compiled: bool):
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+
+    def step(inputs):
+        loss, grads = loss_and_grad(model, inputs)
+        optimizer.update(model, grads)
+        return loss
+
+    if compiled:
+        state = [model.state, optimizer.state]
+        step = mx.compile(step, inputs=state, outputs=state)
+    return step
+
+
+def test_compiled_train_step_matches_eager_and_never_trains_expert_bias(tiny_config):
+    ids = random_ids(tiny_config, B=2, T=32)
+    losses = {}
+    for mode in ("eager", "compiled"):
+        model = build(tiny_config).train()
+        bias = [layer.mlp.expert_bias for layer in model.decoder_layers]
+        optimizer = optim.AdamW(learning_rate=1e-2, weight_decay=0.1)
+        step = make_train_step(model, optimizer, compiled=mode == "compiled")
+        losses[mode] = []
+        for _ in range(3):
+            losses[mode].append(step(ids).item())
+            mx.eval(model.state, optimizer.state)
+        for layer, before in zip(model.decoder_layers, bias, strict=True):
+            assert mx.array_equal(layer.mlp.expert_bias, before)
+    np.testing.assert_allclose(losses["compiled"], losses["eager"], rtol=1e-4)
+    assert losses["eager"][-1] < losses["eager"][0]
+
+
+def test_causal_lm_loss_shifts_and_ignores_minus_100():
+    logits = mx.random.normal((1, 4, 5))
+    inputs = mx.array([[1, 2, -100, 4]])
+    expected = (
+        -(nn.log_softmax(logits[0, 0])[2] + nn.log_softmax(logits[0, 2])[4]) / 2
+    )  # position t predicts token t+1; the -100 target is skipped
+    assert abs(causal_lm_loss(logits, inputs).item() - expected.item()) < 1e-6
+
+
+# --- Mixture of experts -----------------------------------------------------------------------
+
+
+def naive_moe(mlp: LlamaMLP, x: np.ndarray, config: ModelConfig):
+    """Per token: sigmoid scores, top-k of scores + bias, normalised weights, each chosen
+    expert computed on that token alone; plus the sequence-wise balance loss."""
+    p = {k: np.array(v, dtype=np.float64) for k, v in tree_flatten(mlp.parameters())}
+    silu = lambda z: z / (1 + np.exp(-z))  # noqa: E731
+    B, T, D = x.shape
+    k, E = config.num_experts_per_tok, config.n_routed_experts
+    y, chosen, scores_all = np.zeros_like(x, dtype=np.float64), np.zeros((B, T, k), int), []
+    for b in range(B):
+        for t in range(T):
+            h = x[b, t].astype(np.float64)
+            scores = 1 / (1 + np.exp(-(p["router.weight"] @ h)))
+            idx = np.argsort(-(scores + p["expert_bias"]))[:k]
+            w = scores[idx] / scores[idx].sum() * config.routed_scaling_factor
+            out = 0.0
+            for e, w_e in zip(idx, w, strict=True):
+                g = p["routed_experts.gate_proj.weight"][e] @ h
+                u = p["routed_experts.up_proj.weight"][e] @ h
+                out = out + w_e * (p["routed_experts.down_proj.weight"][e] @ (silu(g) * u))
+            g, u = (
+                p["shared_experts.0.gate_proj.weight"] @ h,
+                p["shared_experts.0.up_proj.weight"] @ h,
+            )
+            y[b, t] = out + p["shared_experts.0.down_proj.weight"] @ (silu(g) * u)
+            chosen[b, t] = idx
+            scores_all.append(scores)
+    scores = np.array(scores_all).reshape(B, T, E)
+    counts = np.stack([np.bincount(chosen[b].ravel(), minlength=E) for b in range(B)])
+    f = counts * E / (k * T)
+    P = (scores / scores.sum(-1, keepdims=True)).mean(1)
+    aux = config.aux_loss_coef * (f * P).sum(-1).mean()
+    return y, chosen, aux
+
+
+def test_gather_mm_dispatch_equals_naive_per_token_loop(tiny_config):
+    model = build(tiny_config, bias_std=0.1)
+    mlp = model.decoder_layers[0].mlp
+    x = mx.random.normal((2, 12, tiny_config.hidden_size), key=mx.random.key(5))
+    y, aux, load = mlp(x)
+    y_ref, chosen, aux_ref = naive_moe(mlp, np.array(x), tiny_config)
+    np.testing.assert_allclose(np.array(y), y_ref, atol=1e-5, rtol=1e-4)
+    assert np.array_equal(np.array(load), np.bincount(chosen.ravel(), minlength=7))
+    assert abs(aux.item() - aux_ref) <= 1e-5 * aux_ref
+
+
+def test_routing_bias_changes_choice_not_weights(tiny_config):
+    model = build(tiny_config, bias_std=0.0)
+    mlp = model.decoder_layers[0].mlp
+    x = mx.random.normal((48, tiny_config.hidden_size), key=mx.random.key(2))
+    scores, idx, weights = mlp.route(x)
+    mlp.expert_bias = mx.array([5.0] + [0.0] * 6)  # force expert 0 into every top-k
+    scores_b, idx_b, weights_b = mlp.route(x)
+    assert mx.array_equal(scores, scores_b)
+    assert bool(mx.all(mx.any(idx_b == 0, axis=-1)))
+    chosen = mx.take_along_axis(scores_b, idx_b, axis=-1)
+    np.testing.assert_allclose(
+        np.array(weights_b), np.array(chosen / chosen.sum(-1, keepdims=True)), rtol=1e-6
+    )
+
+
+def test_each_expert_runs_only_on_its_tokens(tiny_config, monkeypatch):
+    """gather_mm sees N*k rows sorted by expert, never N*E (every expert on every token)."""
+    calls = []
+    original = mlx_model.StackedExpertLinear.__call__
+
+    def spy(self, x, expert):
+        calls.append((x.shape, np.array(expert)))
+        return original(self, x, expert)
+
+    monkeypatch.setattr(mlx_model.StackedExpertLinear, "__call__", spy)
+    model = build(tiny_config)
+    B, T = 2, 16
+    N, k, E = B * T, tiny_config.num_experts_per_tok, tiny_config.n_routed_experts
+    model(random_ids(tiny_config, B=B, T=T))
+    assert len(calls) == 3 * tiny_config.num_hidden_layers  # gate, up, down per layer
+    for shape, expert in calls:
+        assert shape[0] == N * k < N * E
+        assert expert.shape == (N * k,) and np.all(np.diff(expert) >= 0)  # sorted by expert
+
+
+def test_expert_bias_update_moves_toward_balance(tiny_config):
+    model = build(tiny_config, bias_std=0.0)
+    load = mx.array([[10, 0, 0, 0, 0, 0, 4]] * tiny_config.num_hidden_layers)
+    model.update_expert_bias(load)
+    rate = tiny_config.bias_update_rate
+    np.testing.assert_allclose(
+        np.array(model.decoder_layers[1].mlp.expert_bias),
+        [-rate, rate, rate, rate, rate, rate, -rate],
+    )
+
+
+# --- Folder IO ----------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip_is_exact(tiny_config, tmp_path, cosmo2_path):
+    model = build(tiny_config)
+    customllm_mlx.save(model, tmp_path / "m", tokenizer=cosmo2_path)
+    assert (tmp_path / "m" / "tokenizer.json").is_file()
+    loaded, tokenizer = customllm_mlx.load(tmp_path / "m")
+    assert len(tokenizer) == 49152
+    assert loaded.training is False
+    assert ModelConfig.from_json(tmp_path / "m") == tiny_config
+    original = params(model)
+    assert params(loaded).keys() == original.keys()
+    for key, value in params(loaded).items():
+        assert value.dtype == mx.float32 and mx.array_equal(value, original[key]), key
+    file = load_numpy(str(tmp_path / "m" / WEIGHTS_NAME))
+    assert set(file) == set(canonical_shapes(tiny_config))
+    ids = random_ids(tiny_config)
+    assert mx.array_equal(loaded(ids), model(ids))
+    assert not any(
+        k.endswith("expert_bias") for k, _ in tree_flatten(loaded.trainable_parameters())
+    )
+
+
+def test_bfloat16_save_and_load(tiny_config, tmp_path):
+    model = build(tiny_config)
+    customllm_mlx.save(model, tmp_path / "bf16", dtype="bfloat16")
+    loaded, tokenizer = customllm_mlx.load(tmp_path / "bf16")
+    assert tokenizer is None
+    original = params(model)
+    for key, value in params(loaded).items():
+        if key.endswith("expert_bias"):  # routing state stays float32
+            assert value.dtype == mx.float32 and mx.array_equal(value, original[key])
+        else:
+            assert value.dtype == mx.bfloat16, key
+            assert mx.array_equal(value, original[key].astype(mx.bfloat16)), key
+    widened, _ = customllm_mlx.load(tmp_path / "bf16", dtype=mx.float32)
+    assert widened.lm_head.weight.dtype == mx.float32
+    ids = random_ids(tiny_config)
+    ref = np.array(model(ids))
+    assert np.abs(np.array(widened(ids)) - ref).max() < 0.05 * np.abs(ref).max()
+    with pytest.raises(ValueError, match="unknown dtype"):
+        customllm_mlx.load(tmp_path / "bf16", dtype="int4")
+
+
+def test_load_names_what_is_wrong(tiny_config, tmp_path):
+    with pytest.raises(FileNotFoundError, match="model folder not found"):
+        customllm_mlx.load(tmp_path / "missing")
+    folder = customllm_mlx.save(build(tiny_config), tmp_path / "m")
+    weights = load_numpy(str(folder / WEIGHTS_NAME))
+
+    bad = dict(
+        weights, **{"decoder_layers.0.self_attn.o_proj.weight": np.zeros((3, 3), np.float32)}
+    )
+    save_numpy(bad, str(folder / WEIGHTS_NAME))
+    with pytest.raises(
+        ValueError, match=r"'decoder_layers.0.self_attn.o_proj.weight' has shape \(3, 3\)"
+    ):
+        customllm_mlx.load(folder)
+
+    bad = {k: v for k, v in weights.items() if k != "lm_head.bias"}
+    save_numpy(bad, str(folder / WEIGHTS_NAME))
+    with pytest.raises(ValueError, match="missing tensor 'lm_head.bias'"):
+        customllm_mlx.load(folder)
+
+    bad = dict(weights, **{"lm_head.scale": np.zeros(3, np.float32)})
+    save_numpy(bad, str(folder / WEIGHTS_NAME))
+    with pytest.raises(ValueError, match="unexpected tensor 'lm_head.scale'"):
+        customllm_mlx.load(folder)
+
+    save_numpy({"_orig_mod." + k: v for k, v in weights.items()}, str(folder / WEIGHTS_NAME))
+    customllm_mlx.load(folder)  # wrapper prefixes are stripped
+
+    (folder / WEIGHTS_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        customllm_mlx.load(folder)
+    (folder / CONFIG_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        customllm_mlx.load(folder)
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+
+def test_cli_init_writes_a_loadable_folder(tmp_path, cosmo2_path):
+    runner = CliRunner()
+    out = tmp_path / "tiny"
+    args = [
+        "init",
+        "--preset",
+        "tiny",
+        "--out",
+        str(out),
+        "--tokenizer",
+        str(cosmo2_path),
+        "--seed",
+        "3",
+    ]
+    result = runner.invoke(cli_main, args)
+    assert result.exit_code == 0, result.output
+    assert "6.79M parameters" in result.output
+    model, tokenizer = customllm_mlx.load(out)
+    assert len(tokenizer) == model.model_config.vocab_size == 49152
+    assert model.model_config.eos_token_id == tokenizer.eos_token_id
+    first = params(model)["decoder_layers.0.self_attn.q_proj_d.weight"]
+    assert abs(np.array(first).std() - model.model_config.initializer_range) < 2e-3
+
+    again = runner.invoke(
+        cli_main, ["init", "--preset", "tiny", "--out", str(out), "--tokenizer", str(cosmo2_path)]
+    )
+    assert again.exit_code == 1 and "--force" in again.output
+    same = runner.invoke(cli_main, [*args, "--force"])
+    assert same.exit_code == 0
+    reloaded, _ = customllm_mlx.load(out)
+    assert mx.array_equal(params(reloaded)["lm_head.weight"], params(model)["lm_head.weight"])
+    other = runner.invoke(cli_main, [*args[:-1], "4", "--force"])
+    assert other.exit_code == 0
+    reseeded, _ = customllm_mlx.load(out)
+    assert not mx.array_equal(params(reseeded)["lm_head.weight"], params(model)["lm_head.weight"])
+
+
+def test_cli_init_from_config_and_refusals(tmp_path, cosmo2_path, tiny_config):
+    runner = CliRunner()
+    config_file = tmp_path / "config.json"
+    tiny_config.to_json(config_file)
+    result = runner.invoke(
+        cli_main,
+        [
+            "init",
+            "--config",
+            str(config_file),
+            "--out",
+            str(tmp_path / "o"),
+            "--tokenizer",
+            str(cosmo2_path),
+        ],
+    )
+    assert (
+        result.exit_code == 1 and "49152 tokens but the config's vocab_size is 256" in result.output
+    )
+    assert not isinstance(result.exception, ValueError) and not (tmp_path / "o").exists()
+
+    matching = dataclasses.replace(tiny_config, vocab_size=49152)
+    matching.to_json(config_file)
+    result = runner.invoke(
+        cli_main,
+        [
+            "init",
+            "--config",
+            str(config_file),
+            "--out",
+            str(tmp_path / "o"),
+            "--tokenizer",
+            str(cosmo2_path),
+            "--dtype",
+            "bfloat16",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "o" / CONFIG_NAME).read_text())["max_position_embeddings"] == 64
+    model, _ = customllm_mlx.load(tmp_path / "o")
+    assert model.lm_head.weight.dtype == mx.bfloat16
+
+    for args, message in [
+        (["--preset", "huge"], "unknown preset 'huge'"),
+        ([], "exactly one of --preset"),
+        (["--preset", "tiny", "--config", str(config_file)], "exactly one of --preset"),
+        (
+            ["--preset", "tiny", "--tokenizer", str(tmp_path / "no-tokenizer")],
+            "cannot load tokenizer",
+        ),
+    ]:
+        result = runner.invoke(cli_main, ["init", "--out", str(tmp_path / "x"), *args])
+        assert result.exit_code in (1, 2) and message in result.output, (args, result.output)
+        assert not (tmp_path / "x").exists()
+    (tmp_path / "broken.json").write_text("{not json")
+    result = runner.invoke(
+        cli_main, ["init", "--config", str(tmp_path / "broken.json"), "--out", str(tmp_path / "x")]
+    )
+    assert result.exit_code == 1 and "not valid JSON" in result.output

@@ -1,0 +1,416 @@
+"""MLX against the PyTorch reference on the same weights, and the folder converters between them."""
+
+# ruff: noqa: E402  (customllm_mlx must be imported before mlx.core: it preloads OpenBLAS)
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+customllm_mlx = pytest.importorskip("customllm_mlx")  # first: preloads OpenBLAS before mlx.core
+torch = pytest.importorskip("torch")
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from click.testing import CliRunner
+from mlx.utils import tree_flatten
+from safetensors.numpy import load_file as load_numpy
+from safetensors.torch import load_file as load_torch
+from safetensors.torch import save_file as save_torch
+
+import customllm_torch
+from customllm.checkpoint import CONFIG_NAME, WEIGHTS_NAME, unstack_experts
+from customllm.config import ModelConfig
+from customllm.convert import convert_folder
+from customllm_mlx.model import CustomLLM as MLXModel
+from customllm_mlx.model import causal_lm_loss
+from customllm_torch.model import CustomLLM as TorchModel
+from customllm_torch.model import LatentKVCache
+
+torch.set_num_threads(min(4, torch.get_num_threads()))
+REPO_DIR = Path(__file__).resolve().parents[1]
+CONVERT_DIR = REPO_DIR / "convert"
+
+
+def load_script(name: str):
+    """A convert/ script as a module (its click command is `main`)."""
+    spec = importlib.util.spec_from_file_location(f"convert_{name}", CONVERT_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+torch_to_mlx = load_script("torch_to_mlx")
+mlx_to_torch = load_script("mlx_to_torch")
+
+
+def run_script(module, *args: str) -> str:
+    result = CliRunner().invoke(module.main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+def torch_model(config: ModelConfig, seed: int = 0, bias_std: float = 0.05) -> TorchModel:
+    """A torch model with a non-zero routing bias (so the bias path is exercised)."""
+    torch.manual_seed(seed)
+    model = TorchModel(config)
+    with torch.no_grad():
+        for layer in model.decoder_layers:
+            layer.mlp.expert_bias.normal_(0.0, bias_std)
+    return model.eval()
+
+
+def mlx_copy(model: TorchModel) -> MLXModel:
+    """An MLX model holding exactly the torch model's weights (canonical keys -> stacked)."""
+    weights = {k: mx.array(v.detach().numpy()) for k, v in model.state_dict().items()}
+    twin = MLXModel(model.model_config)
+    twin.load_weights(list(twin.sanitize(weights).items()), strict=True)
+    mx.eval(twin.parameters())
+    return twin.eval()
+
+
+@pytest.fixture(scope="module")
+def text_ids(cosmo2_path, data_dir) -> np.ndarray:
+    """Real text: the start of the held-out TinyStories, tokenized with cosmo2, (4, 64)."""
+    from customllm.tokenizer import load_tokenizer
+
+    text = (data_dir / "tinystories" / "heldout.txt").read_text()[:20_000]
+    ids = load_tokenizer(cosmo2_path)(text)["input_ids"]
+    return np.array(ids[: 4 * 64], dtype=np.int64).reshape(4, 64)
+
+
+def cosmo2_config(preset: str) -> ModelConfig:
+    return ModelConfig.from_preset(preset, vocab_size=49152)
+
+
+# --- Same weights, same numbers ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_logits_match_on_real_text(preset, text_ids):
+    ids = text_ids if preset == "tiny" else text_ids[:2]
+    model = torch_model(cosmo2_config(preset))
+    twin = mlx_copy(model)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(ids)).logits.numpy()
+    got = np.array(twin(mx.array(ids)))
+    assert got.shape == expected.shape == (*ids.shape, 49152)
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+    for layer in twin.decoder_layers:  # the routing bias really changes routing
+        layer.mlp.expert_bias = mx.zeros_like(layer.mlp.expert_bias)
+    assert np.abs(np.array(twin(mx.array(ids))) - expected).max() > 1e-3
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_loss_and_gradients_match(preset, text_ids):
+    config = cosmo2_config(preset)
+    assert config.embd_dropout == config.attn_dropout == config.mlp_dropout == 0.0
+    ids = text_ids[:2, :48]
+    model = torch_model(config).train()
+    twin = mlx_copy(model).train()
+
+    out = model(torch.from_numpy(ids), labels=torch.from_numpy(ids))
+    out.loss.backward()
+    torch_grads = {  # an expert no token chose has no torch grad; MLX gives it zeros
+        k: np.zeros(p.shape, np.float32) if p.grad is None else p.grad.numpy()
+        for k, p in model.named_parameters()
+    }
+
+    def loss_fn(m, inputs):
+        logits, aux_loss, _ = m(inputs, return_aux=True)
+        return causal_lm_loss(logits, inputs) + aux_loss
+
+    loss, grads = nn.value_and_grad(twin, loss_fn)(twin, mx.array(ids))
+    mlx_grads = {k: np.array(v) for k, v in unstack_experts(dict(tree_flatten(grads))).items()}
+
+    assert out.aux_loss.item() > 0
+    assert abs(loss.item() - out.loss.item()) <= 1e-4 * out.loss.item()
+    assert set(mlx_grads) == set(torch_grads)  # expert_bias is a gradient in neither
+    assert not any(k.endswith("expert_bias") for k in mlx_grads)
+    for key, expected in torch_grads.items():
+        err = np.linalg.norm(mlx_grads[key] - expected)
+        assert err <= 1e-4 * np.linalg.norm(expected) + 1e-10, key
+    assert np.linalg.norm(torch_grads["decoder_layers.0.mlp.router.weight"]) > 0
+
+
+def test_greedy_decoding_gives_identical_tokens(text_ids):
+    model = torch_model(cosmo2_config("tiny"))
+    twin = mlx_copy(model)
+    prompt = text_ids[:1, :16]
+
+    with torch.no_grad():
+        cache = LatentKVCache(len(model.decoder_layers))
+        logits = model(torch.from_numpy(prompt), cache=cache, use_cache=True).logits
+        torch_tokens = []
+        for _ in range(32):
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            torch_tokens.append(int(token))
+            logits = model(token, cache=cache, use_cache=True).logits
+
+    cache = twin.make_cache()
+    logits = twin(mx.array(prompt), cache=cache)
+    mlx_tokens = []
+    for _ in range(32):
+        token = mx.argmax(logits[:, -1], axis=-1, keepdims=True)
+        mlx_tokens.append(token.item())
+        logits = twin(token, cache=cache)
+
+    assert mlx_tokens == torch_tokens
+    assert cache[0].offset == 16 + 32
+    assert len(set(torch_tokens)) > 1
+
+
+# --- Converters -------------------------------------------------------------------------------
+
+
+def tiny_torch_folder(tmp_path: Path, cosmo2_path: Path | None = None) -> Path:
+    config = ModelConfig.from_preset("tiny", vocab_size=256, max_position_embeddings=64)
+    return customllm_torch.save(torch_model(config), tmp_path / "torch", tokenizer=cosmo2_path)
+
+
+def assert_same_tensors(a: Path, b: Path) -> None:
+    """Bit-identical tensors (same keys, dtypes, shapes and bytes)."""
+    ta, tb = load_torch(str(a / WEIGHTS_NAME)), load_torch(str(b / WEIGHTS_NAME))
+    assert sorted(ta) == sorted(tb)
+    for key in ta:
+        assert ta[key].dtype == tb[key].dtype and ta[key].shape == tb[key].shape, key
+        assert torch.equal(ta[key].view(torch.uint8), tb[key].view(torch.uint8)), key
+
+
+def test_torch_to_mlx_to_torch_is_bit_identical(tmp_path, cosmo2_path):
+    src = tiny_torch_folder(tmp_path, cosmo2_path)
+    output = run_script(torch_to_mlx, "--src", src, "--dst", tmp_path / "mlx", "--verify")
+    assert "verify: max |logits torch(src) - logits mlx(dst)|" in output
+    run_script(mlx_to_torch, "--src", tmp_path / "mlx", "--dst", tmp_path / "back")
+    assert_same_tensors(src, tmp_path / "mlx")
+    assert_same_tensors(src, tmp_path / "back")
+    assert (tmp_path / "back" / "tokenizer.json").is_file()
+    model, _ = customllm_torch.load(tmp_path / "back")
+    original, _ = customllm_torch.load(src)
+    for key, value in original.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_mlx_to_torch_to_mlx_is_bit_identical(tmp_path):
+    config = ModelConfig.from_preset("tiny", vocab_size=256, max_position_embeddings=64)
+    mx.random.seed(3)
+    model = MLXModel(config)
+    for layer in model.decoder_layers:
+        layer.mlp.expert_bias = 0.05 * mx.random.normal(layer.mlp.expert_bias.shape)
+    src = customllm_mlx.save(model, tmp_path / "mlx")
+    run_script(mlx_to_torch, "--src", src, "--dst", tmp_path / "torch")
+    run_script(torch_to_mlx, "--src", tmp_path / "torch", "--dst", tmp_path / "back")
+    assert_same_tensors(src, tmp_path / "back")
+    loaded, _ = customllm_mlx.load(tmp_path / "back")
+    for key, value in tree_flatten(model.parameters()):
+        assert mx.array_equal(dict(tree_flatten(loaded.parameters()))[key], value), key
+
+
+def test_bfloat16_conversion_rounds_like_torch_and_stays_close(tmp_path):
+    src = tiny_torch_folder(tmp_path)
+    output = run_script(
+        mlx_to_torch, "--src", src, "--dst", tmp_path / "bf16", "--dtype", "bfloat16", "--verify"
+    )
+    assert "verify: max" in output
+    full, half = (
+        load_torch(str(src / WEIGHTS_NAME)),
+        load_torch(str(tmp_path / "bf16" / WEIGHTS_NAME)),
+    )
+    for key, value in full.items():
+        if key.endswith("expert_bias"):
+            assert half[key].dtype == torch.float32 and torch.equal(half[key], value), key
+        else:  # round-to-nearest-even, bit for bit as torch casts
+            assert half[key].dtype == torch.bfloat16, key
+            assert torch.equal(half[key], value.to(torch.bfloat16)), key
+
+    ids = np.random.default_rng(0).integers(0, 256, size=(2, 24))
+    reference, _ = customllm_torch.load(src)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(ids)).logits.numpy()
+    mlx_half, _ = customllm_mlx.load(tmp_path / "bf16")
+    assert mlx_half.lm_head.weight.dtype == mx.bfloat16
+    assert mlx_half.decoder_layers[0].mlp.expert_bias.dtype == mx.float32
+    # MLX's CPU gather_mm is float32-only: run the bf16 weights widened there, as stored on GPU
+    dtype = None if mx.metal.is_available() else "float32"
+    mlx_half, _ = customllm_mlx.load(tmp_path / "bf16", dtype=dtype)
+    got = np.array(mlx_half(mx.array(ids)).astype(mx.float32))
+    assert np.abs(got - expected).max() < 0.05 * np.abs(expected).max()
+
+    # and back to float32: bf16 widens exactly
+    run_script(torch_to_mlx, "--src", tmp_path / "bf16", "--dst", tmp_path / "f32")
+    back = load_torch(str(tmp_path / "f32" / WEIGHTS_NAME))
+    for key, value in half.items():
+        assert back[key].dtype == torch.float32 and torch.equal(back[key], value.float()), key
+
+
+def test_trainer_checkpoint_with_wrapper_prefixes_converts(tmp_path, cosmo2_path):
+    """A `checkpoint-N/` written by transformers (save_pretrained), keys prefixed as
+    torch.compile and DDP leave them, beside optimizer and trainer state files."""
+    config = ModelConfig.from_preset("tiny", vocab_size=256, max_position_embeddings=64)
+    model = torch_model(config)
+    ckpt = tmp_path / "run" / "checkpoint-100"
+    model.save_pretrained(str(ckpt))
+    hf_config = json.loads((ckpt / CONFIG_NAME).read_text())
+    assert "transformers_version" in hf_config and hf_config.get("dtype") == "float32"
+    weights = load_torch(str(ckpt / WEIGHTS_NAME))
+    prefixes = ["_orig_mod.", "module.", "module._orig_mod."]
+    weights = {prefixes[i % 3] + k: v for i, (k, v) in enumerate(weights.items())}
+    save_torch(weights, str(ckpt / WEIGHTS_NAME), metadata={"format": "pt"})
+    (ckpt / "trainer_state.json").write_text("{}")
+    torch.save({}, ckpt / "optimizer.pt")
+    shutil.copy(cosmo2_path / "tokenizer.json", ckpt / "tokenizer.json")
+
+    run_script(torch_to_mlx, "--src", ckpt, "--dst", tmp_path / "mlx", "--dtype", "bfloat16")
+    written = load_torch(str(tmp_path / "mlx" / WEIGHTS_NAME))
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in written)
+    assert sorted(p.name for p in (tmp_path / "mlx").iterdir()) == [
+        "config.json",
+        "customllm_mlx_lm.py",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
+    new_config = json.loads((tmp_path / "mlx" / CONFIG_NAME).read_text())
+    assert new_config["dtype"] == "bfloat16" and new_config["model_type"] == "customllm"
+
+    ids = np.random.default_rng(1).integers(0, 256, size=(1, 16))
+    with torch.no_grad():
+        expected = model(torch.from_numpy(ids)).logits.numpy()
+    converted, _ = customllm_mlx.load(tmp_path / "mlx", dtype="float32")
+    got = np.array(converted(mx.array(ids)))
+    assert np.abs(got - expected).max() < 0.05 * np.abs(expected).max()
+
+
+def test_stacked_expert_folder_converts_to_canonical(tmp_path):
+    src = tiny_torch_folder(tmp_path)
+    weights = load_numpy(str(src / WEIGHTS_NAME))
+    config = ModelConfig.from_json(src)
+    stacked = MLXModel(config).sanitize({k: mx.array(v) for k, v in weights.items()})
+    mx.save_safetensors(str(src / WEIGHTS_NAME), stacked)
+    assert "decoder_layers.0.mlp.routed_experts.gate_proj.weight" in load_numpy(
+        str(src / WEIGHTS_NAME)
+    )
+    convert_folder(src, tmp_path / "canonical")
+    converted = load_numpy(str(tmp_path / "canonical" / WEIGHTS_NAME))
+    assert sorted(converted) == sorted(weights) and all(
+        np.array_equal(converted[k], weights[k]) for k in weights
+    )
+
+
+def corrupt(folder: Path, change) -> None:
+    weights = load_torch(str(folder / WEIGHTS_NAME))
+    change(weights)
+    save_torch(weights, str(folder / WEIGHTS_NAME))
+
+
+def _wrong_shape(w):
+    w["decoder_layers.1.self_attn.rope_q.weight"] = torch.zeros(5, 3)
+
+
+def _missing(w):
+    del w["decoder_layers.0.mlp.routed_experts.6.down_proj.weight"]
+
+
+def _extra(w):
+    w["decoder_layers.0.mlp.unknown.weight"] = torch.zeros(2)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (_wrong_shape, "'decoder_layers.1.self_attn.rope_q.weight' has shape (5, 3)"),
+        (_missing, "missing tensor 'decoder_layers.0.mlp.routed_experts.6.down_proj.weight'"),
+        (_extra, "unexpected tensor 'decoder_layers.0.mlp.unknown.weight'"),
+    ],
+    ids=["wrong-shape", "missing-key", "extra-key"],
+)
+def test_converter_refuses_bad_weights(tmp_path, change, message):
+    src = tiny_torch_folder(tmp_path)
+    corrupt(src, change)
+    dst = tmp_path / "out"
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        convert_folder(src, dst)
+    result = CliRunner().invoke(torch_to_mlx.main, ["--src", str(src), "--dst", str(dst)])
+    assert result.exit_code == 1 and message in result.output
+    assert not isinstance(result.exception, ValueError)  # a clean message, no traceback
+    assert not dst.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp left
+
+
+def test_converter_refuses_config_that_does_not_match(tmp_path):
+    src = tiny_torch_folder(tmp_path)
+    config = json.loads((src / CONFIG_NAME).read_text())
+    config["num_hidden_layers"] = 3
+    (src / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(
+        ValueError, match="missing tensor 'decoder_layers.2.self_attn.kv_proj_d.weight'"
+    ):
+        convert_folder(src, tmp_path / "out")
+    config["num_hidden_layers"], config["intermediate_size"] = 2, 96
+    (src / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(
+        ValueError,
+        match=r"'decoder_layers.0.mlp.shared_experts.0.gate_proj.weight' has shape \(128, 64\), the config expects \(96, 64\)",
+    ):
+        convert_folder(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_converter_refuses_missing_files_and_existing_dst(tmp_path):
+    src = tiny_torch_folder(tmp_path)
+    with pytest.raises(FileNotFoundError, match="source model folder not found"):
+        convert_folder(tmp_path / "nope", tmp_path / "out")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        convert_folder(src, tmp_path / "out", dtype="int8")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="already exists"):
+        convert_folder(src, tmp_path / "taken")
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+    (src / WEIGHTS_NAME).rename(src / "other.safetensors")
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        convert_folder(src, tmp_path / "out")
+    (src / CONFIG_NAME).unlink()
+    result = CliRunner().invoke(
+        mlx_to_torch.main, ["--src", str(src), "--dst", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 1 and "config.json" in result.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
+
+
+def test_torch_to_mlx_script_on_a_cli_small_model(tmp_path, cosmo2_path):
+    """`customllm-torch init --preset small`, then `python convert/torch_to_mlx.py`."""
+    from customllm_torch.cli import main as torch_cli
+
+    src, dst = tmp_path / "small-torch", tmp_path / "small-mlx"
+    args = ["init", "--preset", "small", "--out", str(src), "--tokenizer", str(cosmo2_path)]
+    result = CliRunner().invoke(torch_cli, args)
+    assert result.exit_code == 0, result.output
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(CONVERT_DIR / "torch_to_mlx.py"),
+            "--src",
+            str(src),
+            "--dst",
+            str(dst),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    model, tokenizer = customllm_mlx.load(dst)
+    assert len(tokenizer) == model.model_config.vocab_size == 49152
+    reference, _ = customllm_torch.load(src)
+    ids = np.array([tokenizer("Once upon a time, a little dog found a red ball.")["input_ids"]])
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(np.array(model(mx.array(ids))), expected, atol=1e-4, rtol=0)
