@@ -84,6 +84,12 @@ def _load_local(path: Path) -> PreTrainedTokenizerFast:
             f"{path} is not a tokenizer folder: no tokenizer.json or tokenizer_config.json "
             f"(found {found})"
         )
+    if (path / "tokenizer.json").exists():
+        # Straight to the fast class: AutoTokenizer would read a model folder's config.json
+        # (model_type customllm) and warn that it does not know the type.
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(path))
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     return _require_fast(tokenizer, str(path))
 

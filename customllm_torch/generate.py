@@ -13,6 +13,7 @@ prompt + generation still cannot exceed max_position_embeddings.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -82,8 +83,8 @@ def apply_top_p(logprobs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def apply_min_p(logprobs: torch.Tensor, min_p: float) -> torch.Tensor:
     """Drop tokens whose probability is below `min_p` times the top token's."""
-    floor = logprobs.max(-1, keepdim=True).values + torch.log(torch.tensor(min_p))
-    return logprobs.masked_fill(logprobs < floor.to(logprobs), -float("inf"))
+    floor = logprobs.max(-1, keepdim=True).values + math.log(min_p)
+    return logprobs.masked_fill(logprobs < floor, -float("inf"))
 
 
 def apply_top_k(logprobs: torch.Tensor, top_k: int) -> torch.Tensor:

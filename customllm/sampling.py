@@ -1,0 +1,175 @@
+"""Framework-free pieces of text generation, shared by customllm_mlx and customllm_torch.
+
+Defaults and flags follow `mlx_lm.generate`; this module holds what does not need a framework:
+argument checks, prompt encoding, the context budget, the streaming detokenizer, the stats lines.
+
+Sampler semantics (both frameworks, as `mlx_lm.sample_utils.make_sampler`): the filters
+(top-p, min-p, top-k) are applied once to the log-probabilities at temperature 1, each on the
+full distribution, so the kept set is the intersection of the three; then one categorical draw
+from softmax(kept logprobs / temp). temp == 0 is argmax. Logits processors (repetition penalty)
+run on the logits before the sampler.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+DEFAULT_PROMPT = "hello"
+DEFAULT_MAX_TOKENS = 100
+DEFAULT_TEMP = 0.0
+DEFAULT_TOP_P = 1.0  # CLI default (off); make_sampler's default 0.0 is off too
+DEFAULT_MIN_P = 0.0
+DEFAULT_TOP_K = 0
+DEFAULT_PREFILL_STEP_SIZE = 2048
+DEFAULT_REPETITION_CONTEXT_SIZE = 20
+ROTATING_KEEP = 4  # --max-kv-size keeps the first tokens, as mlx_lm's RotatingKVCache does
+SEPARATOR = "=" * 10
+
+
+class PromptTooLongError(ValueError):
+    """The prompt leaves no room in the model's context (max_position_embeddings)."""
+
+
+def validate_sampling(
+    temp: float = DEFAULT_TEMP,
+    top_p: float = 0.0,
+    min_p: float = DEFAULT_MIN_P,
+    top_k: int = DEFAULT_TOP_K,
+    repetition_penalty: float | None = None,
+    vocab_size: int | None = None,
+) -> None:
+    """Raise ValueError naming the first out-of-range sampling argument.
+
+    top_p outside (0, 1) and top_k == 0 mean "off"; top_k >= vocab_size is an error, as in mlx_lm.
+    """
+    if not (temp >= 0 and math.isfinite(temp)):
+        raise ValueError(f"temp must be a finite number >= 0, got {temp}")
+    if not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
+    if not 0.0 <= min_p <= 1.0:
+        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+    if not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be a non-negative integer, got {top_k!r}")
+    if vocab_size is not None and top_k >= vocab_size:
+        raise ValueError(f"top_k must be below the vocabulary size {vocab_size}, got {top_k}")
+    if repetition_penalty is not None and not (
+        repetition_penalty > 0 and math.isfinite(repetition_penalty)
+    ):
+        raise ValueError(f"repetition_penalty must be a positive number, got {repetition_penalty}")
+
+
+def encode_prompt(tokenizer: Any, prompt: str | list[int]) -> list[int]:
+    """Token ids of `prompt`, with special tokens added unless the text already starts with
+    the BOS token (mlx_lm's rule). A list of ids is returned as is."""
+    if not isinstance(prompt, str):
+        return [int(t) for t in prompt]
+    bos = getattr(tokenizer, "bos_token", None)
+    add_special_tokens = bos is None or not prompt.startswith(bos)
+    return list(tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
+
+
+def read_prompt(prompt: str) -> str:
+    """mlx_lm's prompt handling: `\\n` and `\\t` escapes become characters, `-` reads stdin."""
+    prompt = prompt.replace("\\n", "\n").replace("\\t", "\t")
+    return sys.stdin.read() if prompt == "-" else prompt
+
+
+def generation_budget(prompt_tokens: int, max_tokens: int, max_position_embeddings: int) -> int:
+    """How many tokens to generate: `max_tokens` (negative: no limit) cut to the room left.
+
+    Positions are learned and absolute, so prompt + generated tokens can never exceed
+    max_position_embeddings; generation then stops with finish_reason "length".
+    """
+    if prompt_tokens == 0:
+        raise ValueError("the prompt is empty: it must hold at least one token")
+    if max_tokens == 0:
+        raise ValueError("max_tokens must be non-zero (use -1 for no limit)")
+    room = max_position_embeddings - prompt_tokens
+    if room <= 0:
+        raise PromptTooLongError(
+            f"the prompt has {prompt_tokens} tokens but the model's context "
+            f"(max_position_embeddings) is {max_position_embeddings} tokens; shorten the prompt "
+            f"to at most {max_position_embeddings - 1} tokens to leave room for generation"
+        )
+    return room if max_tokens < 0 else min(max_tokens, room)
+
+
+def validate_max_kv_size(max_kv_size: int | None) -> None:
+    if max_kv_size is not None and max_kv_size < 1:
+        raise ValueError(f"max_kv_size must be a positive integer, got {max_kv_size}")
+
+
+def format_stats(response: Any) -> str:
+    """The three stats lines of `mlx_lm.generate`, from a final response object."""
+    return (
+        f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec\n"
+        f"Generation: {response.generation_tokens} tokens, "
+        f"{response.generation_tps:.3f} tokens-per-sec\n"
+        f"Peak memory: {response.peak_memory:.3f} GB"
+    )
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory in GB (0.0 where the OS does not report it)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9  # bytes vs KiB
+
+
+class StreamingDetokenizer:
+    """Turns a stream of token ids into text segments that are always whole UTF-8 characters.
+
+    The logic of mlx_lm's `NaiveStreamingDetokenizer`: decode the tokens of the current line,
+    hold back text that ends in an incomplete character ("\\ufffd") or, when the tokenizer
+    cleans up spaces, a trailing space; start a new line after "\\n" so decoding stays O(line).
+    After `finalize()`, the joined segments equal `tokenizer.decode(tokens)`.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self._tokenizer = tokenizer
+        probe = tokenizer.encode("a ,b", add_special_tokens=False)
+        self._clean_spaces = " ," not in tokenizer.decode(probe)
+        self.reset()
+
+    def reset(self) -> None:
+        self.offset = 0
+        self.tokens: list[int] = []
+        self._text = ""
+        self._current_tokens: list[int] = []
+        self._current_text = ""
+
+    def add_token(self, token: int) -> None:
+        self._current_tokens.append(token)
+        self.tokens.append(token)
+
+    def finalize(self) -> None:
+        self._text += self._tokenizer.decode(self._current_tokens)
+        self._current_tokens = []
+        self._current_text = ""
+
+    @property
+    def text(self) -> str:
+        if self._current_tokens:
+            self._current_text = self._tokenizer.decode(self._current_tokens)
+            if self._current_text.endswith("\ufffd"):
+                self._current_text = self._current_text.rstrip("\ufffd")
+            elif self._clean_spaces and self._current_text.endswith(" "):
+                self._current_text = self._current_text[:-1]
+        if self._current_text.endswith("\n"):
+            self._text += self._current_text
+            self._current_tokens.clear()
+            self._current_text = ""
+        return self._text + self._current_text
+
+    @property
+    def last_segment(self) -> str:
+        """The text decoded since the previous call."""
+        text = self.text
+        segment = text[self.offset :]
+        self.offset = len(text)
+        return segment

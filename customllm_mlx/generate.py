@@ -1,0 +1,278 @@
+"""Text generation with the MLX model, built on mlx_lm's own generation loop.
+
+`stream_generate` checks the prompt against the context, builds the latent cache and hands
+the rest to `mlx_lm.generate.stream_generate`: chunked prefill through the cache, then one
+token per step (the model switches to absorbed attention for 1-token steps with a cache), EOS
+or max_tokens stops, incremental detokenization, and the same response objects and stats.
+Samplers and logits processors are mlx_lm's (`make_sampler`, `make_logits_processors`).
+
+`max_kv_size`: the cache keeps the first 4 tokens and the most recent ones, at most
+`max_kv_size` per layer (mlx_lm's RotatingKVCache). It bounds memory only: positions are
+learned and absolute, so prompt + generation still cannot exceed max_position_embeddings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import click
+import mlx.core as mx
+from mlx_lm.generate import GenerationResponse
+from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
+from mlx_lm.sample_utils import make_logits_processors as mlx_lm_make_logits_processors
+from mlx_lm.sample_utils import make_sampler as mlx_lm_make_sampler
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from customllm.sampling import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_MIN_P,
+    DEFAULT_PREFILL_STEP_SIZE,
+    DEFAULT_PROMPT,
+    DEFAULT_REPETITION_CONTEXT_SIZE,
+    DEFAULT_TEMP,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+    ROTATING_KEEP,
+    SEPARATOR,
+    encode_prompt,
+    format_stats,
+    generation_budget,
+    read_prompt,
+    validate_max_kv_size,
+    validate_sampling,
+)
+from customllm_mlx.model import CustomLLM, LatentKVCache
+
+Sampler = Callable[[mx.array], mx.array]
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
+__all__ = [
+    "GenerationResponse",
+    "RotatingLatentKVCache",
+    "generate",
+    "make_cache",
+    "make_logits_processors",
+    "make_sampler",
+    "stream_generate",
+]
+
+
+def make_sampler(
+    temp: float = 0.0, top_p: float = 0.0, min_p: float = 0.0, top_k: int = 0
+) -> Sampler:
+    """logprobs (B, V) -> tokens (B,): argmax at temp 0, else top-p, min-p and top-k filters
+    on the logprobs and one categorical draw at `temp` (seed with `mx.random.seed`)."""
+    validate_sampling(temp, top_p, min_p, top_k)
+    return mlx_lm_make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
+
+
+def make_logits_processors(
+    repetition_penalty: float | None = None,
+    repetition_context_size: int = DEFAULT_REPETITION_CONTEXT_SIZE,
+) -> list[LogitsProcessor]:
+    """Processors `(tokens, logits) -> logits` run before sampling. The repetition penalty
+    divides positive (multiplies negative) logits of the last `repetition_context_size` tokens."""
+    validate_sampling(repetition_penalty=repetition_penalty)
+    return mlx_lm_make_logits_processors(
+        repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size
+    )
+
+
+class RotatingLatentKVCache(LatentKVCache):
+    """A latent cache that holds the first `keep` tokens and the most recent ones.
+
+    Before each update the stored tokens are cut to `max_size - 1`, so a 1-token step attends
+    to `max_size` tokens. `offset` counts every token seen: it is the absolute position.
+    """
+
+    def __init__(self, max_size: int, keep: int = ROTATING_KEEP):
+        super().__init__()
+        self.max_size, self.keep = max_size, min(keep, max_size - 1)
+
+    def update_and_fetch(self, c_kv: mx.array, k_rope: mx.array):
+        self.offset += c_kv.shape[1]
+        if self.c_kv is not None:
+            old_c_kv, old_k_rope = self._window(self.max_size - 1)
+            c_kv = mx.concatenate([old_c_kv, c_kv], axis=1)
+            k_rope = mx.concatenate([old_k_rope, k_rope], axis=2)
+        self.c_kv, self.k_rope = c_kv, k_rope
+        return c_kv, k_rope
+
+    def _window(self, size: int):
+        S = self.c_kv.shape[1]
+        if S <= size:
+            return self.c_kv, self.k_rope
+        recent = size - self.keep
+        c_kv = mx.concatenate([self.c_kv[:, : self.keep], self.c_kv[:, S - recent :]], axis=1)
+        k_rope = mx.concatenate(
+            [self.k_rope[:, :, : self.keep], self.k_rope[:, :, S - recent :]], axis=2
+        )
+        return c_kv, k_rope
+
+    @property
+    def state(self):
+        return [] if self.c_kv is None else [self.c_kv, self.k_rope]
+
+    @state.setter
+    def state(self, value):
+        self.c_kv, self.k_rope = value
+
+    @property
+    def meta_state(self):
+        return tuple(map(str, (self.max_size, self.keep, self.offset)))
+
+    @meta_state.setter
+    def meta_state(self, value):
+        self.max_size, self.keep, self.offset = map(int, value)
+
+    def is_trimmable(self) -> bool:
+        return False
+
+    def trim(self, n: int) -> int:
+        return 0
+
+
+def make_cache(model: CustomLLM, max_kv_size: int | None = None) -> list[LatentKVCache]:
+    """One latent cache per layer; rotating when `max_kv_size` is below the context."""
+    validate_max_kv_size(max_kv_size)
+    if max_kv_size is None or max_kv_size >= model.model_config.max_position_embeddings:
+        return model.make_cache()
+    return [RotatingLatentKVCache(max_kv_size) for _ in model.layers]
+
+
+def stream_generate(
+    model: CustomLLM,
+    tokenizer: Any,
+    prompt: str | list[int] | mx.array,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    sampler: Sampler | None = None,
+    logits_processors: list[LogitsProcessor] | None = None,
+    max_kv_size: int | None = None,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
+    prompt_cache: list[LatentKVCache] | None = None,
+) -> Iterator[GenerationResponse]:
+    """Yield one `GenerationResponse` per new token (`.text` is the new text segment, possibly
+    empty while a character is incomplete); the last has `finish_reason` "stop" (EOS) or
+    "length" (max_tokens or the end of the context). Raises `PromptTooLongError` (a
+    ValueError) before generating when the prompt fills the context."""
+    if isinstance(prompt, mx.array):
+        prompt = prompt.tolist()
+    if not isinstance(tokenizer, TokenizerWrapper):  # stop on the config's EOS too, as mlx_lm.load
+        tokenizer = TokenizerWrapper(tokenizer, eos_token_ids=[model.model_config.eos_token_id])
+    ids = encode_prompt(tokenizer, prompt)
+    offset = 0 if prompt_cache is None else prompt_cache[0].offset
+    context = model.model_config.max_position_embeddings - offset
+    max_tokens = generation_budget(len(ids), max_tokens, context)
+    if prompt_cache is None:
+        prompt_cache = make_cache(model, max_kv_size)
+    yield from mlx_lm_stream_generate(
+        model,
+        tokenizer,
+        mx.array(ids),
+        max_tokens=max_tokens,
+        sampler=sampler,
+        logits_processors=logits_processors,
+        prompt_cache=prompt_cache,
+        prefill_step_size=prefill_step_size,
+    )
+
+
+def generate(
+    model: CustomLLM, tokenizer: Any, prompt: str | list[int], verbose: bool = False, **kwargs
+) -> str:
+    """The whole response text. With `verbose`, stream it between `==========` lines and print
+    the prompt/generation speed and peak memory lines of `mlx_lm.generate`."""
+    if verbose:
+        print(SEPARATOR, flush=True)
+    text, response = "", None
+    for response in stream_generate(model, tokenizer, prompt, **kwargs):
+        if verbose:
+            print(response.text, end="", flush=True)
+        text += response.text
+    if verbose:
+        print()
+        print(SEPARATOR)
+        print(format_stats(response), flush=True)
+    return text
+
+
+# --- `customllm-mlx generate` ----------------------------------------------------------------
+
+
+@click.command("generate")
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="Model folder.")
+@click.option(
+    "--prompt", "-p", default=DEFAULT_PROMPT, show_default=True, help="Prompt ('-' reads stdin)."
+)
+@click.option("--max-tokens", "-m", default=DEFAULT_MAX_TOKENS, show_default=True, type=int)
+@click.option("--temp", default=DEFAULT_TEMP, show_default=True, type=float, help="0 = greedy.")
+@click.option("--top-p", default=DEFAULT_TOP_P, show_default=True, type=float)
+@click.option("--top-k", default=DEFAULT_TOP_K, show_default=True, type=int)
+@click.option("--min-p", default=DEFAULT_MIN_P, show_default=True, type=float)
+@click.option("--repetition-penalty", default=None, type=float, help="e.g. 1.1; off by default.")
+@click.option(
+    "--repetition-context-size", default=DEFAULT_REPETITION_CONTEXT_SIZE, show_default=True
+)
+@click.option("--seed", default=None, type=int, help="PRNG seed for sampling.")
+@click.option(
+    "--max-kv-size",
+    default=None,
+    type=int,
+    help="Cache at most this many tokens per layer (the first 4 and the most recent); "
+    "bounds memory, not length: prompt + generation stay within max_position_embeddings.",
+)
+@click.option("--prefill-step-size", default=DEFAULT_PREFILL_STEP_SIZE, show_default=True)
+@click.option("--verbose/--no-verbose", default=True, show_default=True)
+def generate_command(
+    model_dir: str,
+    prompt: str,
+    max_tokens: int,
+    temp: float,
+    top_p: float,
+    top_k: int,
+    min_p: float,
+    repetition_penalty: float | None,
+    repetition_context_size: int,
+    seed: int | None,
+    max_kv_size: int | None,
+    prefill_step_size: int,
+    verbose: bool,
+) -> None:
+    """Generate text from a model folder (the flags of `mlx_lm.generate`; no chat template)."""
+    from customllm_mlx.io import load
+
+    prompt = read_prompt(prompt)
+    try:
+        model, tokenizer = load(model_dir)
+    except (OSError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
+    if tokenizer is None:
+        raise click.ClickException(f"{model_dir} has no tokenizer files (tokenizer.json)")
+    try:
+        validate_sampling(
+            temp, top_p, min_p, top_k, repetition_penalty, model.model_config.vocab_size
+        )
+        validate_max_kv_size(max_kv_size)
+        generation_budget(
+            len(encode_prompt(tokenizer, prompt)),
+            max_tokens,
+            model.model_config.max_position_embeddings,
+        )
+    except ValueError as err:
+        raise click.ClickException(str(err)) from err
+    if seed is not None:
+        mx.random.seed(seed)
+    text = generate(
+        model,
+        tokenizer,
+        prompt,
+        verbose=verbose,
+        max_tokens=max_tokens,
+        sampler=make_sampler(temp, top_p, min_p, top_k),
+        logits_processors=make_logits_processors(repetition_penalty, repetition_context_size),
+        max_kv_size=max_kv_size,
+        prefill_step_size=prefill_step_size,
+    )
+    if not verbose:
+        print(text)

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Quick start: set up MLX, train the `tiny` preset on the built-in corpus for a few minutes,
+# then generate from the result. Works offline: without Hugging Face hub access it first trains
+# a small byte-level BPE tokenizer on the built-in corpus.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh mlx
+. .venv/bin/activate
+out="${OUT:-runs/quickstart}"
+steps="${STEPS:-300}"
+tokenizer="${TOKENIZER:-}"
+if [ -z "$tokenizer" ]; then
+    if python -c "import sys; from customllm.tokenizer import hub_unreachable_reason as r; sys.exit(1 if r() else 0)"; then
+        tokenizer=HuggingFaceTB/cosmo2-tokenizer
+    else
+        tokenizer="$out/tokenizer"
+        [ -f "$tokenizer/tokenizer.json" ] || python -c "from customllm.tokenizer import train_tokenizer; train_tokenizer('builtin', 8192, '$tokenizer')"
+    fi
+fi
+customllm-mlx train --preset tiny --data builtin --tokenizer "$tokenizer" --steps "$steps" \
+    --out "$out" --eval-every 100 --save-every 100 --prompt "The import statement"
+customllm-mlx generate --model "$out/checkpoint-$steps" -p "The import statement" -m 60 --temp 0.7 --seed 0
