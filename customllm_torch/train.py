@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from customllm.training import (
     ADAMW_BETAS,
     ADAMW_EPS,
     METRICS_NAME,
+    CheckpointError,
     MetricsLogger,
     StopSignal,
     TrainConfig,
@@ -45,6 +47,7 @@ from customllm.training import (
     lr_at,
     plot_metrics,
     read_training_state,
+    require_matplotlib,
     resolve_resume,
     rotate_checkpoints,
     train_options,
@@ -226,6 +229,7 @@ class CustomLLMTrainer(Trainer):
         check_finite(self.step_loss, step, self.args.output_dir)
         max_norm = self.cfg.max_grad_norm or float("inf")
         self.grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+        check_finite(self.grad_norm, step, self.args.output_dir, what="grad_norm")
         self.step_lr = optimizer.param_groups[0]["lr"]
 
     def after_update(self, model: CustomLLM, control) -> None:
@@ -263,7 +267,7 @@ class CustomLLMTrainer(Trainer):
         ):
             if self.args.should_save:  # rank 0
                 text = sample_text(model, self.tokenizer, cfg.prompt, cfg.max_sample_tokens)
-                self.metrics.print(f"sample step {step} | {cfg.prompt}{text!r}"[:2000])
+                self.metrics.print(f"sample step {step} | {cfg.prompt + text!r}")
         if self.stop.requested:
             self.metrics.print(f"{self.stop.name}: saving checkpoint-{step} and stopping")
             control.should_training_stop = True
@@ -286,9 +290,9 @@ class CustomLLMTrainer(Trainer):
         data_states = _all_gather(self.batches.stream.state_dict())
         if self.args.should_save:
             with atomic_folder(checkpoint_dir(self.args.output_dir, step)) as tmp:
-                _broadcast(str(tmp))
                 # The canonical model folder first: io.save replaces the (empty) tmp atomically.
                 io.save(self.model, tmp, tokenizer=self.tokenizer)
+                _broadcast(str(tmp))  # then the other ranks write their RNG states into it
                 self._save_optimizer_and_scheduler(str(tmp))
                 self._save_scaler(str(tmp))
                 self._save_rng_state(str(tmp))
@@ -321,6 +325,9 @@ class StepCallback(TrainerCallback):
 
     def __init__(self, trainer: CustomLLMTrainer):
         self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._step_started = time.perf_counter()
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.trainer.before_update(model, optimizer)
@@ -401,8 +408,13 @@ def run_training(cfg: TrainConfig, device: str = "auto", stream=None) -> Path:
     from transformers import set_seed
 
     hf_logging.set_verbosity_warning()
+    if cfg.plot:
+        require_matplotlib()
     out = Path(cfg.out)
     resume = resolve_resume(cfg.resume, out, required=TRAINER_FILES, framework="torch")
+    for name in ("optimizer.pt", "scheduler.pt"):  # torch.save writes zip archives
+        if resume and not zipfile.is_zipfile(resume / name):
+            raise CheckpointError(f"checkpoint {resume} is corrupt: {name} is damaged")
     state = None
     with StopSignal() as stop:
         args = training_arguments(cfg, device)

@@ -1,0 +1,691 @@
+"""Training pieces shared by `customllm-torch train` and `customllm-mlx train` (no framework here).
+
+`TrainConfig` holds every option and `train_options` adds them to a click command, with the same
+names in both CLIs. Both loops follow the same conventions, so their losses match:
+
+- Batches: `StreamDataset.next_batch(B)` gives `ids` of shape (B, seq_len + 1);
+  `inputs = ids[:, :-1]`, `targets = ids[:, 1:]`. The loss is the mean cross entropy over all
+  B * seq_len predictions (the model's own `labels` shift is not used). Training adds the model's
+  aux loss; expert loads count the routing of the seq_len input tokens.
+- Gradient: the mean over `grad_accum` micro-batches of each micro-batch's mean loss, then the
+  global norm is clipped to `max_grad_norm` (0: no clipping), then one AdamW update.
+- Optimizer: AdamW, betas (0.9, 0.95), eps 1e-8, decoupled weight decay on the parameters for
+  which `decays(name, ndim)` is true; learning rate `lr_at(update, cfg)` for update 0, 1, ...
+- Expert bias: updated once per optimizer update, from loads summed over the micro-batches and the
+  data-parallel ranks.
+- Checkpoints: `OUT/checkpoint-STEP/` is a canonical model folder (config.json, model.safetensors,
+  tokenizer files) plus `training_state.json` (step, data stream state, ...) and the framework's
+  optimizer files; written through `atomic_folder`, so a kill leaves the last good one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import click
+
+from customllm.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from customllm.config import PRESETS
+
+DTYPES = ("float32", "bfloat16")
+ADAMW_BETAS = (0.9, 0.95)
+ADAMW_EPS = 1e-8
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINING_STATE_NAME = "training_state.json"
+METRICS_NAME = "metrics.jsonl"
+TRAIN_RECORD_KEYS = (
+    "step",
+    "loss",
+    "grad_norm",
+    "learning_rate",
+    "tokens_per_sec",
+    "peak_memory_gb",
+    "expert_imbalance",
+)
+EVAL_RECORD_KEYS = ("step", "eval_loss", "eval_ppl")
+
+
+class TrainingError(Exception):
+    """A problem the user can act on (bad option, missing or corrupt checkpoint, NaN loss)."""
+
+
+class CheckpointError(TrainingError):
+    pass
+
+
+class NonFiniteLossError(TrainingError):
+    def __init__(
+        self, step: int, loss: float, last_checkpoint: Path | None = None, what: str = "loss"
+    ):
+        self.step, self.loss = step, loss
+        kept = (
+            f"the last good checkpoint is {last_checkpoint}"
+            if last_checkpoint
+            else "no checkpoint was saved before it"
+        )
+        super().__init__(
+            f"{what} is {loss} at step {step}; stopped without saving ({kept}). "
+            "Try a lower --lr, a longer --warmup-steps or a lower --max-grad-norm"
+        )
+
+
+# Options ----------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """Every `train` option (OPTION_HELP says what each means). Defaults: a CPU quick start."""
+
+    preset: str = "small"
+    config: str | None = None
+    init: str | None = None
+    data: str | None = None
+    eval_data: str | None = None
+    text_column: str = "text"
+    tokenizer: str | None = None
+    seq_len: int = 128
+    batch_size: int = 8
+    grad_accum: int = 1
+    shuffle_buffer: int = 0
+    lr: float = 1e-3
+    min_lr: float | None = None
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    max_grad_norm: float = 1.0
+    steps: int = 500
+    eval_every: int = 100
+    eval_steps: int = 10
+    save_every: int = 100
+    keep_last: int = 3
+    log_every: int = 1
+    out: str = "runs/train"
+    resume: str | None = None
+    seed: int = 0
+    dtype: str = "float32"
+    sample_every: int | None = None
+    prompt: str = "The"
+    max_sample_tokens: int = 48
+    plot: bool = False
+
+    def __post_init__(self) -> None:
+        if self.min_lr is None:
+            self.min_lr = self.lr / 10
+        self.validate()
+
+    def validate(self) -> None:
+        if self.config and self.init:
+            raise TrainingError("give at most one of --config FILE and --init MODEL_DIR")
+        if not (self.config or self.init) and self.preset not in PRESETS:
+            raise TrainingError(
+                f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}"
+            )
+        for name in ("seq_len", "batch_size", "grad_accum", "steps", "log_every"):
+            if getattr(self, name) <= 0:
+                raise TrainingError(f"--{name.replace('_', '-')} must be positive")
+        for name in (
+            "warmup_steps",
+            "eval_every",
+            "eval_steps",
+            "save_every",
+            "keep_last",
+            "shuffle_buffer",
+            "max_sample_tokens",
+            "weight_decay",
+            "max_grad_norm",
+        ):
+            if getattr(self, name) < 0:
+                raise TrainingError(f"--{name.replace('_', '-')} must not be negative")
+        if self.eval_every and not self.eval_steps:
+            raise TrainingError("--eval-steps must be positive when --eval-every is")
+        if not 0 < self.lr or not 0 <= self.min_lr <= self.lr:
+            raise TrainingError(
+                f"need 0 < --lr and 0 <= --min-lr <= --lr, got {self.lr}, {self.min_lr}"
+            )
+        if self.dtype not in DTYPES:
+            raise TrainingError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.eval_data and _same_source(self.eval_data, self.train_data()):
+            raise TrainingError(
+                f"--eval-data is the training data ({self.train_data()}); leave it out to "
+                "evaluate on the held-out split of --data, or pass other text"
+            )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from options or a saved dict; keys that are not fields are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def train_data(self) -> str:
+        """--data, else the default source for the model: built-in corpus, hub corpus for 973m."""
+        if self.data:
+            return self.data
+        if self.preset == "973m" and not (self.config or self.init):
+            from customllm.data import DEFAULT_HUB_DATA
+
+            return DEFAULT_HUB_DATA
+        from customllm.corpus import BUILTIN
+
+        return BUILTIN
+
+    def tokens_per_step(self, world_size: int = 1) -> int:
+        return self.batch_size * self.grad_accum * self.seq_len * world_size
+
+
+def _same_source(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+OPTION_HELP = {
+    "preset": "Model size of a new model.",
+    "config": "config.json of a new model (instead of --preset).",
+    "init": "Start from the weights of this model folder (fresh optimizer).",
+    "data": "builtin, a .txt/.jsonl/.parquet path or folder, or a hub dataset name[:config]. "
+    "Default: builtin (tiny, small), the hub corpus (973m).",
+    "eval_data": "Text to evaluate on. Default: the held-out split of --data.",
+    "text_column": "Field holding the text in .jsonl/.parquet/hub rows.",
+    "tokenizer": "Tokenizer folder or hub id. Default: the --resume/--init folder's, "
+    "else customllm.tokenizer.DEFAULT_TOKENIZER.",
+    "seq_len": "Tokens per sequence (each block holds seq_len + 1).",
+    "batch_size": "Sequences per micro-batch (per device).",
+    "grad_accum": "Micro-batches per optimizer step.",
+    "shuffle_buffer": "Blocks held for shuffling (0: stream order).",
+    "lr": "Peak learning rate.",
+    "min_lr": "End of the cosine decay. Default: lr / 10.",
+    "warmup_steps": "Linear warmup steps.",
+    "weight_decay": "AdamW weight decay (weight matrices only).",
+    "max_grad_norm": "Clip the global gradient norm (0: off).",
+    "steps": "Optimizer steps in all (a resumed run continues to this total).",
+    "eval_every": "Evaluate every N steps and at the end (0: never).",
+    "eval_steps": "Batches per evaluation.",
+    "save_every": "Checkpoint every N steps (0: only at the end).",
+    "keep_last": "Checkpoints to keep (0: all).",
+    "log_every": "Console line every N steps (metrics.jsonl gets every step).",
+    "out": "Run folder: checkpoint-N folders and metrics.jsonl.",
+    "resume": "Resume from a checkpoint folder; the flag alone: the latest in --out.",
+    "seed": "Seed of the weights, the data shuffle and dropout.",
+    "dtype": "bfloat16: mixed precision where the device supports it.",
+    "sample_every": "Print a sample every N steps (default: with each evaluation; 0: never).",
+    "prompt": "Prompt of the samples.",
+    "max_sample_tokens": "Tokens per sample.",
+    "plot": "Write OUT/metrics.png at the end (needs matplotlib).",
+}
+_OPTION_TYPES = {
+    "preset": click.Choice(list(PRESETS)),
+    "config": click.Path(dir_okay=False, exists=True),
+    "init": click.Path(file_okay=False, exists=True),
+    "out": click.Path(file_okay=False),
+    "dtype": click.Choice(DTYPES),
+    "min_lr": float,
+    "sample_every": int,
+}
+
+
+def train_options(command: Callable) -> Callable:
+    """Add one click option per TrainConfig field (`--seq-len` -> `seq_len`), same in both CLIs."""
+    for field in reversed(dataclasses.fields(TrainConfig)):
+        flag, default = "--" + field.name.replace("_", "-"), field.default
+        kwargs: dict[str, Any] = {"help": OPTION_HELP[field.name]}
+        if field.name == "plot":
+            kwargs["is_flag"] = True
+        elif field.name == "resume":
+            kwargs.update(is_flag=False, flag_value="latest", default=None)
+        else:
+            kind = _OPTION_TYPES.get(field.name, str if default is None else type(default))
+            kwargs.update(default=default, show_default=default is not None, type=kind)
+        command = click.option(flag, **kwargs)(command)
+    return command
+
+
+# Schedule and optimizer rule --------------------------------------------------------------------
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer update `step` (0-based): linear warmup to `lr` over the first
+    `warmup_steps` updates (lr * (step + 1) / warmup), then cosine decay to `min_lr` at `steps`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def decays(name: str, ndim: int) -> bool:
+    """Whether weight decay applies to a parameter: every weight matrix (ndim >= 2: projections,
+    experts, routers, lm_head.weight; stacked experts too) except the embedding tables. No decay
+    for norm weights, lm_head.bias, or embeddings. (expert_bias is a buffer, never optimized.)"""
+    return ndim >= 2 and not name.endswith(
+        ("token_embeddings.weight", "position_embeddings.weight")
+    )
+
+
+# Checkpoint folders -----------------------------------------------------------------------------
+def checkpoint_dir(out: str | Path, step: int) -> Path:
+    return Path(out) / f"{CHECKPOINT_PREFIX}{step}"
+
+
+_CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+
+
+def list_checkpoints(out: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every `checkpoint-N` folder in `out`, oldest first (temp folders of
+    unfinished saves start with '.' and are never listed)."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    found = []
+    for child in out.iterdir():
+        match = _CHECKPOINT_RE.match(child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(out: str | Path) -> Path | None:
+    found = list_checkpoints(out)
+    return found[-1][1] if found else None
+
+
+def rotate_checkpoints(out: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` checkpoints (0 keeps all) and the temp folders that
+    killed saves left behind. Returns the deleted folders."""
+    out = Path(out)
+    removed = []
+    found = list_checkpoints(out)
+    if keep_last > 0:
+        for _, folder in found[:-keep_last]:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    if out.is_dir():
+        for child in out.iterdir():
+            name = child.name  # ".checkpoint-N.tmp-*", and "..checkpoint-N.tmp-*.tmp-*" of io.save
+            if (
+                name.startswith(".")
+                and CHECKPOINT_PREFIX in name
+                and (".tmp-" in name or ".old-" in name)
+            ):
+                shutil.rmtree(child, ignore_errors=True)
+                removed.append(child)
+    return removed
+
+
+def write_training_state(folder: str | Path, state: dict[str, Any]) -> None:
+    """Write `training_state.json` (JSON: step, framework, data_state, train_config, ...)."""
+    if "step" not in state:
+        raise ValueError("training state needs a 'step'")
+    (Path(folder) / TRAINING_STATE_NAME).write_text(json.dumps(state, indent=2, sort_keys=True))
+
+
+def read_training_state(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / TRAINING_STATE_NAME
+    if not path.is_file():
+        raise CheckpointError(
+            f"{folder} is not a training checkpoint: {TRAINING_STATE_NAME} is missing"
+        )
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(
+            f"checkpoint {folder} is corrupt: {path.name} is not valid JSON ({err})"
+        ) from err
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"checkpoint {folder} is corrupt: {path.name} has no integer 'step'")
+    return state
+
+
+def check_checkpoint(
+    folder: str | Path, required: Sequence[str] = (), framework: str | None = None
+) -> dict[str, Any]:
+    """Check a checkpoint folder can be resumed; returns its training state.
+
+    Raises CheckpointError naming the folder and the missing or damaged file: config.json,
+    model.safetensors (header and size), training_state.json, and `required` framework files.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise CheckpointError(f"checkpoint not found: {folder}")
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint must be a folder: {folder}")
+    state = read_training_state(folder)
+    for name in (CONFIG_NAME, WEIGHTS_NAME, *required):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"checkpoint {folder} is incomplete: {name} is missing")
+    try:
+        json.loads((folder / CONFIG_NAME).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(
+            f"checkpoint {folder} is corrupt: {CONFIG_NAME} is not valid JSON"
+        ) from err
+    problem = _safetensors_problem(folder / WEIGHTS_NAME)
+    if problem:
+        raise CheckpointError(f"checkpoint {folder} is corrupt: {WEIGHTS_NAME} {problem}")
+    if framework and state.get("framework", framework) != framework:
+        raise CheckpointError(
+            f"checkpoint {folder} was written by customllm-{state['framework']}; its optimizer state "
+            f"cannot resume a {framework} run. Start from its weights with --init {folder} instead"
+        )
+    return state
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is unreadable (truncated, bad header), or None."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                return "is truncated (header runs past the end)"
+            header = json.loads(f.read(header_len))
+        end = max(
+            (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
+        )
+    except (
+        struct.error,
+        json.JSONDecodeError,
+        UnicodeDecodeError,
+        KeyError,
+        TypeError,
+        IndexError,
+    ):
+        return "has a damaged header"
+    if 8 + header_len + end != size:
+        return f"is truncated or padded ({size} bytes, the header describes {8 + header_len + end})"
+    return None
+
+
+def resolve_resume(
+    resume: str | os.PathLike | bool | None,
+    out: str | Path,
+    required: Sequence[str] = (),
+    framework: str | None = None,
+) -> Path | None:
+    """The checkpoint folder `--resume` names, checked; None when not resuming.
+
+    `"latest"`/`""`/`True`: the newest `checkpoint-N` in `out`. A path: that checkpoint, or the
+    newest checkpoint inside a run folder. Raises CheckpointError when none is found or it is
+    missing or corrupt.
+    """
+    if resume is None or resume is False:
+        return None
+    if resume is True or str(resume) in ("", "latest"):
+        folder = latest_checkpoint(out)
+        if folder is None:
+            raise CheckpointError(f"--resume: no checkpoint-N folder in {out} to resume from")
+    else:
+        folder = Path(resume)
+        if folder.is_dir() and not (folder / TRAINING_STATE_NAME).exists():
+            inner = latest_checkpoint(folder)
+            if inner is not None:
+                folder = inner
+    check_checkpoint(folder, required, framework)
+    return folder
+
+
+# Metrics ----------------------------------------------------------------------------------------
+def expert_imbalance(load: Sequence[Sequence[float]]) -> tuple[float, int]:
+    """(max load / mean load over experts, for the worst layer; that layer's index) from a
+    (layers, experts) array of assignment counts. 1.0 is perfect balance; a layer with no
+    assignments counts as balanced."""
+    worst, worst_layer = 1.0, 0
+    for layer, row in enumerate(load):
+        row = [float(x) for x in row]
+        mean = sum(row) / len(row) if len(row) else 0.0
+        value = max(row) / mean if mean > 0 else 1.0
+        if value > worst:
+            worst, worst_layer = value, layer
+    return worst, worst_layer
+
+
+class MetricsLogger:
+    """One console line per logged step (a progress bar under it on a TTY) and every record
+    appended to `OUT/metrics.jsonl`: train records with TRAIN_RECORD_KEYS, eval records with
+    EVAL_RECORD_KEYS. `resume_step` drops records after the step a resumed run starts from."""
+
+    def __init__(
+        self,
+        out: str | Path,
+        total_steps: int | None = None,
+        log_every: int = 1,
+        stream: TextIO | None = None,
+        resume_step: int | None = None,
+        enabled: bool = True,
+    ):
+        self.path = Path(out) / METRICS_NAME
+        self.total_steps, self.log_every, self.enabled = total_steps, log_every, enabled
+        self.stream = stream if stream is not None else sys.stdout
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._bar_shown = False
+        self._start = time.perf_counter()
+        self._first_step: int | None = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None:
+                self._drop_after(resume_step)
+
+    def _drop_after(self, step: int) -> None:
+        if not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def _append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def log_train(
+        self,
+        step: int,
+        loss: float,
+        grad_norm: float | None,
+        learning_rate: float,
+        tokens_per_sec: float,
+        peak_memory_gb: float,
+        expert_load: Sequence[Sequence[float]] | None = None,
+    ) -> dict[str, Any]:
+        imbalance, layer = expert_imbalance(expert_load) if expert_load is not None else (None, 0)
+        values = (step, loss, grad_norm, learning_rate, tokens_per_sec, peak_memory_gb, imbalance)
+        record = {
+            k: (v if v is None or k == "step" else float(v))
+            for k, v in zip(TRAIN_RECORD_KEYS, values, strict=True)
+        }
+        if not self.enabled:
+            return record
+        self._append(record)
+        if self._first_step is None:
+            self._first_step = step
+        if step % self.log_every == 0 or step == self.total_steps:
+            total = f"/{self.total_steps}" if self.total_steps else ""
+            gn = "n/a" if grad_norm is None else f"{grad_norm:.3f}"
+            line = (
+                f"step {step}{total} | loss {loss:.4f} | grad_norm {gn} | lr {learning_rate:.2e} | "
+                f"{tokens_per_sec:,.0f} tok/s | mem {peak_memory_gb:.2f} GB"
+            )
+            if imbalance is not None:
+                line += f" | expert imbalance {imbalance:.2f} (layer {layer})"
+            self.print(line)
+        self._draw_bar(step)
+        return record
+
+    def log_eval(self, step: int, eval_loss: float) -> dict[str, Any]:
+        ppl = math.exp(eval_loss) if eval_loss < 700 else float("inf")
+        record = {"step": step, "eval_loss": float(eval_loss), "eval_ppl": ppl}
+        if self.enabled:
+            self._append(record)
+            self.print(f"eval step {step} | eval_loss {eval_loss:.4f} | eval_ppl {ppl:.2f}")
+            self._draw_bar(step)
+        return record
+
+    def print(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar_shown:
+            self.stream.write("\r\033[K")
+            self._bar_shown = False
+        self.stream.write(message + "\n")
+        self.stream.flush()
+
+    def _draw_bar(self, step: int) -> None:
+        if not (self.tty and self.total_steps):
+            return
+        done = min(step, self.total_steps) / self.total_steps
+        width = 30
+        bar = "#" * int(done * width) + "." * (width - int(done * width))
+        eta = ""
+        if self._first_step is not None and step > self._first_step:
+            rate = (time.perf_counter() - self._start) / (step - self._first_step + 1)
+            eta = f" eta {_duration(rate * (self.total_steps - step))}"
+        self.stream.write(f"\r\033[K[{bar}] {step}/{self.total_steps}{eta}")
+        self.stream.flush()
+        self._bar_shown = True
+
+    def close(self) -> None:
+        if self._bar_shown:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._bar_shown = False
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl (lines cut by a kill are skipped)."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def require_matplotlib() -> None:
+    """Raise TrainingError when --plot cannot work (checked before training, not after)."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise TrainingError(
+            "plotting needs matplotlib, an optional dependency: pip install 'customllm[plot]'"
+        )
+
+
+def plot_metrics(metrics: str | Path, png: str | Path) -> Path:
+    """Plot loss/eval_loss, learning rate, grad norm, tokens/s and expert imbalance to `png`."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise TrainingError(
+            "plotting needs matplotlib, an optional dependency: pip install 'customllm[plot]'"
+        ) from err
+    records = read_metrics(metrics)
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    panels = [
+        ("loss", "loss (nats)"),
+        ("learning_rate", "learning rate"),
+        ("grad_norm", "grad norm"),
+        ("tokens_per_sec", "tokens / s"),
+        ("expert_imbalance", "expert imbalance (max / mean)"),
+        ("peak_memory_gb", "peak memory (GB)"),
+    ]
+    fig, axes = plt.subplots(3, 2, figsize=(11, 10))
+    for ax, (key, title) in zip(axes.flat, panels, strict=True):
+        points = [(r["step"], r[key]) for r in train if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), label="train", linewidth=1)
+        if key == "loss" and evals:
+            ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval")
+            ax.legend()
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+# Stopping ---------------------------------------------------------------------------------------
+class StopSignal:
+    """While entered, SIGINT/SIGTERM only set `requested`: the loop saves a checkpoint at the end
+    of the current step and exits cleanly. A second SIGINT interrupts at once."""
+
+    def __init__(self, signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM)):
+        self.signals = tuple(signals)
+        self.requested = False
+        self.name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.name = signal.Signals(signum).name
+        print(
+            f"\n{self.name} received: saving a checkpoint at the end of this step, then stopping "
+            "(press Ctrl-C again to abort without saving)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.signals:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+
+def check_finite(loss: float, step: int, out: str | Path | None = None, what: str = "loss") -> None:
+    """Raise NonFiniteLossError naming the step (and the last good checkpoint) on NaN/inf;
+    call it before the optimizer update, so the weights never take a NaN step."""
+    if not math.isfinite(loss):
+        last = latest_checkpoint(out) if out is not None else None
+        raise NonFiniteLossError(step, loss, last, what)
+
+
+def config_differences(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """Options of a resumed run that differ from the checkpoint's (out/resume/plot excluded)."""
+    ignore = {"out", "resume", "plot", "log_every", "sample_every", "prompt", "max_sample_tokens"}
+    current = cfg.to_dict()
+    return [
+        f"--{k.replace('_', '-')} {saved[k]!r} -> {current[k]!r}"
+        for k in current
+        if k not in ignore and k in saved and saved[k] != current[k]
+    ]

@@ -1,0 +1,354 @@
+"""`customllm-torch train`: the loss falls, resume is exact, signals and failures leave loadable
+checkpoints, the expert bias balances loads, metrics and evaluation are right.
+
+Tiny preset, cosmo2 tokenizer, TinyStories text from ../shared; float32 on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+import customllm_torch.train as torch_train
+from customllm.config import ModelConfig
+from customllm.data import StreamDataset
+from customllm.training import (
+    EVAL_RECORD_KEYS,
+    TRAIN_RECORD_KEYS,
+    NonFiniteLossError,
+    TrainConfig,
+    latest_checkpoint,
+    list_checkpoints,
+    read_metrics,
+    read_training_state,
+    resolve_resume,
+)
+from customllm_torch.cli import main as cli
+from customllm_torch.io import load
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+TRAIN_TXT = SHARED / "data" / "tinystories" / "train.txt"
+HELDOUT_TXT = SHARED / "data" / "tinystories" / "heldout.txt"
+COSMO2 = SHARED / "tokenizers" / "cosmo2"
+
+pytestmark = pytest.mark.skipif(
+    not (TRAIN_TXT.is_file() and (COSMO2 / "tokenizer.json").is_file()),
+    reason=f"shared data or tokenizer missing under {SHARED}",
+)
+
+
+def tiny(out: Path, **overrides) -> TrainConfig:
+    """6 steps of the tiny preset, 2 x 32 tokens a step, checkpoints at 3 and 6."""
+    values = dict(
+        preset="tiny",
+        data=str(TRAIN_TXT),
+        tokenizer=str(COSMO2),
+        seq_len=32,
+        batch_size=2,
+        steps=6,
+        warmup_steps=2,
+        lr=5e-3,
+        eval_every=3,
+        eval_steps=1,
+        save_every=3,
+        keep_last=0,
+        max_sample_tokens=4,
+        out=str(out),
+    )
+    return TrainConfig(**{**values, **overrides})
+
+
+def train(cfg: TrainConfig) -> Path:
+    return torch_train.run_training(cfg, "cpu", stream=io.StringIO())
+
+
+def as_argv(cfg: TrainConfig) -> list[str]:
+    argv = []
+    for key, value in cfg.to_dict().items():
+        default = TrainConfig.__dataclass_fields__[key].default
+        if value is not None and value != default and key != "min_lr":
+            argv += [f"--{key.replace('_', '-')}", str(value)]
+    return argv
+
+
+def train_losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted 6-step run (checkpoints 3 and 6)."""
+    out = tmp_path_factory.mktemp("reference")
+    train(tiny(out))
+    return out
+
+
+# The loop ---------------------------------------------------------------------------------------
+def test_loss_falls_and_metrics_have_the_keys(tmp_path):
+    cfg = tiny(
+        tmp_path,
+        seq_len=32,
+        batch_size=4,
+        steps=40,
+        warmup_steps=5,
+        eval_every=20,
+        eval_steps=2,
+        save_every=0,
+        keep_last=1,
+    )
+    last = train(cfg)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    train_records = [r for r in records if "loss" in r]
+    eval_records = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in train_records] == list(range(1, 41))
+    assert all(tuple(r) == TRAIN_RECORD_KEYS for r in train_records)
+    assert [r["step"] for r in eval_records] == [20, 40]
+    assert all(tuple(r) == EVAL_RECORD_KEYS for r in eval_records)
+    for r in eval_records:
+        assert r["eval_ppl"] == pytest.approx(math.exp(r["eval_loss"]))
+    losses = [r["loss"] for r in train_records]
+    first, final = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    assert first - final >= 1.0, (first, final)
+    assert eval_records[-1]["eval_loss"] < losses[0] - 1.0
+    assert all(r["grad_norm"] > 0 and r["tokens_per_sec"] > 0 for r in train_records)
+    assert all(r["peak_memory_gb"] > 0 and r["expert_imbalance"] >= 1 for r in train_records)
+    assert train_records[0]["learning_rate"] == pytest.approx(1e-3)  # warmup: 5e-3 * 1 / 5
+
+    # the last checkpoint is a canonical model folder beside the Trainer's files
+    assert last == tmp_path / "checkpoint-40" and list_checkpoints(tmp_path) == [(40, last)]
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state.pth",
+        "trainer_state.json",
+        "training_state.json",
+    ):
+        assert (last / name).is_file(), name
+    model, tokenizer = load(last)
+    assert tokenizer is not None and model.model_config.vocab_size == len(tokenizer)
+    state = read_training_state(last)
+    assert state["step"] == 40 and state["framework"] == "torch"
+    assert state["tokens_seen"] == 40 * 4 * 32
+    assert state["train_config"]["lr"] == 5e-3
+
+
+def test_exact_resume_from_checkpoint_n(reference, tmp_path):
+    # Resume the 6-step run from its step-3 checkpoint into another folder.
+    last = train(tiny(tmp_path, resume=str(reference / "checkpoint-3")))
+    resumed, full = train_losses(tmp_path), train_losses(reference)
+    assert sorted(resumed) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
+    assert last == tmp_path / "checkpoint-6"
+    assert_same_weights(last, reference / "checkpoint-6")
+
+
+def test_sigterm_saves_and_resume_reaches_the_same_weights(reference, tmp_path):
+    cfg = tiny(tmp_path)
+    # The child must bind the BLAS this process uses (conftest preloads OpenBLAS for MLX, and
+    # torch's sgemm then resolves to it): the last bits of float32 results depend on it.
+    preload = "import customllm_mlx; " if "customllm_mlx" in sys.modules else ""
+    cli_main = preload + "from customllm_torch.cli import main; main()"
+    run = subprocess.Popen(
+        [sys.executable, "-c", cli_main, "train", "--device", "cpu", *as_argv(cfg)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.is_file() and train_losses(tmp_path)) and run.poll() is None:
+        assert time.time() < deadline, "the run logged no step"
+        time.sleep(0.02)
+    run.send_signal(signal.SIGTERM)
+    output = run.communicate(timeout=300)[0]
+    assert run.returncode == 0, output
+    stopped = latest_checkpoint(tmp_path)
+    step = read_training_state(stopped)["step"]
+    assert 1 <= step < 6 and f"stopped at step {step} by SIGTERM" in output, output
+    assert load(stopped)[0] is not None
+
+    last = train(dataclasses.replace(cfg, resume="latest"))
+    assert last == tmp_path / "checkpoint-6"
+    assert_same_weights(last, reference / "checkpoint-6")
+    assert sorted(train_losses(tmp_path)) == [1, 2, 3, 4, 5, 6]  # no step logged twice
+
+
+def test_a_killed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    real = torch_train.write_training_state
+
+    def dies_at_step_4(folder, state):
+        if state["step"] == 4:
+            raise KeyboardInterrupt("killed while saving")
+        real(folder, state)
+
+    monkeypatch.setattr(torch_train, "write_training_state", dies_at_step_4)
+    cfg = tiny(tmp_path, steps=4, save_every=2, eval_every=0)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "metrics.jsonl"]
+    assert resolve_resume("latest", tmp_path) == tmp_path / "checkpoint-2"
+    model, _ = load(tmp_path / "checkpoint-2")
+    assert model.model_config.hidden_size == 64
+
+    monkeypatch.setattr(torch_train, "write_training_state", real)
+    assert train(dataclasses.replace(cfg, resume="latest")) == tmp_path / "checkpoint-4"
+
+
+def test_a_corrupt_checkpoint_gives_a_clear_error(reference, tmp_path):
+    folder = tmp_path / "checkpoint-3"
+    shutil.copytree(reference / "checkpoint-3", folder)
+    weights_file = folder / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:-1000])
+    argv = ["train", "--device", "cpu", *as_argv(tiny(tmp_path)), "--resume"]
+    result = CliRunner().invoke(cli, argv)
+    assert result.exit_code == 1
+    assert "corrupt" in result.output and str(folder) in result.output, result.output
+
+    shutil.copy2(reference / "checkpoint-3" / "model.safetensors", weights_file)
+    (folder / "optimizer.pt").write_bytes(b"garbage")
+    result = CliRunner().invoke(cli, argv)
+    assert result.exit_code == 1 and "optimizer.pt is damaged" in result.output, result.output
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = torch_train.next_token_loss
+
+    def nan_at_step_3(logits, targets):
+        loss = real(logits, targets)
+        calls["n"] += 1
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(torch_train, "next_token_loss", nan_at_step_3)
+    with pytest.raises(NonFiniteLossError, match="nan at step 3") as info:
+        train(tiny(tmp_path, steps=4, save_every=2, eval_every=0))
+    assert str(tmp_path / "checkpoint-2") in str(info.value)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2]
+
+
+def test_eval_never_reads_training_data(reference, tmp_path, monkeypatch):
+    streams = []
+    real_init = StreamDataset.__init__
+
+    def spy(self, source, *args, **kwargs):
+        real_init(self, source, *args, **kwargs)
+        streams.append((self.source.spec, self.split))
+
+    monkeypatch.setattr(StreamDataset, "__init__", spy)
+    # default: the held-out split of --data; also starts from a model folder (--init)
+    train(tiny(tmp_path / "a", steps=1, eval_every=1, init=str(reference / "checkpoint-6")))
+    assert streams == [(str(TRAIN_TXT), "train"), (str(TRAIN_TXT), "heldout")]
+    assert [
+        r["step"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if "eval_loss" in r
+    ] == [1]
+
+    streams.clear()
+    train(tiny(tmp_path / "b", steps=1, eval_every=1, eval_data=str(HELDOUT_TXT)))
+    assert streams == [(str(TRAIN_TXT), "train"), (str(HELDOUT_TXT), "all")]
+
+
+def test_train_is_registered_with_the_same_options(tmp_path):
+    result = CliRunner().invoke(cli, ["train", "--help"])
+    assert result.exit_code == 0
+    for flag in (
+        "--preset",
+        "--eval-data",
+        "--grad-accum",
+        "--min-lr",
+        "--resume",
+        "--keep-last",
+        "--sample-every",
+        "--plot",
+        "--device",
+    ):
+        assert flag in result.output
+    result = CliRunner().invoke(cli, ["train", "--data", "x.txt", "--eval-data", "x.txt"])
+    assert result.exit_code == 1 and "training data" in result.output
+
+
+# Expert balancing -------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_expert_bias_makes_loads_more_even(tmp_path):
+    # In the tiny model the routing collapses onto 2 of the 7 experts within ~10 steps (imbalance
+    # 3.5, the maximum) while every token's hidden state still looks alike; once tokens differ,
+    # the bias spreads them out again. Without it the collapse stays.
+    imbalance = {}
+    for rate in (0.0, 1e-2):
+        config = tmp_path / f"rate{rate}.json"
+        ModelConfig.from_preset("tiny", bias_update_rate=rate).to_json(config)
+        out = tmp_path / f"run{rate}"
+        train(tiny(out, config=str(config), batch_size=4, steps=150, eval_every=0, save_every=0))
+        records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+        imbalance[rate] = sum(r["expert_imbalance"] for r in records[-30:]) / 30
+        bias = weights(latest_checkpoint(out))["decoder_layers.0.mlp.expert_bias"]
+        assert (bias.abs().sum() > 0) == (rate > 0)
+    assert imbalance[1e-2] < imbalance[0.0] - 0.5, imbalance
+
+
+# Longer runs ------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_longer_run_learns_tinystories(tmp_path):
+    cfg = tiny(tmp_path, seq_len=64, batch_size=4, steps=150, warmup_steps=10, eval_every=75,
+               eval_steps=4, save_every=75, keep_last=1, eval_data=str(HELDOUT_TXT))  # fmt: skip
+    train(cfg)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    losses = [r["loss"] for r in records if "loss" in r]
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert sum(losses[-20:]) / 20 < sum(losses[:20]) / 20 - 3.0
+    assert len(evals) == 2 and evals[1] < evals[0] < losses[0] - 3.0
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [150]
+
+
+@pytest.mark.slow
+def test_two_data_parallel_ranks_resume_exactly(tmp_path):
+    """torchrun, 2 CPU ranks (gloo): loads and losses reduced over ranks, per-rank data state."""
+    import socket
+
+    def torchrun(cfg: TrainConfig) -> str:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(port), "-m", "customllm_torch.cli", "train", "--device",
+                "cpu", *as_argv(cfg)]  # fmt: skip
+        run = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stdout + run.stderr
+        return run.stdout
+
+    full = tiny(tmp_path / "full", steps=4, save_every=2, eval_every=2)
+    torchrun(full)
+    state = read_training_state(tmp_path / "full" / "checkpoint-4")
+    assert state["world_size"] == 2 and [d["rank"] for d in state["data_state"]] == [0, 1]
+    assert state["tokens_seen"] == 4 * 2 * 32 * 2
+    torchrun(tiny(tmp_path / "resumed", steps=4, resume=str(tmp_path / "full" / "checkpoint-2")))
+    assert train_losses(tmp_path / "resumed") == {
+        s: v for s, v in train_losses(tmp_path / "full").items() if s > 2
+    }
+    assert_same_weights(tmp_path / "resumed" / "checkpoint-4", tmp_path / "full" / "checkpoint-4")

@@ -1,0 +1,336 @@
+"""customllm.training: options, schedule, checkpoint folders, metrics, signals (no framework)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from safetensors.numpy import save_file
+
+from customllm.training import (
+    EVAL_RECORD_KEYS,
+    TRAIN_RECORD_KEYS,
+    CheckpointError,
+    MetricsLogger,
+    NonFiniteLossError,
+    StopSignal,
+    TrainConfig,
+    TrainingError,
+    check_finite,
+    checkpoint_dir,
+    config_differences,
+    decays,
+    expert_imbalance,
+    latest_checkpoint,
+    list_checkpoints,
+    lr_at,
+    plot_metrics,
+    read_metrics,
+    resolve_resume,
+    rotate_checkpoints,
+    train_options,
+    write_training_state,
+)
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+
+
+# Options ----------------------------------------------------------------------------------------
+def test_min_lr_defaults_to_a_tenth_of_lr():
+    assert TrainConfig(lr=2e-3).min_lr == pytest.approx(2e-4)
+    assert TrainConfig(lr=2e-3, min_lr=0.0).min_lr == 0.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(config="c.json", init="m"), "at most one"),
+        (dict(preset="huge"), "unknown preset"),
+        (dict(seq_len=0), "--seq-len"),
+        (dict(keep_last=-1), "--keep-last"),
+        (dict(lr=1e-3, min_lr=1e-2), "--min-lr"),
+        (dict(dtype="float16"), "--dtype"),
+        (dict(data="a.txt", eval_data="a.txt"), "training data"),
+    ],
+)
+def test_bad_options_raise_a_clear_error(kwargs, message):
+    with pytest.raises(TrainingError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_default_data_depends_on_the_model_size():
+    from customllm.corpus import BUILTIN
+    from customllm.data import DEFAULT_HUB_DATA
+
+    assert TrainConfig(preset="tiny").train_data() == BUILTIN
+    assert TrainConfig(preset="small").train_data() == BUILTIN
+    assert TrainConfig(preset="973m").train_data() == DEFAULT_HUB_DATA
+    assert TrainConfig(preset="973m", data="x.txt").train_data() == "x.txt"
+
+
+def test_config_round_trips_through_a_dict():
+    cfg = TrainConfig(preset="tiny", lr=3e-3, resume="latest")
+    assert TrainConfig.from_dict({**cfg.to_dict(), "not_an_option": 1}) == cfg
+
+
+def _parse(*argv: str) -> TrainConfig:
+    seen = {}
+
+    @click.command()
+    @train_options
+    def cmd(**options):
+        seen["cfg"] = TrainConfig.from_dict(options)
+
+    result = CliRunner().invoke(cmd, list(argv))
+    assert result.exit_code == 0, result.output
+    return seen["cfg"]
+
+
+def test_train_options_cover_every_field_with_the_dataclass_defaults():
+    assert _parse() == TrainConfig()
+    cfg = _parse("--preset", "tiny", "--seq-len", "32", "--eval-data", "e.txt", "--plot")
+    assert (cfg.preset, cfg.seq_len, cfg.eval_data, cfg.plot) == ("tiny", 32, "e.txt", True)
+
+
+def test_resume_flag_alone_means_latest():
+    assert _parse("--resume").resume == "latest"
+    assert _parse("--resume", "runs/x/checkpoint-5").resume == "runs/x/checkpoint-5"
+    assert _parse().resume is None
+
+
+# Schedule and weight decay ----------------------------------------------------------------------
+def test_lr_warmup_is_linear_to_the_peak():
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, steps=100)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(4, cfg) == pytest.approx(5e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+
+
+def test_lr_cosine_runs_from_peak_to_min_lr():
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, steps=110)
+    assert lr_at(10, cfg) == pytest.approx(1e-3)
+    assert lr_at(60, cfg) == pytest.approx(5.5e-4)  # halfway: the mean of the endpoints
+    assert lr_at(110, cfg) == pytest.approx(1e-4)
+    assert lr_at(500, cfg) == pytest.approx(1e-4)
+    lrs = [lr_at(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+
+
+def test_lr_without_warmup_starts_at_the_peak():
+    cfg = TrainConfig(lr=1e-3, warmup_steps=0, steps=10)
+    assert lr_at(0, cfg) == pytest.approx(1e-3)
+
+
+def test_weight_decay_only_on_weight_matrices_other_than_embeddings():
+    assert decays("decoder_layers.0.self_attn.q_proj_d.weight", 2)
+    assert decays("decoder_layers.0.mlp.switch_mlp.up_proj.weight", 3)
+    assert decays("lm_head.weight", 2)
+    assert not decays("token_embeddings.weight", 2)
+    assert not decays("position_embeddings.weight", 2)
+    assert not decays("decoder_layers.0.input_norm.weight", 1)
+    assert not decays("lm_head.bias", 1)
+
+
+# Checkpoint folders -----------------------------------------------------------------------------
+def _fake_checkpoint(out: Path, step: int, framework: str = "torch") -> Path:
+    folder = checkpoint_dir(out, step)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    save_file({"w": np.zeros((2, 3), dtype=np.float32)}, str(folder / "model.safetensors"))
+    write_training_state(folder, {"step": step, "framework": framework})
+    return folder
+
+
+def test_checkpoint_listing_is_numeric_and_skips_temp_folders(tmp_path):
+    for step in (9, 10, 2):
+        _fake_checkpoint(tmp_path, step)
+    (tmp_path / ".checkpoint-11.tmp-abc").mkdir()
+    (tmp_path / "checkpoint-final").mkdir()
+    assert checkpoint_dir(tmp_path, 7) == tmp_path / "checkpoint-7"
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 9, 10]
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+    assert latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_rotate_keeps_the_newest_and_clears_leftovers(tmp_path):
+    for step in (1, 2, 3, 4):
+        _fake_checkpoint(tmp_path, step)
+    (tmp_path / ".checkpoint-5.tmp-abc").mkdir()
+    rotate_checkpoints(tmp_path, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3", "checkpoint-4"]
+    rotate_checkpoints(tmp_path, keep_last=0)
+    assert len(list_checkpoints(tmp_path)) == 2
+
+
+def test_resolve_resume_finds_the_latest(tmp_path):
+    _fake_checkpoint(tmp_path, 3)
+    newest = _fake_checkpoint(tmp_path, 12)
+    assert resolve_resume(None, tmp_path) is None
+    assert resolve_resume("latest", tmp_path) == newest
+    assert resolve_resume(True, tmp_path) == newest
+    assert resolve_resume(str(tmp_path), "elsewhere") == newest  # a run folder
+    assert resolve_resume(str(tmp_path / "checkpoint-3"), "elsewhere") == tmp_path / "checkpoint-3"
+
+
+def test_resolve_resume_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint-N folder"):
+        resolve_resume("latest", tmp_path)
+    with pytest.raises(CheckpointError, match="not found"):
+        resolve_resume(str(tmp_path / "checkpoint-4"), tmp_path)
+    folder = _fake_checkpoint(tmp_path, 5)
+    with pytest.raises(CheckpointError, match="optimizer.pt is missing"):
+        resolve_resume(str(folder), tmp_path, required=["optimizer.pt"])
+    with pytest.raises(CheckpointError, match="--init"):
+        resolve_resume(str(folder), tmp_path, framework="mlx")
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda f: (f / "training_state.json").write_text("{not json"), "corrupt"),
+        (lambda f: (f / "training_state.json").unlink(), "training_state.json is missing"),
+        (lambda f: (f / "config.json").write_text(""), "config.json"),
+        (lambda f: (f / "model.safetensors").unlink(), "model.safetensors is missing"),
+        (lambda f: _truncate(f / "model.safetensors", 10), "truncated"),
+        (lambda f: _truncate(f / "model.safetensors", 4), "damaged header"),
+    ],
+)
+def test_a_damaged_checkpoint_is_named(tmp_path, damage, message):
+    folder = _fake_checkpoint(tmp_path, 5)
+    damage(folder)
+    with pytest.raises(CheckpointError, match=message) as info:
+        resolve_resume("latest", tmp_path)
+    assert str(folder) in str(info.value)
+
+
+def _truncate(path: Path, keep_bytes_less: int) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - keep_bytes_less] if keep_bytes_less > 4 else data[:4])
+
+
+# Metrics ----------------------------------------------------------------------------------------
+def test_expert_imbalance_is_max_over_mean_in_the_worst_layer():
+    assert expert_imbalance([[3, 3, 3, 3]]) == (1.0, 0)
+    assert expert_imbalance(np.array([[2, 2, 2, 2], [4, 0, 0, 0], [3, 1, 2, 2]])) == (4.0, 1)
+    assert expert_imbalance([[0, 0, 0]]) == (1.0, 0)
+
+
+def test_metrics_records_have_exactly_the_keys(tmp_path):
+    console = io.StringIO()
+    log = MetricsLogger(tmp_path, total_steps=10, stream=console)
+    log.log_train(1, 5.0, 0.5, 1e-3, 1234.0, 0.25, [[1, 3], [2, 2]])
+    log.log_eval(1, 2.0)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert tuple(records[0]) == TRAIN_RECORD_KEYS
+    assert records[0]["expert_imbalance"] == 1.5
+    assert tuple(records[1]) == EVAL_RECORD_KEYS
+    assert records[1]["eval_ppl"] == pytest.approx(math.exp(2.0))
+    text = console.getvalue()
+    assert "step 1/10" in text and "loss 5.0000" in text and "1,234 tok/s" in text
+    assert "imbalance 1.50 (layer 0)" in text and "eval_loss 2.0000" in text
+
+
+def test_metrics_console_every_n_steps_and_progress_bar_on_a_tty(tmp_path):
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    console = Tty()
+    log = MetricsLogger(tmp_path, total_steps=4, log_every=2, stream=console)
+    for step in range(1, 5):
+        log.log_train(step, 1.0, None, 1e-3, 1.0, 0.0, None)
+    log.close()
+    text = console.getvalue()
+    assert "step 1/4" not in text and "step 2/4" in text and "step 4/4" in text
+    assert "\r\033[K[" in text and "4/4" in text
+    assert len(read_metrics(tmp_path / "metrics.jsonl")) == 4
+
+
+def test_metrics_of_a_resumed_run_drop_the_steps_after_the_checkpoint(tmp_path):
+    log = MetricsLogger(tmp_path, stream=io.StringIO())
+    for step in range(1, 6):
+        log.log_train(step, 1.0, 1.0, 1e-3, 1.0, 0.0, None)
+    log.log_eval(4, 1.0)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # a line cut by a kill
+    MetricsLogger(tmp_path, stream=io.StringIO(), resume_step=3)
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_plot_needs_matplotlib(tmp_path, monkeypatch):
+    MetricsLogger(tmp_path, stream=io.StringIO()).log_train(1, 1.0, 1.0, 1e-3, 1.0, 0.0, None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(TrainingError, match="matplotlib"):
+        plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "m.png")
+
+
+def test_plot_metrics_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    log = MetricsLogger(tmp_path, stream=io.StringIO())
+    for step in range(1, 4):
+        log.log_train(step, 3.0 - step, 1.0, 1e-3, 10.0, 0.1, [[1, 2]])
+    log.log_eval(3, 1.5)
+    png = plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "plots" / "m.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_script_gives_a_clear_error_or_a_png(tmp_path):
+    MetricsLogger(tmp_path, stream=io.StringIO()).log_train(1, 1.0, 1.0, 1e-3, 1.0, 0.0, None)
+    script = REPO_DIR / "scripts" / "plot_metrics.py"
+    png = tmp_path / "out.png"
+    run = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "metrics.jsonl"), "--out", str(png)],
+        capture_output=True,
+        text=True,
+    )
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert run.returncode == 1 and "matplotlib" in run.stderr
+    else:
+        assert run.returncode == 0 and png.is_file()
+
+
+# Stopping ---------------------------------------------------------------------------------------
+def test_sigterm_only_sets_the_stop_flag():
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignal() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and stop.name == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_second_sigint_interrupts_at_once():
+    with StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_non_finite_loss_names_the_step_and_the_last_good_checkpoint(tmp_path):
+    check_finite(3.5, 1, tmp_path)
+    folder = _fake_checkpoint(tmp_path, 20)
+    with pytest.raises(NonFiniteLossError, match="nan at step 27") as info:
+        check_finite(float("nan"), 27, tmp_path)
+    assert str(folder) in str(info.value)
+    with pytest.raises(NonFiniteLossError, match="grad_norm is inf at step 2"):
+        check_finite(float("inf"), 2, what="grad_norm")
+
+
+def test_config_differences_lists_changed_options():
+    saved = TrainConfig(lr=1e-3).to_dict()
+    assert config_differences(saved, TrainConfig(lr=1e-3, out="elsewhere")) == []
+    assert config_differences(saved, TrainConfig(lr=2e-3, min_lr=1e-4)) == ["--lr 0.001 -> 0.002"]
+    assert json.loads(json.dumps(saved)) == saved  # JSON-safe for training_state.json
