@@ -1,0 +1,470 @@
+"""`customllm-mlx train`: a plain MLX training loop under the conventions of customllm.training.
+
+One optimizer step: `grad_accum` micro-batches through ONE `mx.compile`d step (its state is the
+model, the optimizer and the RNG), which sums their gradients, expert loads and losses; the last
+micro-step averages the gradients (over micro-batches and data-parallel ranks), clips their global
+norm, applies AdamW and then the aux-loss-free expert-bias update from the summed loads. Around
+it: log, evaluate on held-out text, sample, checkpoint (`OUT/checkpoint-STEP/`: canonical model
+folder + optimizer.safetensors + training_state.json with the step, data stream and RNG state),
+all written through `atomic_folder`. Data parallel over several Macs with `mlx.launch`: each rank
+streams its own shard, rank 0 logs and writes checkpoints (with every rank's data and RNG state);
+to resume, every host needs the checkpoint folder at the same path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from customllm.checkpoint import atomic_folder
+from customllm.config import ModelConfig
+from customllm.data import StreamDataset, eval_batches
+from customllm.tokenizer import DEFAULT_TOKENIZER, eos_token_id, load_tokenizer
+from customllm.training import (
+    ADAMW_BETAS,
+    ADAMW_EPS,
+    METRICS_NAME,
+    CheckpointError,
+    MetricsLogger,
+    StopSignal,
+    TrainConfig,
+    TrainingError,
+    check_finite,
+    checkpoint_dir,
+    config_differences,
+    decays,
+    latest_checkpoint,
+    lr_at,
+    plot_metrics,
+    read_training_state,
+    resolve_resume,
+    rotate_checkpoints,
+    train_options,
+    write_training_state,
+)
+from customllm_mlx.generate import generate
+from customllm_mlx.io import load, save
+from customllm_mlx.loss import cross_entropy
+from customllm_mlx.model import CustomLLM
+
+OPTIMIZER_NAME = "optimizer.safetensors"
+# Options a resumed run may change: they do not alter the numbers of the steps it continues.
+CHANGEABLE_ON_RESUME = (
+    "steps",
+    "eval_every",
+    "eval_steps",
+    "save_every",
+    "keep_last",
+    "preset",
+    "config",
+    "init",
+    "tokenizer",
+)
+
+
+def next_token_loss(logits: mx.array, targets: mx.array) -> mx.array:
+    """Mean cross entropy (float32) of logits (B, T, V) against the already shifted targets (B, T)."""
+    return cross_entropy(logits.astype(mx.float32), targets).mean()
+
+
+def training_loss(model: CustomLLM, inputs: mx.array, targets: mx.array):
+    """LM loss + the model's aux loss (what the gradient sees); also the LM loss and expert loads."""
+    logits, aux_loss, load = model(inputs, return_aux=True)
+    lm_loss = next_token_loss(logits, targets)
+    return lm_loss + aux_loss, (lm_loss, load)
+
+
+def sum_of_squares(g: mx.array) -> mx.array:
+    """float32 sum of g**2 as a tree of 32-wide sums: MLX's CPU sums a long array in one running
+    float32 total, off by ~1e-4 (relative) when a few large terms meet many tiny ones."""
+    v = g.astype(mx.float32).square().reshape(-1)
+    while v.size > 32:
+        v = mx.pad(v, (0, -v.size % 32)).reshape(-1, 32).sum(-1)
+    return v.sum()
+
+
+def clip_grad_norm(grads: dict, max_norm: float) -> tuple[dict, mx.array]:
+    """Scale the gradients to global norm <= max_norm (torch's formula; 0: no clipping).
+    Returns them and the PRE-clip norm (float32 whatever the gradient dtype)."""
+    norm = mx.sqrt(sum(sum_of_squares(g) for _, g in tree_flatten(grads)))
+    if max_norm <= 0:
+        return grads, norm
+    scale = mx.minimum(max_norm / (norm + 1e-6), 1.0)
+    return tree_map(lambda g: (g * scale).astype(g.dtype), grads), norm
+
+
+def make_optimizer(cfg: TrainConfig, model: CustomLLM) -> optim.MultiOptimizer:
+    """AdamW as torch's (bias-corrected, decoupled decay): decay where `decays(name, ndim)`."""
+
+    def adamw(weight_decay: float) -> optim.AdamW:
+        return optim.AdamW(
+            cfg.lr,
+            betas=list(ADAMW_BETAS),
+            eps=ADAMW_EPS,
+            weight_decay=weight_decay,
+            bias_correction=True,
+        )
+
+    optimizer = optim.MultiOptimizer(
+        [adamw(cfg.weight_decay), adamw(0.0)], [lambda name, p: decays(name, p.ndim)]
+    )
+    optimizer.init(model.trainable_parameters())
+    return optimizer
+
+
+def make_train_step(model: CustomLLM, optimizer, cfg: TrainConfig, world, compiled: bool = True):
+    """`step(ids, acc, update) -> acc`: one micro-batch's forward/backward, summed into `acc`
+    (None before the first). With `update`, the optimizer step: returns {"loss", "grad_norm",
+    "load"} of the whole global batch. Set `optimizer.learning_rate` before the last micro-step."""
+    loss_and_grad = nn.value_and_grad(model, training_loss)
+
+    def all_sum(x: mx.array) -> mx.array:
+        return mx.distributed.all_sum(x, group=world) if world.size() > 1 else x
+
+    def step(ids: mx.array, acc: dict | None, update: bool) -> dict:
+        (_, (lm_loss, load)), grads = loss_and_grad(model, ids[:, :-1], ids[:, 1:])
+        acc_new = {"grads": grads, "load": load, "loss": lm_loss}
+        if acc is not None:
+            acc_new = tree_map(mx.add, acc, acc_new)
+        if not update:
+            return acc_new
+        grads = tree_map(lambda g: g / cfg.grad_accum, acc_new["grads"])  # mean over micro-batches
+        grads = nn.average_gradients(grads, group=world)  # ... and over ranks
+        grads, grad_norm = clip_grad_norm(grads, cfg.max_grad_norm)
+        optimizer.update(model, grads)
+        load = all_sum(acc_new["load"])  # (layers, experts) of the whole global batch
+        model.update_expert_bias(load)  # aux-loss-free balancing, outside the gradient
+        loss = all_sum(acc_new["loss"]) / (cfg.grad_accum * world.size())
+        return {"loss": loss, "grad_norm": grad_norm, "load": load}
+
+    if not compiled:
+        return step
+    state = [model.state, optimizer.state, mx.random.state]
+    return mx.compile(step, inputs=state, outputs=state)
+
+
+# Evaluation and samples -------------------------------------------------------------------------
+def evaluate_loss(model: CustomLLM, batches: list[np.ndarray], world) -> float:
+    """Token-weighted mean next-token loss over the fixed eval batches (all ranks together)."""
+    model.eval()
+    loss_sum, tokens = 0.0, 0
+    for batch in batches:
+        ids = mx.array(batch)
+        targets = ids[:, 1:]
+        loss_sum += next_token_loss(model(ids[:, :-1]), targets).item() * targets.size
+        tokens += targets.size
+    model.train()
+    if world.size() > 1:
+        total = mx.distributed.all_sum(mx.array([loss_sum, tokens]), group=world, stream=mx.cpu)
+        loss_sum, tokens = total.tolist()
+    return loss_sum / max(tokens, 1)
+
+
+def sample_text(model: CustomLLM, tokenizer, prompt: str, max_tokens: int) -> str:
+    """Greedy continuation of `prompt` (draws no random numbers, so training RNG is untouched)."""
+    model.eval()
+    try:
+        return generate(model, tokenizer, prompt, max_tokens=max_tokens)
+    finally:
+        model.train()
+
+
+# Checkpoints ------------------------------------------------------------------------------------
+def rng_key() -> list[int]:
+    return mx.random.state[0].tolist()
+
+
+def set_rng_key(key: list[int]) -> None:
+    """Restore `mx.random.state` to `key`: `mx.random.seed(s)` sets the key (s >> 32, s & 2**32-1)."""
+    mx.random.seed((int(key[0]) << 32) | int(key[1]))
+
+
+def all_gather_json(obj: Any, world) -> list[Any]:
+    """Every rank's `obj` (JSON-serializable), in rank order."""
+    if world.size() == 1:
+        return [obj]
+    data = np.frombuffer(json.dumps(obj).encode(), dtype=np.uint8)
+    size = mx.distributed.all_max(mx.array([data.size]), group=world, stream=mx.cpu).item()
+    padded = np.pad(data, (0, size - data.size), constant_values=ord(" "))  # JSON ignores spaces
+    rows = mx.distributed.all_gather(mx.array(padded)[None], group=world, stream=mx.cpu)
+    return [json.loads(bytes(np.array(row))) for row in rows]
+
+
+def save_checkpoint(
+    out: Path, step: int, model: CustomLLM, optimizer, tokenizer, training_state: dict[str, Any]
+) -> Path:
+    """`out/checkpoint-STEP/`, written under a temporary name and renamed when complete."""
+    with atomic_folder(checkpoint_dir(out, step)) as tmp:
+        # The canonical model folder first: io.save replaces the (empty) tmp atomically.
+        save(model, tmp, tokenizer=tokenizer)
+        mx.save_safetensors(str(tmp / OPTIMIZER_NAME), dict(tree_flatten(optimizer.state)))
+        write_training_state(tmp, training_state)
+    return checkpoint_dir(out, step)
+
+
+def load_optimizer_state(optimizer, folder: Path) -> None:
+    """Put the saved AdamW state (moments, step) in place of the freshly initialised one."""
+    path = folder / OPTIMIZER_NAME
+    try:
+        saved = mx.load(str(path))
+    except Exception as err:
+        raise CheckpointError(
+            f"checkpoint {folder} is corrupt: {OPTIMIZER_NAME} cannot be read ({err})"
+        ) from err
+    current = dict(tree_flatten(optimizer.state))
+    wrong = sorted(set(saved) ^ set(current)) or [
+        k for k in current if saved[k].shape != current[k].shape
+    ]
+    if wrong:
+        raise CheckpointError(
+            f"checkpoint {folder}: {OPTIMIZER_NAME} does not fit this model "
+            f"(first mismatched entry {wrong[0]!r})"
+        )
+    optimizer.state = tree_unflatten(list(saved.items()))
+
+
+def check_resume(state: dict[str, Any], folder: Path, cfg: TrainConfig, world_size: int) -> None:
+    """Raise TrainingError when this run's options would not continue the checkpoint's run."""
+    if state.get("world_size", 1) != world_size:
+        raise TrainingError(
+            f"{folder} was written by {state.get('world_size')} data-parallel ranks; "
+            f"this run has {world_size}: resume with the same number"
+        )
+    for key in ("data_state", "rng_state", "train_config"):
+        if key not in state:
+            raise CheckpointError(
+                f"checkpoint {folder} is incomplete: training_state.json has no {key!r}"
+            )
+    changed = [
+        line
+        for line in config_differences(state["train_config"], cfg)
+        if line.split()[0][2:].replace("-", "_") not in CHANGEABLE_ON_RESUME
+    ]
+    if changed:
+        raise TrainingError(
+            f"--resume {folder}: options differ from the checkpoint's run ({'; '.join(changed)}). "
+            f"Resume with the same options, or start from its weights with --init {folder}"
+        )
+
+
+# Setting up a run -------------------------------------------------------------------------------
+def build_model(cfg: TrainConfig, resume: Path | None, tokenizer) -> CustomLLM:
+    """A new model (preset or --config), the --init weights, or the resumed checkpoint's."""
+    if resume or cfg.init:
+        model, _ = load(resume or cfg.init, dtype=cfg.dtype)
+        return model.train()
+    config = (
+        ModelConfig.from_json(cfg.config) if cfg.config else ModelConfig.from_preset(cfg.preset)
+    )
+    ids = {"eos_token_id": eos_token_id(tokenizer)}
+    if getattr(tokenizer, "bos_token_id", None) is not None:
+        ids["bos_token_id"] = tokenizer.bos_token_id
+    model = CustomLLM(dataclasses.replace(config, **ids))
+    if cfg.dtype == "bfloat16":
+        model.set_dtype(mx.bfloat16)
+        for layer in model.layers:  # small bias steps would vanish in bfloat16
+            layer.mlp.expert_bias = layer.mlp.expert_bias.astype(mx.float32)
+    mx.eval(model.parameters())
+    return model.train()
+
+
+def tokenizer_source(cfg: TrainConfig, resume: Path | None) -> str:
+    if cfg.tokenizer:
+        return cfg.tokenizer
+    for folder in (resume, Path(cfg.init) if cfg.init else None):
+        if folder is not None and (folder / "tokenizer.json").is_file():
+            return str(folder)
+    return DEFAULT_TOKENIZER
+
+
+def run_training(cfg: TrainConfig, stream=None) -> Path | None:
+    """Train (or resume) per `cfg`; returns the last checkpoint folder."""
+    world = mx.distributed.init()
+    rank, world_size = world.rank(), world.size()
+    out = Path(cfg.out)
+    resume = resolve_resume(cfg.resume, out, required=(OPTIMIZER_NAME,), framework="mlx")
+    state = read_training_state(resume) if resume else None
+    if state:
+        check_resume(state, resume, cfg, world_size)
+    if cfg.dtype == "bfloat16" and mx.default_device() == mx.cpu:
+        raise TrainingError(
+            "--dtype bfloat16 needs MLX's GPU backend: on the CPU, mx.gather_mm (the routed "
+            "experts) supports float32 only; train in float32 here"
+        )
+    with StopSignal() as stop:
+        tokenizer = load_tokenizer(tokenizer_source(cfg, resume))
+        mx.random.seed(cfg.seed)  # the same initial weights on every rank
+        model = build_model(cfg, resume, tokenizer)
+        if len(tokenizer) > model.model_config.vocab_size:
+            raise TrainingError(
+                f"the tokenizer has {len(tokenizer)} tokens, more than the "
+                f"model's vocab_size {model.model_config.vocab_size}"
+            )
+        if cfg.seq_len > model.model_config.max_position_embeddings:
+            raise TrainingError(
+                f"--seq-len {cfg.seq_len} exceeds the model's context of "
+                f"{model.model_config.max_position_embeddings} tokens"
+            )
+        if rank:  # its own dropout masks: key (rank, seed), which no plain seed gives
+            mx.random.seed((rank << 32) | cfg.seed)
+        train_stream = StreamDataset(
+            cfg.train_data(),
+            tokenizer,
+            cfg.seq_len,
+            text_column=cfg.text_column,
+            shuffle_buffer=cfg.shuffle_buffer,
+            seed=cfg.seed,
+            split="train",
+            rank=rank,
+            world_size=world_size,
+            loop=True,
+        )
+        eval_set = []
+        if cfg.eval_every:
+            eval_set = eval_batches(
+                cfg.eval_data,
+                None if cfg.eval_data else cfg.train_data(),
+                tokenizer,
+                cfg.seq_len,
+                cfg.batch_size,
+                max_batches=cfg.eval_steps,
+                text_column=cfg.text_column,
+                rank=rank,
+                world_size=world_size,
+            )
+        optimizer = make_optimizer(cfg, model)
+        step, tokens_seen = 0, 0
+        if state:
+            load_optimizer_state(optimizer, resume)
+            optimizer.init(model.trainable_parameters())  # settle the state tree before compiling
+            train_stream.load_state_dict(state["data_state"][rank])
+            set_rng_key(state["rng_state"][rank])
+            step, tokens_seen = state["step"], state.get("tokens_seen", 0)
+        train_step = make_train_step(model, optimizer, cfg, world)
+        metrics = MetricsLogger(
+            out,
+            total_steps=cfg.steps,
+            log_every=cfg.log_every,
+            stream=stream,
+            resume_step=step if state else None,
+            enabled=rank == 0,
+        )
+        _announce(metrics, cfg, model, world_size, resume, state)
+
+        last_loss = last_eval_loss = None
+        tokens_per_step = cfg.tokens_per_step(world_size)
+        try:
+            while step < cfg.steps:
+                tic = time.perf_counter()
+                optimizer.learning_rate = lr = lr_at(step, cfg)
+                acc = None
+                for micro in range(cfg.grad_accum):
+                    ids = mx.array(train_stream.next_batch(cfg.batch_size))
+                    acc = train_step(ids, acc, micro == cfg.grad_accum - 1)
+                    mx.eval(acc, model.state, optimizer.state)
+                step += 1
+                tokens_seen += tokens_per_step
+                last_loss = acc["loss"].item()
+                check_finite(last_loss, step, out)
+                seconds = time.perf_counter() - tic
+                metrics.log_train(
+                    step,
+                    last_loss,
+                    acc["grad_norm"].item(),
+                    lr,
+                    tokens_per_step / max(seconds, 1e-9),
+                    mx.get_peak_memory() / 1e9,
+                    acc["load"].tolist(),
+                )
+
+                final = step >= cfg.steps
+                evaluated = False
+                if eval_set and cfg.eval_every and (step % cfg.eval_every == 0 or final):
+                    last_eval_loss = evaluate_loss(model, eval_set, world)
+                    metrics.log_eval(step, last_eval_loss)
+                    evaluated = True
+                every = cfg.sample_every
+                if (
+                    rank == 0
+                    and cfg.prompt
+                    and every != 0
+                    and (final or (evaluated if every is None else step % every == 0))
+                ):
+                    text = sample_text(model, tokenizer, cfg.prompt, cfg.max_sample_tokens)
+                    metrics.print(f"sample step {step} | {cfg.prompt + text!r}"[:2000])
+                if stop.requested:
+                    metrics.print(f"{stop.name}: saving checkpoint-{step} and stopping")
+                if final or stop.requested or (cfg.save_every and step % cfg.save_every == 0):
+                    ranks = all_gather_json(
+                        {"data_state": train_stream.state_dict(), "rng_state": rng_key()}, world
+                    )
+                    if rank == 0:
+                        save_checkpoint(
+                            out,
+                            step,
+                            model,
+                            optimizer,
+                            tokenizer,
+                            {
+                                "step": step,
+                                "framework": "mlx",
+                                "tokens_seen": tokens_seen,
+                                "world_size": world_size,
+                                "data_state": [r["data_state"] for r in ranks],
+                                "rng_state": [r["rng_state"] for r in ranks],
+                                "train_config": cfg.to_dict(),
+                                "loss": last_loss,
+                                "eval_loss": last_eval_loss,
+                                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                            },
+                        )
+                        rotate_checkpoints(out, cfg.keep_last)
+                if stop.requested:
+                    break
+        finally:
+            metrics.close()
+        last = latest_checkpoint(out)
+        if stop.requested:
+            metrics.print(f"stopped at step {step} by {stop.name}; resume with --resume {last}")
+        else:
+            metrics.print(f"done: {step} steps; model folder {last}")
+    if cfg.plot and rank == 0:
+        metrics.print(f"plot: {plot_metrics(out / METRICS_NAME, out / 'metrics.png')}")
+    return last
+
+
+def _announce(metrics, cfg, model, world_size, resume, state) -> None:
+    where = f"resuming from {resume} (step {state['step']})" if resume else "new run"
+    metrics.print(
+        f"{where}: {model.model_config.num_parameters() / 1e6:.2f}M parameters on "
+        f"{mx.default_device()} ({cfg.dtype}), {world_size} rank(s), "
+        f"{cfg.tokens_per_step(world_size):,} tokens/step, data {cfg.train_data()}, out {cfg.out}"
+    )
+    if state:
+        for line in config_differences(state["train_config"], cfg):
+            metrics.print(f"warning: option changed since the checkpoint: {line}")
+
+
+@click.command("train")
+@train_options
+def train_command(**options) -> None:
+    """Train or resume a model with a compiled MLX step (checkpoints in OUT/checkpoint-N)."""
+    try:
+        run_training(TrainConfig.from_dict(options))
+    except (TrainingError, ValueError, FileNotFoundError, ConnectionError, OSError) as err:
+        raise click.ClickException(str(err)) from err
+
+
+if __name__ == "__main__":  # python -m customllm_mlx.train
+    sys.exit(train_command())

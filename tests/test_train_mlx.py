@@ -1,0 +1,473 @@
+"""`customllm-mlx train`: learning, exact resume, signals, balancing, accumulation, checkpoints.
+
+Tiny preset (cosmo2's 49,152-token vocabulary), seq_len 32, batch 4, a few steps each; the
+runs call `run_training` in-process except where a real process is needed (SIGTERM).
+"""
+
+# ruff: noqa: E402  (customllm_mlx must be imported before mlx.core: it preloads OpenBLAS)
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+customllm_mlx = pytest.importorskip("customllm_mlx")
+
+import mlx.core as mx
+import numpy as np
+from click.testing import CliRunner
+from mlx.utils import tree_flatten
+
+from customllm.config import ModelConfig
+from customllm.tokenizer import load_tokenizer
+from customllm.training import (
+    EVAL_RECORD_KEYS,
+    TRAIN_RECORD_KEYS,
+    CheckpointError,
+    NonFiniteLossError,
+    TrainConfig,
+    TrainingError,
+    lr_at,
+    read_metrics,
+    resolve_resume,
+)
+from customllm_mlx import train as train_mod
+from customllm_mlx.cli import main as cli
+from customllm_mlx.io import load
+from customllm_mlx.model import CustomLLM
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+TRAIN_TXT = SHARED / "data" / "tinystories" / "train.txt"
+COSMO2 = SHARED / "tokenizers" / "cosmo2"
+
+pytestmark = pytest.mark.skipif(
+    not (TRAIN_TXT.is_file() and (COSMO2 / "tokenizer.json").is_file()),
+    reason=f"shared data or tokenizer missing under {SHARED}",
+)
+
+
+def options(out: Path, **overrides) -> dict:
+    """The tiny run every test starts from: 32 tokens x 4 sequences per micro-batch."""
+    values = dict(
+        preset="tiny",
+        data=str(TRAIN_TXT),
+        tokenizer=str(COSMO2),
+        seq_len=32,
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=2,
+        steps=4,
+        eval_every=0,
+        save_every=0,
+        keep_last=0,
+        sample_every=0,
+        out=str(out),
+    )
+    values.update(overrides)
+    return values
+
+
+def train(out: Path, **overrides) -> Path | None:
+    return train_mod.run_training(TrainConfig(**options(out, **overrides)))
+
+
+def config_file(path: Path, **fields) -> str:
+    ModelConfig.from_preset("tiny", **fields).to_json(path)
+    return str(path)
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
+
+
+def weights(checkpoint: Path) -> dict[str, np.ndarray]:
+    return {k: np.array(v) for k, v in mx.load(str(checkpoint / "model.safetensors")).items()}
+
+
+def assert_same_weights(a: Path, b: Path, atol: float = 0.0) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        if atol == 0:
+            assert np.array_equal(wa[key], wb[key]), key
+        else:
+            np.testing.assert_allclose(wa[key], wb[key], atol=atol, rtol=0, err_msg=key)
+
+
+# Learning ---------------------------------------------------------------------------------------
+def mean_drop(out: Path, window: int) -> float:
+    values = [v for _, v in sorted(losses(out).items())]
+    return float(np.mean(values[:window]) - np.mean(values[-window:]))
+
+
+def test_loss_falls_by_one_nat(tmp_path):
+    """60 steps of 4 x 32 tokens: the mean loss of the last 20 steps is 1 nat below that of
+    the first 20 (it starts near ln(49152) = 10.8)."""
+    out = tmp_path / "run"
+    train(out, steps=60, warmup_steps=5, lr=1e-2)
+    assert mean_drop(out, 20) >= 1.0
+
+
+@pytest.mark.slow
+def test_loss_falls_on_heldout_text(tmp_path):
+    """200 steps of 8 x 64 tokens: train loss down 2 nats (windows of 20), eval loss down too."""
+    out = tmp_path / "run"
+    train(out, steps=200, warmup_steps=10, lr=1e-2, batch_size=8, seq_len=64, eval_every=100)
+    assert mean_drop(out, 20) >= 2.0
+    evals = [r["eval_loss"] for r in read_metrics(out / "metrics.jsonl") if "eval_loss" in r]
+    assert len(evals) == 2 and evals[-1] < evals[0] < 8.0
+
+
+# Exact resume -----------------------------------------------------------------------------------
+def test_resume_is_exact(tmp_path):
+    """2N steps saving at N, against --resume checkpoint-N into another --out: the same losses
+    for steps N+1..2N and identical final weights (dropout on, so the RNG state matters)."""
+    config = config_file(
+        tmp_path / "dropout.json", embd_dropout=0.1, attn_dropout=0.1, mlp_dropout=0.1
+    )
+    n = 3
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(a, config=config, steps=2 * n, save_every=n, grad_accum=2)
+    train(
+        b, config=config, steps=2 * n, save_every=n, grad_accum=2, resume=str(a / f"checkpoint-{n}")
+    )
+    la, lb = losses(a), losses(b)
+    assert sorted(lb) == list(range(n + 1, 2 * n + 1))
+    for step in lb:
+        assert abs(la[step] - lb[step]) <= 1e-6, (step, la[step], lb[step])
+    assert_same_weights(a / f"checkpoint-{2 * n}", b / f"checkpoint-{2 * n}")
+    state_a = json.loads((a / f"checkpoint-{2 * n}" / "training_state.json").read_text())
+    state_b = json.loads((b / f"checkpoint-{2 * n}" / "training_state.json").read_text())
+    assert state_a["data_state"] == state_b["data_state"]
+    assert state_a["rng_state"] == state_b["rng_state"]
+
+
+def test_sigterm_saves_then_resume_matches(tmp_path):
+    """SIGTERM mid-run: checkpoint at the end of that step, exit 0; --resume reaches the same
+    final weights as an uninterrupted run."""
+    steps = 12
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train(whole, steps=steps)
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in options(cut, steps=steps).items()]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "customllm_mlx.train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines = []
+    while not (lines and lines[-1].startswith("step 1/")):  # the first step is done
+        lines.append(proc.stdout.readline())
+        assert lines[-1], "".join(lines)  # EOF: the run died before its first step
+    proc.send_signal(signal.SIGTERM)
+    output = "".join(lines) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output
+    assert "SIGTERM" in output and "resume with --resume" in output
+    saved = [p.name for p in cut.glob("checkpoint-*")]
+    assert len(saved) == 1, output
+    stopped_at = int(saved[0].split("-")[1])
+    assert 1 <= stopped_at < steps, output
+    assert max(losses(cut)) == stopped_at
+    train(cut, steps=steps, resume="latest")
+    assert_same_weights(whole / f"checkpoint-{steps}", cut / f"checkpoint-{steps}")
+    assert losses(cut) == pytest.approx(losses(whole), abs=1e-6)
+
+
+# Expert balancing -------------------------------------------------------------------------------
+def test_bias_update_evens_expert_loads(tmp_path):
+    """Same data, same init: the aux-loss-free bias leaves the expert loads more even than
+    bias_update_rate 0 (expert_imbalance = max/mean load of the worst layer, last 15 steps).
+    A low lr: a tiny model's hidden states soon look alike and then all tokens move together."""
+    imbalance = {}
+    for rate in (0.0, 3e-3):
+        out = tmp_path / f"rate{rate}"
+        config = config_file(tmp_path / f"rate{rate}.json", bias_update_rate=rate)
+        train(out, config=config, steps=30, lr=3e-4)
+        records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+        imbalance[rate] = float(np.mean([r["expert_imbalance"] for r in records[-15:]]))
+    assert imbalance[3e-3] < imbalance[0.0] - 0.25, imbalance
+    # The final biases moved under balancing and stayed 0 without it.
+    model, _ = load(tmp_path / "rate0.0" / "checkpoint-30")
+    assert all(np.all(np.array(layer.mlp.expert_bias) == 0) for layer in model.layers)
+    model, _ = load(tmp_path / "rate0.003" / "checkpoint-30")
+    assert any(np.any(np.array(layer.mlp.expert_bias) != 0) for layer in model.layers)
+
+
+# Gradient accumulation and the compiled step ----------------------------------------------------
+def test_grad_accumulation_equals_one_big_batch(tmp_path):
+    """2 micro-batches of 4 equal one batch of 8 (the same 8 blocks): losses, grad norms and
+    weights after 3 steps agree; the expert bias (from loads summed over micro-batches) exactly."""
+    big, accum = tmp_path / "big", tmp_path / "accum"
+    train(big, steps=3, batch_size=8, grad_accum=1)
+    train(accum, steps=3, batch_size=4, grad_accum=2)
+    rb = [r for r in read_metrics(big / "metrics.jsonl")]
+    ra = [r for r in read_metrics(accum / "metrics.jsonl")]
+    for x, y in zip(rb, ra, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+        assert x["expert_imbalance"] == y["expert_imbalance"]
+    wb, wa = weights(big / "checkpoint-3"), weights(accum / "checkpoint-3")
+    for key in wb:
+        if key.endswith("expert_bias"):
+            assert np.array_equal(wb[key], wa[key]), key
+        else:
+            np.testing.assert_allclose(wb[key], wa[key], atol=2e-5, rtol=0, err_msg=key)
+
+
+def test_compiled_step_equals_eager_step():
+    """One optimizer step (2 micro-batches) through mx.compile and eagerly: same results."""
+    cfg = TrainConfig(**options(Path("unused"), grad_accum=2, max_grad_norm=0.01))
+    world = mx.distributed.init()
+    ids = mx.array(np.random.default_rng(0).integers(0, 49152, (2, 4, 33)), dtype=mx.int32)
+    results = []
+    for compiled in (True, False):
+        mx.random.seed(0)
+        model = CustomLLM(ModelConfig.from_preset("tiny"))
+        mx.eval(model.parameters())
+        optimizer = train_mod.make_optimizer(cfg, model)
+        optimizer.learning_rate = lr_at(0, cfg)
+        step = train_mod.make_train_step(model, optimizer, cfg, world, compiled=compiled)
+        acc = step(ids[0], None, False)
+        acc = step(ids[1], acc, True)
+        mx.eval(acc, model.state)
+        results.append((acc, dict(tree_flatten(model.parameters()))))
+    (acc_c, w_c), (acc_e, w_e) = results
+    assert acc_c["loss"].item() == pytest.approx(acc_e["loss"].item(), abs=1e-6)
+    assert acc_c["grad_norm"].item() == pytest.approx(acc_e["grad_norm"].item(), rel=1e-5)
+    assert acc_c["grad_norm"].item() > 0.01  # the reported norm is the one before clipping
+    assert np.array_equal(np.array(acc_c["load"]), np.array(acc_e["load"]))
+    assert acc_c["load"].sum().item() == 2 * 4 * 32 * 2 * 2  # micro x B x T x top-k x layers
+    for key in w_e:
+        np.testing.assert_allclose(np.array(w_c[key]), np.array(w_e[key]), atol=1e-6, err_msg=key)
+    assert any(np.any(np.array(w_e[k]) != 0) for k in w_e if k.endswith("expert_bias"))
+
+
+# Checkpoints ------------------------------------------------------------------------------------
+def test_killed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    """A save interrupted half-way (weights written, state not) leaves no checkpoint-4 and a
+    loadable checkpoint-2; the temp folder a SIGKILL leaves behind is never picked up."""
+    out = tmp_path / "run"
+    train(out, steps=2)
+
+    def killed(folder, state):
+        raise KeyboardInterrupt  # what a kill between two files of the save looks like
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_mod, "write_training_state", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train(out, steps=4, save_every=2, resume="latest")
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "metrics.jsonl"]
+    model, tokenizer = load(out / "checkpoint-2")
+    assert tokenizer is not None and model.model_config.hidden_size == 64
+    # SIGKILL gives no chance to clean up: a half-written temp folder stays beside it.
+    stale = out / ".checkpoint-4.tmp-killed"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 10)
+    assert resolve_resume("latest", out, framework="mlx") == out / "checkpoint-2"
+    train(out, steps=4, save_every=2, resume="latest")
+    assert not stale.exists()  # removed by the rotation after the next save
+    assert sorted(losses(out)) == [1, 2, 3, 4]
+
+
+def test_corrupt_or_mismatched_checkpoint_gives_clear_error(tmp_path):
+    out = tmp_path / "run"
+    train(out, steps=2)
+    ckpt = out / "checkpoint-2"
+    args = ["train", *[f"--{k.replace('_', '-')}={v}" for k, v in options(out, steps=4).items()]]
+    runner = CliRunner()
+
+    result = runner.invoke(cli, [*args, "--lr=0.01", f"--resume={ckpt}"])
+    assert result.exit_code == 1
+    assert "options differ" in result.output and "--lr 0.003 -> 0.01" in result.output
+
+    optimizer_file = ckpt / "optimizer.safetensors"
+    optimizer_bytes = optimizer_file.read_bytes()
+    optimizer_file.write_bytes(optimizer_bytes[:100])
+    result = runner.invoke(cli, [*args, f"--resume={ckpt}"])
+    assert result.exit_code == 1 and "optimizer.safetensors" in result.output, result.output
+    optimizer_file.write_bytes(optimizer_bytes)
+
+    weights_file = ckpt / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:-1000])
+    result = runner.invoke(cli, [*args, f"--resume={ckpt}"])
+    assert result.exit_code == 1
+    assert "corrupt" in result.output and "model.safetensors" in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_nan_loss_stops_naming_the_step(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train(out, steps=2)
+    monkeypatch.setattr(train_mod, "next_token_loss", lambda logits, targets: logits.sum() * mx.nan)
+    with pytest.raises(NonFiniteLossError, match="step 3") as err:
+        train(out, steps=4, save_every=1, resume="latest")
+    assert "checkpoint-2" in str(err.value)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+def test_resume_rejects_other_world_size_and_missing_state(tmp_path):
+    out = tmp_path / "run"
+    train(out, steps=1)
+    state_file = out / "checkpoint-1" / "training_state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "world_size": 2}))
+    with pytest.raises(TrainingError, match="2 data-parallel ranks"):
+        train(out, steps=2, resume="latest")
+    state_file.write_text(json.dumps({k: v for k, v in state.items() if k != "data_state"}))
+    with pytest.raises(CheckpointError, match="data_state"):
+        train(out, steps=2, resume="latest")
+
+
+# Metrics, evaluation, samples, dtype ------------------------------------------------------------
+def test_metrics_have_exactly_the_keys(tmp_path):
+    out = tmp_path / "run"
+    args = options(
+        out,
+        steps=4,
+        eval_every=2,
+        eval_steps=2,
+        sample_every=None,
+        max_sample_tokens=4,
+        keep_last=1,
+        save_every=2,
+    )
+    args.pop("sample_every")
+    result = CliRunner().invoke(
+        cli, ["train", *[f"--{k.replace('_', '-')}={v}" for k, v in args.items()]]
+    )
+    assert result.exit_code == 0, result.output
+    records = read_metrics(out / "metrics.jsonl")
+    train_records = [r for r in records if "loss" in r]
+    eval_records = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in train_records] == [1, 2, 3, 4]
+    assert [r["step"] for r in eval_records] == [2, 4]
+    cfg = TrainConfig(**options(out, steps=4))
+    for r in train_records:
+        assert tuple(r) == TRAIN_RECORD_KEYS
+        assert math.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["tokens_per_sec"] > 0
+        assert r["learning_rate"] == pytest.approx(lr_at(r["step"] - 1, cfg))
+        assert r["peak_memory_gb"] > 0 and r["expert_imbalance"] >= 1.0
+    for r in eval_records:
+        assert tuple(r) == EVAL_RECORD_KEYS
+        assert r["eval_ppl"] == pytest.approx(math.exp(r["eval_loss"]))
+        assert 5.0 < r["eval_loss"] < 11.5
+    assert result.output.count("sample step") == 2  # with each evaluation
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-4"]  # --keep-last 1
+    state = json.loads((out / "checkpoint-4" / "training_state.json").read_text())
+    assert state["step"] == 4 and state["framework"] == "mlx" and state["world_size"] == 1
+    assert state["tokens_seen"] == 4 * 4 * 32
+
+
+def test_bfloat16_model_keeps_bias_float32(tmp_path):
+    cfg = TrainConfig(**options(tmp_path / "run", steps=3, dtype="bfloat16"))
+    model = train_mod.build_model(cfg, None, load_tokenizer(COSMO2))
+    assert model.lm_head.weight.dtype == mx.bfloat16 and model.training
+    assert all(layer.mlp.expert_bias.dtype == mx.float32 for layer in model.layers)
+    if mx.default_device() == mx.cpu:  # mx.gather_mm is float32-only on the CPU
+        with pytest.raises(TrainingError, match="bfloat16 needs"):
+            train_mod.run_training(cfg)
+        return
+    last = train_mod.run_training(cfg)
+    assert all(math.isfinite(v) for v in losses(tmp_path / "run").values())
+    model, _ = load(last)
+    assert model.lm_head.weight.dtype == mx.bfloat16
+    assert all(layer.mlp.expert_bias.dtype == mx.float32 for layer in model.layers)
+
+
+def test_model_is_in_train_mode_for_steps_and_eval_mode_for_eval(tmp_path, monkeypatch):
+    seen = {}
+    real_evaluate, real_sample = train_mod.evaluate_loss, train_mod.sample_text
+
+    def evaluate(model, batches, world):
+        loss = real_evaluate(model, batches, world)
+        seen["after_eval"] = model.training
+        return loss
+
+    def sample(model, tokenizer, prompt, max_tokens):
+        seen["before_sample"] = model.training
+        return real_sample(model, tokenizer, prompt, max_tokens)
+
+    monkeypatch.setattr(train_mod, "evaluate_loss", evaluate)
+    monkeypatch.setattr(train_mod, "sample_text", sample)
+    monkeypatch.setattr(train_mod, "generate", lambda model, *a, **k: str(model.training))
+    out = tmp_path / "run"
+    train(out, steps=1, eval_every=1, eval_steps=1, sample_every=1)
+    assert seen == {"after_eval": True, "before_sample": True}
+    assert os.path.isdir(out / "checkpoint-1")
+
+
+def test_eval_reads_the_heldout_split_or_eval_data(tmp_path, monkeypatch):
+    """Without --eval-data the eval set is the held-out split of --data, never training text."""
+    calls = []
+    real = train_mod.eval_batches
+
+    def record(eval_source, train_source, *args, **kwargs):
+        calls.append((eval_source, train_source))
+        return real(eval_source, train_source, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "eval_batches", record)
+    train(tmp_path / "a", steps=1, eval_every=1, eval_steps=1)
+    heldout_txt = TRAIN_TXT.with_name("heldout.txt")
+    train(tmp_path / "b", steps=1, eval_every=1, eval_steps=1, eval_data=str(heldout_txt))
+    assert calls == [(None, str(TRAIN_TXT)), (str(heldout_txt), None)]
+    with pytest.raises(TrainingError, match="is the training data"):
+        train(tmp_path / "c", steps=1, eval_every=1, eval_data=str(TRAIN_TXT))
+
+
+# Data parallel ----------------------------------------------------------------------------------
+MLX_LAUNCH = Path(sys.executable).with_name("mlx.launch")
+
+
+def launch_two_ranks(out: Path, **overrides) -> str:
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in options(out, **overrides).items()]
+    result = subprocess.run(
+        [
+            str(MLX_LAUNCH),
+            "--backend",
+            "ring",
+            "-n",
+            "2",
+            sys.executable,
+            "-m",
+            "customllm_mlx.train",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not MLX_LAUNCH.is_file(), reason="mlx.launch not installed")
+def test_two_ranks_match_one_process_and_resume_exactly(tmp_path):
+    """2 ranks x 2 sequences (mlx.launch, ring backend on this host) train on the same 4 blocks
+    per step as 1 process x 4: same losses, close weights; a 2-rank resume is exact."""
+    run = dict(batch_size=2, steps=4, save_every=2, eval_every=2, eval_steps=2)
+    output = launch_two_ranks(tmp_path / "dist", **run)
+    assert "2 rank(s)" in output
+    train(tmp_path / "single", **{**run, "batch_size": 4})
+    dist, single = (
+        read_metrics(tmp_path / "dist" / "metrics.jsonl"),
+        read_metrics(tmp_path / "single" / "metrics.jsonl"),
+    )
+    assert [sorted(r) for r in dist] == [sorted(r) for r in single]
+    for a, b in zip(dist, single, strict=True):
+        key = "loss" if "loss" in a else "eval_loss"
+        assert a[key] == pytest.approx(b[key], abs=1e-5)
+    assert_same_weights(
+        tmp_path / "dist" / "checkpoint-4", tmp_path / "single" / "checkpoint-4", atol=1e-5
+    )
+    state = json.loads((tmp_path / "dist" / "checkpoint-4" / "training_state.json").read_text())
+    assert state["world_size"] == 2 and len(state["data_state"]) == len(state["rng_state"]) == 2
+    launch_two_ranks(tmp_path / "dist2", **run, resume=str(tmp_path / "dist" / "checkpoint-2"))
+    assert_same_weights(tmp_path / "dist" / "checkpoint-4", tmp_path / "dist2" / "checkpoint-4")
