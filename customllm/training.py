@@ -689,3 +689,64 @@ def config_differences(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
         for k in current
         if k not in ignore and k in saved and saved[k] != current[k]
     ]
+
+
+# Options a resumed run may change: they do not alter the numbers of the steps it continues.
+CHANGEABLE_ON_RESUME = (
+    "steps",
+    "eval_every",
+    "eval_steps",
+    "save_every",
+    "keep_last",
+    "log_every",
+    "sample_every",
+    "prompt",
+    "max_sample_tokens",
+    "plot",
+    "preset",
+    "config",
+    "init",
+    "tokenizer",
+    "resume",
+    "out",
+)
+
+
+def check_resume(
+    state: dict[str, Any],
+    folder: Path,
+    cfg: TrainConfig,
+    world_size: int,
+    required: Sequence[str] = ("data_state", "train_config"),
+) -> None:
+    """Raise TrainingError when this run's options would not continue the checkpoint's run."""
+    if state.get("world_size", 1) != world_size:
+        raise TrainingError(
+            f"{folder} was written by {state.get('world_size')} data-parallel ranks; "
+            f"this run has {world_size}: resume with the same number"
+        )
+    for key in required:
+        if key not in state:
+            raise CheckpointError(
+                f"checkpoint {folder} is incomplete: {TRAINING_STATE_NAME} has no {key!r}"
+            )
+    changed = [
+        line
+        for line in config_differences(state["train_config"], cfg)
+        if line.split()[0][2:].replace("-", "_") not in CHANGEABLE_ON_RESUME
+    ]
+    if changed:
+        raise TrainingError(
+            f"--resume {folder}: options differ from the checkpoint's run ({'; '.join(changed)}). "
+            f"Resume with the same options, or start from its weights with --init {folder}"
+        )
+
+
+def check_new_run(out: str | Path) -> None:
+    """A new run never writes over another run's checkpoints."""
+    found = list_checkpoints(out)
+    if found:
+        raise TrainingError(
+            f"{out} already holds a run ({found[-1][1].name}); continue it with --resume, "
+            "or choose another --out"
+        )

@@ -41,6 +41,8 @@ from customllm.training import (
     TrainConfig,
     TrainingError,
     check_finite,
+    check_new_run,
+    check_resume,
     checkpoint_dir,
     config_differences,
     decays,
@@ -59,18 +61,6 @@ from customllm_mlx.loss import cross_entropy
 from customllm_mlx.model import CustomLLM
 
 OPTIMIZER_NAME = "optimizer.safetensors"
-# Options a resumed run may change: they do not alter the numbers of the steps it continues.
-CHANGEABLE_ON_RESUME = (
-    "steps",
-    "eval_every",
-    "eval_steps",
-    "save_every",
-    "keep_last",
-    "preset",
-    "config",
-    "init",
-    "tokenizer",
-)
 
 
 def next_token_loss(logits: mx.array, targets: mx.array) -> mx.array:
@@ -234,30 +224,6 @@ def load_optimizer_state(optimizer, folder: Path) -> None:
     optimizer.state = tree_unflatten(list(saved.items()))
 
 
-def check_resume(state: dict[str, Any], folder: Path, cfg: TrainConfig, world_size: int) -> None:
-    """Raise TrainingError when this run's options would not continue the checkpoint's run."""
-    if state.get("world_size", 1) != world_size:
-        raise TrainingError(
-            f"{folder} was written by {state.get('world_size')} data-parallel ranks; "
-            f"this run has {world_size}: resume with the same number"
-        )
-    for key in ("data_state", "rng_state", "train_config"):
-        if key not in state:
-            raise CheckpointError(
-                f"checkpoint {folder} is incomplete: training_state.json has no {key!r}"
-            )
-    changed = [
-        line
-        for line in config_differences(state["train_config"], cfg)
-        if line.split()[0][2:].replace("-", "_") not in CHANGEABLE_ON_RESUME
-    ]
-    if changed:
-        raise TrainingError(
-            f"--resume {folder}: options differ from the checkpoint's run ({'; '.join(changed)}). "
-            f"Resume with the same options, or start from its weights with --init {folder}"
-        )
-
-
 # Setting up a run -------------------------------------------------------------------------------
 def build_model(cfg: TrainConfig, resume: Path | None, tokenizer) -> CustomLLM:
     """A new model (preset or --config), the --init weights, or the resumed checkpoint's."""
@@ -296,12 +262,9 @@ def run_training(cfg: TrainConfig, stream=None) -> Path | None:
     resume = resolve_resume(cfg.resume, out, required=(OPTIMIZER_NAME,), framework="mlx")
     state = read_training_state(resume) if resume else None
     if state:
-        check_resume(state, resume, cfg, world_size)
-    if cfg.dtype == "bfloat16" and mx.default_device() == mx.cpu:
-        raise TrainingError(
-            "--dtype bfloat16 needs MLX's GPU backend: on the CPU, mx.gather_mm (the routed "
-            "experts) supports float32 only; train in float32 here"
-        )
+        check_resume(state, resume, cfg, world_size, ("data_state", "rng_state", "train_config"))
+    else:
+        check_new_run(out)
     with StopSignal() as stop:
         tokenizer = load_tokenizer(tokenizer_source(cfg, resume))
         mx.random.seed(cfg.seed)  # the same initial weights on every rank

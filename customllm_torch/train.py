@@ -40,6 +40,8 @@ from customllm.training import (
     TrainConfig,
     TrainingError,
     check_finite,
+    check_new_run,
+    check_resume,
     checkpoint_dir,
     config_differences,
     decays,
@@ -420,11 +422,9 @@ def run_training(cfg: TrainConfig, device: str = "auto", stream=None) -> Path:
         args = training_arguments(cfg, device)
         if resume:
             state = read_training_state(resume)
-            if state.get("world_size", 1) != args.world_size:
-                raise TrainingError(
-                    f"{resume} was written by {state.get('world_size')} data-parallel ranks; "
-                    f"this run has {args.world_size}: resume with the same number"
-                )
+            check_resume(state, resume, cfg, args.world_size)
+        else:
+            check_new_run(out)
         tokenizer = load_tokenizer(tokenizer_source(cfg, resume))
         set_seed(cfg.seed)
         model = build_model(cfg, resume, tokenizer)

@@ -370,11 +370,7 @@ def test_bfloat16_model_keeps_bias_float32(tmp_path):
     model = train_mod.build_model(cfg, None, load_tokenizer(COSMO2))
     assert model.lm_head.weight.dtype == mx.bfloat16 and model.training
     assert all(layer.mlp.expert_bias.dtype == mx.float32 for layer in model.layers)
-    if mx.default_device() == mx.cpu:  # mx.gather_mm is float32-only on the CPU
-        with pytest.raises(TrainingError, match="bfloat16 needs"):
-            train_mod.run_training(cfg)
-        return
-    last = train_mod.run_training(cfg)
+    last = train_mod.run_training(cfg)  # on the CPU the experts' gather_mm runs in float32
     assert all(math.isfinite(v) for v in losses(tmp_path / "run").values())
     model, _ = load(last)
     assert model.lm_head.weight.dtype == mx.bfloat16

@@ -27,6 +27,8 @@ from customllm.training import (
     TrainConfig,
     TrainingError,
     check_finite,
+    check_new_run,
+    check_resume,
     checkpoint_dir,
     config_differences,
     decays,
@@ -334,3 +336,22 @@ def test_config_differences_lists_changed_options():
     assert config_differences(saved, TrainConfig(lr=1e-3, out="elsewhere")) == []
     assert config_differences(saved, TrainConfig(lr=2e-3, min_lr=1e-4)) == ["--lr 0.001 -> 0.002"]
     assert json.loads(json.dumps(saved)) == saved  # JSON-safe for training_state.json
+
+
+def test_a_new_run_never_writes_over_another_runs_checkpoints(tmp_path):
+    check_new_run(tmp_path / "missing")  # nothing there yet: fine
+    checkpoint_dir(tmp_path, 7).mkdir(parents=True)
+    with pytest.raises(TrainingError, match="checkpoint-7.*--resume"):
+        check_new_run(tmp_path)
+
+
+def test_resume_refuses_options_that_change_the_numbers(tmp_path):
+    saved = TrainConfig(lr=1e-3, steps=10).to_dict()
+    state = {"world_size": 1, "data_state": [{}], "train_config": saved}
+    check_resume(state, tmp_path, TrainConfig(lr=1e-3, steps=20), 1)  # more steps: allowed
+    with pytest.raises(TrainingError, match="lr"):
+        check_resume(state, tmp_path, TrainConfig(lr=1e-2, steps=10), 1)
+    with pytest.raises(TrainingError, match="2 data-parallel ranks"):
+        check_resume({**state, "world_size": 2}, tmp_path, TrainConfig(lr=1e-3, steps=10), 1)
+    with pytest.raises(CheckpointError, match="rng_state"):
+        check_resume(state, tmp_path, TrainConfig(lr=1e-3), 1, ("rng_state",))
