@@ -39,7 +39,7 @@ from typing import Any, TextIO
 import click
 
 from customllm.checkpoint import CONFIG_NAME, WEIGHTS_NAME
-from customllm.config import PRESETS
+from customllm.config import PRESETS, ModelConfig
 
 DTYPES = ("float32", "bfloat16")
 ADAMW_BETAS = (0.9, 0.95)
@@ -749,4 +749,46 @@ def check_new_run(out: str | Path) -> None:
         raise TrainingError(
             f"{out} already holds a run ({found[-1][1].name}); continue it with --resume, "
             "or choose another --out"
+        )
+
+
+def tokenizer_source(cfg: TrainConfig, resume: Path | None) -> str:
+    """--tokenizer, else the tokenizer saved in the --resume/--init folder, else the default."""
+    from customllm.tokenizer import DEFAULT_TOKENIZER
+
+    if cfg.tokenizer:
+        return cfg.tokenizer
+    for folder in (resume, Path(cfg.init) if cfg.init else None):
+        if folder is not None and (folder / "tokenizer.json").is_file():
+            return str(folder)
+    return DEFAULT_TOKENIZER
+
+
+def new_model_config(cfg: TrainConfig, tokenizer) -> ModelConfig:
+    """The config of a new model: --config, or the preset. The small presets take the vocabulary
+    of their tokenizer (973m keeps its 49,152); EOS/BOS ids come from the tokenizer."""
+    from customllm.tokenizer import eos_token_id
+
+    if cfg.config:
+        config = ModelConfig.from_json(cfg.config)
+    else:
+        vocab = {} if cfg.preset == "973m" else {"vocab_size": len(tokenizer)}
+        config = ModelConfig.from_preset(cfg.preset, **vocab)
+    ids = {"eos_token_id": eos_token_id(tokenizer)}
+    if getattr(tokenizer, "bos_token_id", None) is not None:
+        ids["bos_token_id"] = tokenizer.bos_token_id
+    return dataclasses.replace(config, **ids)
+
+
+def check_model_fits(config: ModelConfig, tokenizer, seq_len: int) -> None:
+    """The tokenizer's ids and the sequence length must fit the model."""
+    if len(tokenizer) > config.vocab_size:
+        raise TrainingError(
+            f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocab_size "
+            f"{config.vocab_size}"
+        )
+    if seq_len > config.max_position_embeddings:
+        raise TrainingError(
+            f"--seq-len {seq_len} exceeds the model's context of "
+            f"{config.max_position_embeddings} tokens"
         )

@@ -13,7 +13,6 @@ to resume, every host needs the checkpoint folder at the same path.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import time
@@ -28,9 +27,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from customllm.checkpoint import atomic_folder
-from customllm.config import ModelConfig
 from customllm.data import StreamDataset, eval_batches
-from customllm.tokenizer import DEFAULT_TOKENIZER, eos_token_id, load_tokenizer
+from customllm.tokenizer import load_tokenizer
 from customllm.training import (
     ADAMW_BETAS,
     ADAMW_EPS,
@@ -41,6 +39,7 @@ from customllm.training import (
     TrainConfig,
     TrainingError,
     check_finite,
+    check_model_fits,
     check_new_run,
     check_resume,
     checkpoint_dir,
@@ -48,10 +47,12 @@ from customllm.training import (
     decays,
     latest_checkpoint,
     lr_at,
+    new_model_config,
     plot_metrics,
     read_training_state,
     resolve_resume,
     rotate_checkpoints,
+    tokenizer_source,
     train_options,
     write_training_state,
 )
@@ -230,28 +231,13 @@ def build_model(cfg: TrainConfig, resume: Path | None, tokenizer) -> CustomLLM:
     if resume or cfg.init:
         model, _ = load(resume or cfg.init, dtype=cfg.dtype)
         return model.train()
-    config = (
-        ModelConfig.from_json(cfg.config) if cfg.config else ModelConfig.from_preset(cfg.preset)
-    )
-    ids = {"eos_token_id": eos_token_id(tokenizer)}
-    if getattr(tokenizer, "bos_token_id", None) is not None:
-        ids["bos_token_id"] = tokenizer.bos_token_id
-    model = CustomLLM(dataclasses.replace(config, **ids))
+    model = CustomLLM(new_model_config(cfg, tokenizer))
     if cfg.dtype == "bfloat16":
         model.set_dtype(mx.bfloat16)
         for layer in model.layers:  # small bias steps would vanish in bfloat16
             layer.mlp.expert_bias = layer.mlp.expert_bias.astype(mx.float32)
     mx.eval(model.parameters())
     return model.train()
-
-
-def tokenizer_source(cfg: TrainConfig, resume: Path | None) -> str:
-    if cfg.tokenizer:
-        return cfg.tokenizer
-    for folder in (resume, Path(cfg.init) if cfg.init else None):
-        if folder is not None and (folder / "tokenizer.json").is_file():
-            return str(folder)
-    return DEFAULT_TOKENIZER
 
 
 def run_training(cfg: TrainConfig, stream=None) -> Path | None:
@@ -269,16 +255,7 @@ def run_training(cfg: TrainConfig, stream=None) -> Path | None:
         tokenizer = load_tokenizer(tokenizer_source(cfg, resume))
         mx.random.seed(cfg.seed)  # the same initial weights on every rank
         model = build_model(cfg, resume, tokenizer)
-        if len(tokenizer) > model.model_config.vocab_size:
-            raise TrainingError(
-                f"the tokenizer has {len(tokenizer)} tokens, more than the "
-                f"model's vocab_size {model.model_config.vocab_size}"
-            )
-        if cfg.seq_len > model.model_config.max_position_embeddings:
-            raise TrainingError(
-                f"--seq-len {cfg.seq_len} exceeds the model's context of "
-                f"{model.model_config.max_position_embeddings} tokens"
-            )
+        check_model_fits(model.model_config, tokenizer, cfg.seq_len)
         if rank:  # its own dropout masks: key (rank, seed), which no plain seed gives
             mx.random.seed((rank << 32) | cfg.seed)
         train_stream = StreamDataset(

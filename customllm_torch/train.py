@@ -10,7 +10,6 @@ optimizer step, evaluation on held-out text, samples, metrics, signal handling a
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 import zipfile
@@ -29,7 +28,7 @@ from transformers import logging as hf_logging
 from customllm.checkpoint import atomic_folder
 from customllm.config import ModelConfig
 from customllm.data import StreamDataset, eval_batches
-from customllm.tokenizer import DEFAULT_TOKENIZER, eos_token_id, load_tokenizer
+from customllm.tokenizer import load_tokenizer
 from customllm.training import (
     ADAMW_BETAS,
     ADAMW_EPS,
@@ -40,6 +39,7 @@ from customllm.training import (
     TrainConfig,
     TrainingError,
     check_finite,
+    check_model_fits,
     check_new_run,
     check_resume,
     checkpoint_dir,
@@ -47,11 +47,13 @@ from customllm.training import (
     decays,
     latest_checkpoint,
     lr_at,
+    new_model_config,
     plot_metrics,
     read_training_state,
     require_matplotlib,
     resolve_resume,
     rotate_checkpoints,
+    tokenizer_source,
     train_options,
     write_training_state,
 )
@@ -382,27 +384,8 @@ def build_model(cfg: TrainConfig, resume: Path | None, tokenizer) -> CustomLLM:
     if cfg.init and not resume:
         model, _ = io.load(cfg.init)
         return model.train()
-    if resume:
-        config = ModelConfig.from_json(resume)
-    elif cfg.config:
-        config = ModelConfig.from_json(cfg.config)
-    else:
-        config = ModelConfig.from_preset(cfg.preset)
-    if not resume:
-        ids = {"eos_token_id": eos_token_id(tokenizer)}
-        if getattr(tokenizer, "bos_token_id", None) is not None:
-            ids["bos_token_id"] = tokenizer.bos_token_id
-        config = dataclasses.replace(config, **ids)
+    config = ModelConfig.from_json(resume) if resume else new_model_config(cfg, tokenizer)
     return CustomLLM(config).train()
-
-
-def tokenizer_source(cfg: TrainConfig, resume: Path | None) -> str:
-    if cfg.tokenizer:
-        return cfg.tokenizer
-    for folder in (resume, Path(cfg.init) if cfg.init else None):
-        if folder is not None and (folder / "tokenizer.json").is_file():
-            return str(folder)
-    return DEFAULT_TOKENIZER
 
 
 def run_training(cfg: TrainConfig, device: str = "auto", stream=None) -> Path:
@@ -428,11 +411,7 @@ def run_training(cfg: TrainConfig, device: str = "auto", stream=None) -> Path:
         tokenizer = load_tokenizer(tokenizer_source(cfg, resume))
         set_seed(cfg.seed)
         model = build_model(cfg, resume, tokenizer)
-        if len(tokenizer) > model.model_config.vocab_size:
-            raise TrainingError(
-                f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocab_size "
-                f"{model.model_config.vocab_size}"
-            )
+        check_model_fits(model.model_config, tokenizer, cfg.seq_len)
         train_stream = StreamDataset(
             cfg.train_data(),
             tokenizer,

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh mlx
 . .venv/bin/activate
 out="${OUT:-runs/quickstart}"
-steps="${STEPS:-300}"
+steps="${STEPS:-600}"
 tokenizer="${TOKENIZER:-}"
 if [ -z "$tokenizer" ]; then
     if python -c "import sys; from customllm.tokenizer import hub_unreachable_reason as r; sys.exit(1 if r() else 0)"; then
@@ -18,5 +18,5 @@ if [ -z "$tokenizer" ]; then
     fi
 fi
 customllm-mlx train --preset tiny --data builtin --tokenizer "$tokenizer" --steps "$steps" \
-    --out "$out" --eval-every 100 --save-every 100 --prompt "The import statement"
+    --out "$out" --eval-every 200 --save-every 200 --prompt "The import statement"
 customllm-mlx generate --model "$out/checkpoint-$steps" -p "The import statement" -m 60 --temp 0.7 --seed 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -27,6 +28,7 @@ from customllm.training import (
     TrainConfig,
     TrainingError,
     check_finite,
+    check_model_fits,
     check_new_run,
     check_resume,
     checkpoint_dir,
@@ -36,6 +38,7 @@ from customllm.training import (
     latest_checkpoint,
     list_checkpoints,
     lr_at,
+    new_model_config,
     plot_metrics,
     read_metrics,
     resolve_resume,
@@ -355,3 +358,21 @@ def test_resume_refuses_options_that_change_the_numbers(tmp_path):
         check_resume({**state, "world_size": 2}, tmp_path, TrainConfig(lr=1e-3, steps=10), 1)
     with pytest.raises(CheckpointError, match="rng_state"):
         check_resume(state, tmp_path, TrainConfig(lr=1e-3), 1, ("rng_state",))
+
+
+def test_new_model_config_takes_the_tokenizers_vocabulary_for_small_presets(tmp_path):
+    class FakeTokenizer:
+        eos_token_id, bos_token_id = 3, 1
+
+        def __len__(self):
+            return 8000
+
+    tiny = new_model_config(TrainConfig(preset="tiny"), FakeTokenizer())
+    assert (tiny.vocab_size, tiny.eos_token_id, tiny.bos_token_id) == (8000, 3, 1)
+    assert new_model_config(TrainConfig(preset="973m"), FakeTokenizer()).vocab_size == 49152
+    check_model_fits(tiny, FakeTokenizer(), 512)
+    with pytest.raises(TrainingError, match="exceeds the model's context of 512"):
+        check_model_fits(tiny, FakeTokenizer(), 513)
+    small_vocab = dataclasses.replace(tiny, vocab_size=100)
+    with pytest.raises(TrainingError, match="8000 tokens, more than the model's vocab_size 100"):
+        check_model_fits(small_vocab, FakeTokenizer(), 64)
