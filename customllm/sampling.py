@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from typing import Any
+
+import click
 
 DEFAULT_PROMPT = "hello"
 DEFAULT_MAX_TOKENS = 100
@@ -173,3 +176,70 @@ class StreamingDetokenizer:
         segment = text[self.offset :]
         self.offset = len(text)
         return segment
+
+
+def generate_options(command: Callable) -> Callable:
+    """The flags of `mlx_lm.generate`, shared by `customllm-mlx generate` and
+    `customllm-torch generate`."""
+    options = [
+        click.option(
+            "--model", "model_dir", required=True, type=click.Path(), help="Model folder."
+        ),
+        click.option(
+            "--prompt",
+            "-p",
+            default=DEFAULT_PROMPT,
+            show_default=True,
+            help="Prompt ('-' reads stdin).",
+        ),
+        click.option("--max-tokens", "-m", default=DEFAULT_MAX_TOKENS, show_default=True, type=int),
+        click.option(
+            "--temp", default=DEFAULT_TEMP, show_default=True, type=float, help="0 = greedy."
+        ),
+        click.option("--top-p", default=DEFAULT_TOP_P, show_default=True, type=float),
+        click.option("--top-k", default=DEFAULT_TOP_K, show_default=True, type=int),
+        click.option("--min-p", default=DEFAULT_MIN_P, show_default=True, type=float),
+        click.option(
+            "--repetition-penalty", default=None, type=float, help="e.g. 1.1; off by default."
+        ),
+        click.option(
+            "--repetition-context-size", default=DEFAULT_REPETITION_CONTEXT_SIZE, show_default=True
+        ),
+        click.option("--seed", default=None, type=int, help="PRNG seed for sampling."),
+        click.option(
+            "--max-kv-size",
+            default=None,
+            type=int,
+            help="Cache at most this many tokens per layer (the first 4 and the most recent); "
+            "bounds memory, not length: prompt + generation stay within max_position_embeddings.",
+        ),
+        click.option("--prefill-step-size", default=DEFAULT_PREFILL_STEP_SIZE, show_default=True),
+        click.option("--verbose/--no-verbose", default=True, show_default=True),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def check_request(model_dir: str, tokenizer: Any, config: Any, prompt: str, options: dict) -> None:
+    """Refuse, as a click error, a folder without tokenizer, bad sampling values, or a prompt
+    that leaves no room in the context."""
+    if tokenizer is None:
+        raise click.ClickException(f"{model_dir} has no tokenizer files (tokenizer.json)")
+    try:
+        validate_sampling(
+            options["temp"],
+            options["top_p"],
+            options["min_p"],
+            options["top_k"],
+            options["repetition_penalty"],
+            config.vocab_size,
+        )
+        validate_max_kv_size(options["max_kv_size"])
+        generation_budget(
+            len(encode_prompt(tokenizer, prompt)),
+            options["max_tokens"],
+            config.max_position_embeddings,
+        )
+    except ValueError as err:
+        raise click.ClickException(str(err)) from err

@@ -26,17 +26,14 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from customllm.sampling import (
     DEFAULT_MAX_TOKENS,
-    DEFAULT_MIN_P,
     DEFAULT_PREFILL_STEP_SIZE,
-    DEFAULT_PROMPT,
     DEFAULT_REPETITION_CONTEXT_SIZE,
-    DEFAULT_TEMP,
-    DEFAULT_TOP_K,
-    DEFAULT_TOP_P,
     ROTATING_KEEP,
     SEPARATOR,
+    check_request,
     encode_prompt,
     format_stats,
+    generate_options,
     generation_budget,
     read_prompt,
     validate_max_kv_size,
@@ -201,44 +198,8 @@ def generate(
 
 
 @click.command("generate")
-@click.option("--model", "model_dir", required=True, type=click.Path(), help="Model folder.")
-@click.option(
-    "--prompt", "-p", default=DEFAULT_PROMPT, show_default=True, help="Prompt ('-' reads stdin)."
-)
-@click.option("--max-tokens", "-m", default=DEFAULT_MAX_TOKENS, show_default=True, type=int)
-@click.option("--temp", default=DEFAULT_TEMP, show_default=True, type=float, help="0 = greedy.")
-@click.option("--top-p", default=DEFAULT_TOP_P, show_default=True, type=float)
-@click.option("--top-k", default=DEFAULT_TOP_K, show_default=True, type=int)
-@click.option("--min-p", default=DEFAULT_MIN_P, show_default=True, type=float)
-@click.option("--repetition-penalty", default=None, type=float, help="e.g. 1.1; off by default.")
-@click.option(
-    "--repetition-context-size", default=DEFAULT_REPETITION_CONTEXT_SIZE, show_default=True
-)
-@click.option("--seed", default=None, type=int, help="PRNG seed for sampling.")
-@click.option(
-    "--max-kv-size",
-    default=None,
-    type=int,
-    help="Cache at most this many tokens per layer (the first 4 and the most recent); "
-    "bounds memory, not length: prompt + generation stay within max_position_embeddings.",
-)
-@click.option("--prefill-step-size", default=DEFAULT_PREFILL_STEP_SIZE, show_default=True)
-@click.option("--verbose/--no-verbose", default=True, show_default=True)
-def generate_command(
-    model_dir: str,
-    prompt: str,
-    max_tokens: int,
-    temp: float,
-    top_p: float,
-    top_k: int,
-    min_p: float,
-    repetition_penalty: float | None,
-    repetition_context_size: int,
-    seed: int | None,
-    max_kv_size: int | None,
-    prefill_step_size: int,
-    verbose: bool,
-) -> None:
+@generate_options
+def generate_command(model_dir: str, prompt: str, seed: int | None, **options) -> None:
     """Generate text from a model folder (the flags of `mlx_lm.generate`; no chat template)."""
     from customllm_mlx.io import load
 
@@ -247,32 +208,21 @@ def generate_command(
         model, tokenizer = load(model_dir)
     except (OSError, ValueError) as err:
         raise click.ClickException(str(err)) from err
-    if tokenizer is None:
-        raise click.ClickException(f"{model_dir} has no tokenizer files (tokenizer.json)")
-    try:
-        validate_sampling(
-            temp, top_p, min_p, top_k, repetition_penalty, model.model_config.vocab_size
-        )
-        validate_max_kv_size(max_kv_size)
-        generation_budget(
-            len(encode_prompt(tokenizer, prompt)),
-            max_tokens,
-            model.model_config.max_position_embeddings,
-        )
-    except ValueError as err:
-        raise click.ClickException(str(err)) from err
+    check_request(model_dir, tokenizer, model.model_config, prompt, options)
     if seed is not None:
         mx.random.seed(seed)
     text = generate(
         model,
         tokenizer,
         prompt,
-        verbose=verbose,
-        max_tokens=max_tokens,
-        sampler=make_sampler(temp, top_p, min_p, top_k),
-        logits_processors=make_logits_processors(repetition_penalty, repetition_context_size),
-        max_kv_size=max_kv_size,
-        prefill_step_size=prefill_step_size,
+        verbose=options["verbose"],
+        max_tokens=options["max_tokens"],
+        sampler=make_sampler(options["temp"], options["top_p"], options["min_p"], options["top_k"]),
+        logits_processors=make_logits_processors(
+            options["repetition_penalty"], options["repetition_context_size"]
+        ),
+        max_kv_size=options["max_kv_size"],
+        prefill_step_size=options["prefill_step_size"],
     )
-    if not verbose:
+    if not options["verbose"]:
         print(text)
