@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
-
 import click
 import torch
 
-from customllm.config import PRESETS, ModelConfig
-from customllm.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+from customllm.cli import init_options, prepare_init
 from customllm_torch.io import save
 from customllm_torch.model import CustomLLM
 
@@ -20,58 +16,15 @@ def main() -> None:
 
 
 @click.command()
-@click.option("--preset", type=str, help=f"One of: {', '.join(PRESETS)}.")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="A config.json.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write.")
-@click.option(
-    "--tokenizer",
-    default=None,
-    help=f"Tokenizer folder or hub name [default: {DEFAULT_TOKENIZER}].",
-)
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--force", is_flag=True, help="Replace --out if it already holds files.")
-def init(
-    preset: str | None,
-    config_file: str | None,
-    out: str,
-    tokenizer: str | None,
-    seed: int,
-    force: bool,
-) -> None:
+@init_options
+def init(preset, config_file, out, tokenizer, seed, dtype, force) -> None:
     """Write a randomly initialised model folder (config.json, model.safetensors, tokenizer)."""
-    if (preset is None) == (config_file is None):
-        raise click.UsageError("give exactly one of --preset NAME or --config FILE")
-    out_dir = Path(out)
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise click.ClickException(f"{out_dir} already holds files; pass --force to replace it")
-    try:
-        config = ModelConfig.from_preset(preset) if preset else ModelConfig.from_json(config_file)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        raise click.ClickException(str(err)) from err
-
-    tokenizer_name = tokenizer or DEFAULT_TOKENIZER
-    try:
-        tok = load_tokenizer(tokenizer_name)
-    except Exception as err:
-        raise click.ClickException(f"cannot load tokenizer {tokenizer_name!r}: {err}") from err
-    if len(tok) != config.vocab_size:
-        raise click.ClickException(
-            f"tokenizer {tokenizer_name!r} has {len(tok)} tokens but the config's vocab_size is "
-            f"{config.vocab_size}; use a matching tokenizer or set vocab_size in the config"
-        )
-    ids = {
-        name: getattr(tok, name)
-        for name in ("eos_token_id", "bos_token_id")
-        if getattr(tok, name, None) is not None
-    }
-    config = dataclasses.replace(config, **ids)
-
+    config, tok, out_dir = prepare_init(preset, config_file, out, tokenizer, force)
     torch.manual_seed(seed)
-    model = CustomLLM(config)
-    save(model, out_dir, tokenizer=tok)
+    save(CustomLLM(config), out_dir, tokenizer=tok, dtype=getattr(torch, dtype))
     click.echo(
-        f"wrote {out_dir}: {model.num_parameters() / 1e6:.2f}M parameters, "
-        f"vocab {config.vocab_size}, seed {seed}"
+        f"wrote {out_dir}: {config.num_parameters() / 1e6:.2f}M parameters, "
+        f"vocab {config.vocab_size}, seed {seed}, {dtype}"
     )
 
 

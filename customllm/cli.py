@@ -1,0 +1,73 @@
+"""What `customllm-mlx init` and `customllm-torch init` share: their flags and the checks that
+turn them into a model config and a tokenizer (no framework here)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from customllm.config import PRESETS, ModelConfig
+from customllm.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def init_options(command: Callable) -> Callable:
+    options = [
+        click.option("--preset", type=str, help=f"One of: {', '.join(PRESETS)}."),
+        click.option(
+            "--config", "config_file", type=click.Path(dir_okay=False), help="A config.json."
+        ),
+        click.option(
+            "--out", required=True, type=click.Path(file_okay=False), help="Folder to write."
+        ),
+        click.option(
+            "--tokenizer",
+            default=DEFAULT_TOKENIZER,
+            show_default=True,
+            help="Tokenizer folder or hub name (tiny/small presets take its vocabulary size).",
+        ),
+        click.option("--seed", default=0, show_default=True, type=int),
+        click.option(
+            "--dtype",
+            type=click.Choice(WEIGHT_DTYPES),
+            default="float32",
+            show_default=True,
+            help="Storage dtype of the weights.",
+        ),
+        click.option("--force", is_flag=True, help="Replace --out if it already holds files."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def prepare_init(
+    preset: str | None, config_file: str | None, out: str, tokenizer: str, force: bool
+) -> tuple[ModelConfig, Any, Path]:
+    """The config (with the tokenizer's vocabulary and EOS/BOS ids), the tokenizer and the
+    output folder of an `init` command; click errors for bad input."""
+    from customllm.training import TrainConfig, TrainingError, check_model_fits, new_model_config
+
+    if (preset is None) == (config_file is None):
+        raise click.UsageError("give exactly one of --preset NAME or --config FILE")
+    out_dir = Path(out)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise click.ClickException(f"{out_dir} already holds files; pass --force to replace it")
+    try:  # the config's own errors first: no tokenizer is loaded for a bad preset or file
+        ModelConfig.from_preset(preset) if preset else ModelConfig.from_json(config_file)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from err
+    try:
+        tok = load_tokenizer(tokenizer)
+    except Exception as err:
+        raise click.ClickException(f"cannot load tokenizer {tokenizer!r}: {err}") from err
+    try:
+        config = new_model_config(TrainConfig(preset=preset or "small", config=config_file), tok)
+        check_model_fits(config, tok, 1)
+    except TrainingError as err:
+        raise click.ClickException(f"{err} (tokenizer {tokenizer!r})") from err
+    return config, tok, out_dir

@@ -1,0 +1,122 @@
+"""The benchmark scripts run end to end on a minimal size and write sane tables and JSON.
+
+The three scripts start together as subprocesses (most of each run is importing torch, MLX
+and transformers), with the tiny preset, a 512-token vocabulary, seq 32, batch 2 and 2 repeats.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+SMALL = ["--preset", "tiny", "--vocab-size", "512"]
+RUNS = {
+    "train": [
+        "--seq-len",
+        "32",
+        "--batch",
+        "2",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--gemm-n",
+        "256",
+    ],
+    "generate": [
+        "--contexts",
+        "16,32",
+        "--prefill-repeats",
+        "2",
+        "--decode-repeats",
+        "2",
+        "--warmup",
+        "1",
+        "--e2e-tokens",
+        "4",
+        "--e2e-repeats",
+        "1",
+    ],
+    "moe": ["--seq-len", "32", "--batch", "2", "--repeats", "2", "--warmup", "1"],
+}
+HEADERS = {
+    "train": "| system | framework | mode | tokens/s | ms/step | peak mem | MFU | vs peer |",
+    "generate": "| system | framework | context | prefill tok/s | decode tok/s |",
+    "moe": "| layer | framework | mode | fwd ms | fwd+bwd ms | tokens/s (fwd+bwd) |",
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, tuple[subprocess.Popen, Path]]:
+    out = tmp_path_factory.mktemp("bench")
+    procs = {}
+    for name, extra in RUNS.items():
+        path = out / f"{name}.json"
+        cmd = [
+            sys.executable,
+            str(REPO_DIR / "scripts" / f"bench_{name}.py"),
+            *SMALL,
+            *extra,
+            "--json",
+            str(path),
+        ]
+        procs[name] = (
+            subprocess.Popen(
+                cmd, cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            ),
+            path,
+        )
+    yield procs
+    for proc, _ in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+
+
+def finish(runs, name: str) -> tuple[str, dict]:
+    proc, path = runs[name]
+    stdout, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stdout[-3000:]
+    return stdout, json.loads(path.read_text())
+
+
+def test_bench_train(runs):
+    stdout, result = finish(runs, "train")
+    assert HEADERS["train"] in stdout
+    names = {row["name"] for row in result["rows"]}
+    for name in (
+        "customllm/mlx/eager",
+        "customllm/mlx/compiled",
+        "customllm/torch/eager",
+        "mlx_lm deepseek_v3/mlx/eager",
+        "hf DeepseekV3/torch/eager",
+    ):
+        assert name in names, result["skipped"]
+    for row in result["rows"]:
+        assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1 and row["peak_mem_bytes"] > 0
+        if row["system"] == "customllm":
+            assert row["ratio_to_peer"] > 0
+    assert all(v > 0 for v in result["gemm_peak_flops"].values())
+
+
+def test_bench_generate(runs):
+    stdout, result = finish(runs, "generate")
+    assert HEADERS["generate"] in stdout
+    assert len(result["rows"]) == 8  # 4 systems x 2 contexts
+    for row in result["rows"] + result["e2e"]:
+        assert row["prefill_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0
+    ours = next(r for r in result["rows"] if r["name"] == "customllm/mlx")
+    cfg = result["config"]
+    latent = cfg["kv_latent_dim"] + cfg["num_attention_heads"] * cfg["qk_rope_head_dim"]
+    assert ours["kv_bytes_per_token_per_layer"] == 4 * latent  # float32 c_kv + k_rope
+
+
+def test_bench_moe(runs):
+    stdout, result = finish(runs, "moe")
+    assert HEADERS["moe"] in stdout and "dispatch overhead ratio" in stdout
+    for row in result["rows"]:
+        assert row["tokens_per_s"] > 0 and row["fwd_ms"] > 0
