@@ -1,0 +1,303 @@
+"""Shared helpers of the benchmark scripts: interleaved timing, memory, GEMM peak, FLOPs, peers.
+
+Import this module before `mlx.core` (it imports `customllm_mlx`, which loads OpenBLAS for
+MLX's CPU matmuls). Every timing is a median over repeats taken round-robin across the systems
+being compared, so the noise of a busy machine hits every system alike.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import importlib.metadata
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import customllm_mlx  # noqa: F401  (must precede the first `import mlx.core`)
+from customllm.config import ModelConfig
+
+# --- timing ----------------------------------------------------------------------------------
+
+
+def interleaved_times(
+    fns: dict[str, Callable[[], Any]], warmup: int, repeats: int, seed: int = 0
+) -> dict[str, list[float]]:
+    """Seconds per call of each synchronous `fn`: `warmup` untimed calls each, then `repeats`
+    rounds, each calling every fn once in a freshly shuffled order."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    rng = random.Random(seed)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        order = list(fns)
+        rng.shuffle(order)
+        for name in order:
+            tic = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - tic)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+# --- memory ----------------------------------------------------------------------------------
+# Resident memory is the one measure both frameworks share on CPU: the kernel's high-water
+# mark (VmHWM) is reset through /proc/self/clear_refs before a step and read after it.
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def release_free_memory() -> None:
+    """Collect garbage, empty MLX's buffer cache and hand free heap pages back to the OS."""
+    gc.collect()
+    if "mlx.core" in sys.modules:
+        sys.modules["mlx.core"].clear_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def step_peak_bytes(fn: Callable[[], Any]) -> int:
+    """Growth of resident memory during one call of `fn`, at its peak (0 if unsupported)."""
+    if not Path("/proc/self/clear_refs").exists():
+        return 0
+    release_free_memory()
+    before = _status_kb("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    except OSError:
+        return 0
+    fn()
+    return max(0, _status_kb("VmHWM") - before) * 1024
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# --- GEMM peak -------------------------------------------------------------------------------
+
+
+def gemm_peak_flops(framework: str, n: int = 2048, repeats: int = 5) -> float:
+    """Best float32 FLOP/s of an (n, n) @ (n, n) matmul in `framework` ("mlx" or "torch")."""
+    if framework == "mlx":
+        import mlx.core as mx
+
+        a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
+        mx.eval(a, b)
+
+        def run():
+            mx.eval(a @ b)
+    else:
+        import torch
+
+        a, b = torch.randn(n, n), torch.randn(n, n)
+
+        def run():
+            torch.mm(a, b)
+
+    run()
+    best = min(_timed(run) for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    tic = time.perf_counter()
+    fn()
+    return time.perf_counter() - tic
+
+
+# --- FLOPs -----------------------------------------------------------------------------------
+
+ROUTED_EXPERT_KEYS = ("routed_experts", "switch_mlp", "experts.gate_up_proj", "experts.down_proj")
+
+
+def active_params(named_sizes: dict[str, int], n_routed: int, top_k: int) -> int:
+    """Parameters a token passes through: all except embedding tables, with the routed experts
+    counted at top_k / n_routed (shared experts, attention, router, norms and lm_head in full)."""
+    total = 0.0
+    for name, size in named_sizes.items():
+        if "embed" in name and "lm_head" not in name:
+            continue  # a table lookup, not a matmul
+        if any(key in name for key in ROUTED_EXPERT_KEYS) and "shared" not in name:
+            size = size * top_k / n_routed
+        total += size
+    return int(total)
+
+
+def train_flops_per_token(active: int, cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (PaLM / nanoGPT convention):
+
+        6 * N_active  +  6 * L * H * T * (d_qk + d_v)
+
+    6 * N_active: a matmul weight costs 2 FLOPs per token forward and 4 backward.
+    The attention term is QK^T (2 * H * T * d_qk per token and layer) and AV (2 * H * T * d_v)
+    forward, times 3 for forward + backward, counted over the full T x T square (no halving
+    for the causal mask, as PaLM). Elementwise work (norms, softmax, RoPE, SiLU) is not counted.
+    """
+    d_qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    attention = (
+        6 * cfg.num_hidden_layers * cfg.num_attention_heads * seq_len * (d_qk + cfg.v_head_dim)
+    )
+    return 6 * active + attention
+
+
+# --- peers -----------------------------------------------------------------------------------
+
+
+def peer_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """DeepSeek-V3 configuration equivalent to `cfg`: same widths, depth, experts and latents;
+    one expert group, every layer MoE, no dropout."""
+    return dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        moe_intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_attention_heads,
+        n_shared_experts=cfg.n_shared_experts,
+        n_routed_experts=cfg.n_routed_experts,
+        num_experts_per_tok=cfg.num_experts_per_tok,
+        routed_scaling_factor=cfg.routed_scaling_factor,
+        norm_topk_prob=cfg.norm_topk_prob,
+        q_lora_rank=cfg.q_latent_dim,
+        kv_lora_rank=cfg.kv_latent_dim,
+        qk_nope_head_dim=cfg.qk_nope_head_dim,
+        qk_rope_head_dim=cfg.qk_rope_head_dim,
+        v_head_dim=cfg.v_head_dim,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=0,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_theta=cfg.rope_theta,
+        rms_norm_eps=cfg.rms_norm_eps,
+    )
+
+
+def build_mlx_peer(cfg: ModelConfig):
+    """mlx_lm's DeepSeek-V3, router weights drawn N(0, 0.02) so routing is not all ties."""
+    import mlx.core as mx
+    from mlx_lm.models import deepseek_v3
+
+    model = deepseek_v3.Model(deepseek_v3.ModelArgs(**peer_kwargs(cfg)))
+    for layer in model.model.layers:
+        gate = layer.mlp.gate
+        gate.weight = cfg.initializer_range * mx.random.normal(gate.weight.shape)
+        gate.freeze(keys=["e_score_correction_bias"], recurse=False)
+    mx.eval(model.parameters())
+    return model
+
+
+def build_torch_peer(cfg: ModelConfig):
+    """transformers' DeepseekV3ForCausalLM (non-interleaved RoPE, as ours; no MTP layers)."""
+    import torch
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    config = DeepseekV3Config(
+        **peer_kwargs(cfg), rope_interleave=False, attention_dropout=0.0, num_mtp_layers=0
+    )
+    model = DeepseekV3ForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.normal_(0.0, cfg.initializer_range)
+    return model
+
+
+def named_sizes_mlx(model) -> dict[str, int]:
+    from mlx.utils import tree_flatten
+
+    return {k: v.size for k, v in tree_flatten(model.trainable_parameters())}
+
+
+def named_sizes_torch(model) -> dict[str, int]:
+    return {k: p.numel() for k, p in model.named_parameters() if p.requires_grad}
+
+
+# --- arguments -------------------------------------------------------------------------------
+
+
+def add_model_args(parser) -> None:
+    parser.add_argument("--preset", default="tiny", help="tiny | small | 973m")
+    parser.add_argument("--vocab-size", type=int, default=None, help="override the preset's")
+    parser.add_argument(
+        "--torch-threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
+    )
+
+
+def make_config(args, **overrides: Any) -> ModelConfig:
+    """The preset with --vocab-size applied; also applies --torch-threads."""
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
+    if args.vocab_size:
+        overrides["vocab_size"] = args.vocab_size
+    return ModelConfig.from_preset(args.preset, **overrides)
+
+
+# --- output ----------------------------------------------------------------------------------
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in lscpu.splitlines():
+            if line.startswith("Model name:"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    for package in ("mlx", "mlx-lm", "torch", "transformers"):
+        try:
+            info[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            info[package] = None
+    info["openblas_for_mlx"] = customllm_mlx._blas.loaded
+    if "torch" in sys.modules:
+        info["torch_threads"] = sys.modules["torch"].get_num_threads()
+    return info
+
+
+def write_json(path: str | None, payload: dict[str, Any]) -> None:
+    if path:
+        Path(path).write_text(json.dumps(payload, indent=2, sort_keys=True))
+        print(f"wrote {path}")
+
+
+def wants(name: str, only: str | None) -> bool:
+    """`--only` filter: comma-separated substrings of the system names; None keeps all."""
+    return only is None or any(part and part in name for part in only.split(","))

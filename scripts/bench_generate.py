@@ -1,0 +1,315 @@
+"""Generation speed: prefill and greedy decode at two context lengths, and KV-cache size.
+
+Four systems, batch 1, random weights: CustomLLM MLX (latent cache, absorbed 1-token decode),
+CustomLLM torch (latent cache, absorbed decode), mlx_lm's DeepSeek-V3 (its KVCache) and
+transformers' DeepseekV3ForCausalLM (its DynamicCache).
+
+- prefill: a fresh cache, the prompt through the model, the next token's logits evaluated.
+  MLX does as `mlx_lm.generate_step`: all but the last token fill the cache (logits never
+  computed), then a 1-token step; torch passes `logits_to_keep=1`.
+- decode: one greedy step (1 token in, argmax out) on a cache holding exactly `ctx` tokens;
+  the cache is trimmed back after each step so every repeat sees the same context.
+- With --e2e (default), our `stream_generate` (MLX and torch) and mlx_lm's `stream_generate`
+  with the peer also run end to end (cosmo2 tokenizer), as a check on the step loop.
+
+    python scripts/bench_generate.py --preset tiny --json bench_generate.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bench_common as bc  # noqa: E402  (imports customllm_mlx before mlx.core)
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from customllm.config import ModelConfig  # noqa: E402
+
+OURS, MLX_PEER, TORCH_PEER = "customllm", "mlx_lm deepseek_v3", "hf DeepseekV3"
+PEER = {("customllm", "mlx"): MLX_PEER, ("customllm", "torch"): TORCH_PEER}
+HEADERS = [
+    "system",
+    "framework",
+    "context",
+    "prefill tok/s",
+    "decode tok/s",
+    "KV B/token/layer",
+    "KV B/token",
+    "prefill vs peer",
+    "decode vs peer",
+]
+COSMO2 = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "cosmo2"
+
+
+class Runner:
+    """One model with its cache: `prefill(prompt)` and `decode()` at a fixed context."""
+
+    def __init__(self, system: str, framework: str, cfg: ModelConfig):
+        self.system, self.framework = system, framework
+        self.name = f"{system}/{framework}"
+        if framework == "mlx":
+            if system == OURS:
+                from customllm_mlx.model import CustomLLM
+
+                self.model = CustomLLM(cfg)
+            else:
+                self.model = bc.build_mlx_peer(cfg)
+            self.model.eval()
+            mx.eval(self.model.parameters())
+        else:
+            if system == OURS:
+                from customllm_torch.model import CustomLLM
+
+                self.model = CustomLLM(cfg)
+            else:
+                self.model = bc.build_torch_peer(cfg)
+            self.model.eval()
+        self.cache, self.context = None, 0
+
+    # -- cache ---------------------------------------------------------------------------------
+    def new_cache(self):
+        if self.framework == "mlx":
+            if self.system == OURS:
+                return self.model.make_cache()
+            from mlx_lm.models.cache import make_prompt_cache
+
+            return make_prompt_cache(self.model)
+        if self.system == OURS:
+            from customllm_torch.model import LatentKVCache
+
+            return LatentKVCache(len(self.model.decoder_layers))
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def cache_arrays(self) -> list:
+        if self.framework == "mlx":
+            return [a for c in self.cache for a in c.state if isinstance(a, mx.array)]
+        if self.system == OURS:
+            return [a for layer in self.cache.layers for a in layer]
+        return [a for layer in self.cache.layers for a in (layer.keys, layer.values)]
+
+    def cache_bytes_per_token(self) -> float:
+        """Every cache array is (..., S, width): bytes per position, capacity not counted."""
+        return sum(a.nbytes / a.shape[-2] for a in self.cache_arrays())
+
+    def trim_to(self, n: int) -> None:
+        if self.framework == "mlx":
+            for c in self.cache:
+                c.trim(c.offset - n)
+        elif self.system == OURS:
+            self.cache.layers = [(c[:, :n], k[:, :, :n]) for c, k in self.cache.layers]
+        else:
+            self.cache.crop(n - self.cache.get_seq_length())  # negative: tokens to drop
+
+    # -- steps ---------------------------------------------------------------------------------
+    def forward(self, ids: np.ndarray):
+        """Next-token ids after `ids` (1, T), through the cache."""
+        if self.framework == "mlx":
+            logits = self.model(mx.array(ids), cache=self.cache)
+            token = mx.argmax(logits[:, -1], axis=-1)
+            mx.eval(token)
+            return np.array(token)
+        with torch.inference_mode():
+            inputs = torch.from_numpy(ids).long()
+            kwargs = {"cache": self.cache, "use_cache": True, "logits_to_keep": 1}
+            logits = self.model(inputs, **kwargs).logits
+            return logits[:, -1].argmax(-1).numpy()
+
+    def prefill(self, prompt: np.ndarray):
+        self.cache = self.new_cache()
+        if self.framework == "mlx" and prompt.shape[1] > 1:  # as mlx_lm.generate_step
+            self.model(mx.array(prompt[:, :-1]), cache=self.cache)
+            mx.eval([c.state for c in self.cache])
+            prompt = prompt[:, -1:]
+        self.next_token = self.forward(prompt)
+        self.context = self.cache_offset()
+
+    def cache_offset(self) -> int:
+        if self.framework == "mlx":
+            return self.cache[0].offset
+        return self.cache.offset if self.system == OURS else self.cache.get_seq_length()
+
+    def decode(self):
+        self.forward(self.next_token.reshape(1, 1))
+        self.trim_to(self.context)
+
+
+def e2e_rows(args, cfg: ModelConfig, runners: list[Runner], prompt: np.ndarray) -> list[dict]:
+    """stream_generate end to end, interleaved: ours (both frameworks) and mlx_lm's with the peer."""
+    if not (COSMO2 / "tokenizer.json").is_file():
+        return []
+    from customllm.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(COSMO2))
+    fns, results = {}, {}
+    for r in runners:
+        if r.framework == "mlx" and r.system != OURS:
+            from mlx_lm.generate import stream_generate
+        elif r.framework == "mlx" and importlib.util.find_spec("customllm_mlx.generate"):
+            from customllm_mlx.generate import stream_generate
+        elif (
+            r.framework == "torch"
+            and r.system == OURS
+            and importlib.util.find_spec("customllm_torch.generate")
+        ):
+            from customllm_torch.generate import stream_generate
+        else:
+            continue
+        prompt_ids = prompt[0].tolist() if r.framework == "torch" else mx.array(prompt[0])
+        results[r.name] = []
+
+        def run(r=r, generate=stream_generate, prompt_ids=prompt_ids):
+            *_, last = generate(r.model, tokenizer, prompt_ids, max_tokens=args.e2e_tokens)
+            results[r.name].append((last.prompt_tps, last.generation_tps, last.generation_tokens))
+
+        fns[r.name] = run
+    bc.interleaved_times(fns, 1, args.e2e_repeats)
+    rows = []
+    for name, values in results.items():
+        values = values[1:]  # drop the warm-up
+        rows.append(
+            {
+                "name": f"{name}/stream_generate",
+                "context": prompt.shape[1],
+                "prefill_tokens_per_s": bc.median([v[0] for v in values]),
+                "decode_tokens_per_s": bc.median([v[1] for v in values]),
+                "generated_tokens": [v[2] for v in values],
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    bc.add_model_args(parser)
+    parser.add_argument("--contexts", default="128,1024", help="comma-separated context lengths")
+    parser.add_argument("--prefill-repeats", type=int, default=10)
+    parser.add_argument("--decode-repeats", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--e2e", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--e2e-tokens", type=int, default=32)
+    parser.add_argument("--e2e-repeats", type=int, default=3)
+    parser.add_argument("--only", default=None, help="comma-separated name substrings")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+
+    contexts = [int(c) for c in args.contexts.split(",")]
+    cfg = bc.make_config(args, max_position_embeddings=max(2048, 2 * max(contexts)))
+    runners = []
+    for system, framework in [
+        (OURS, "mlx"),
+        (MLX_PEER, "mlx"),
+        (OURS, "torch"),
+        (TORCH_PEER, "torch"),
+    ]:
+        if bc.wants(f"{system}/{framework}", args.only):
+            mx.random.seed(0)
+            torch.manual_seed(0)
+            runners.append(Runner(system, framework, cfg))
+    rng = np.random.default_rng(0)
+    rows, e2e = [], []
+    for ctx in contexts:
+        prompt = rng.integers(1, cfg.vocab_size, (1, ctx))
+        prefill = bc.interleaved_times(
+            {r.name: (lambda r=r, p=prompt: r.prefill(p)) for r in runners},
+            args.warmup,
+            args.prefill_repeats,
+        )
+        decode = bc.interleaved_times(
+            {r.name: r.decode for r in runners}, args.warmup, args.decode_repeats
+        )
+        for r in runners:
+            kv = r.cache_bytes_per_token()
+            rows.append(
+                {
+                    "name": r.name,
+                    "system": r.system,
+                    "framework": r.framework,
+                    "context": ctx,
+                    "prefill_tokens_per_s": ctx / bc.median(prefill[r.name]),
+                    "decode_tokens_per_s": 1 / bc.median(decode[r.name]),
+                    "decode_ms": [round(1e3 * t, 3) for t in decode[r.name]],
+                    "kv_bytes_per_token": kv,
+                    "kv_bytes_per_token_per_layer": kv / cfg.num_hidden_layers,
+                }
+            )
+        if args.e2e:
+            e2e += e2e_rows(args, cfg, runners, prompt)
+    for row in rows:
+        peer = next(
+            (
+                p
+                for p in rows
+                if p["system"] == PEER.get((row["system"], row["framework"]))
+                and p["framework"] == row["framework"]
+                and p["context"] == row["context"]
+            ),
+            None,
+        )
+        for key in ("prefill", "decode"):
+            row[f"{key}_ratio_to_peer"] = (
+                peer and row[f"{key}_tokens_per_s"] / peer[f"{key}_tokens_per_s"]
+            )
+
+    def ratio(x):
+        return f"{x:.2f}x" if x else "-"
+
+    table = bc.markdown_table(
+        HEADERS,
+        [
+            [
+                r["system"],
+                r["framework"],
+                r["context"],
+                f"{r['prefill_tokens_per_s']:,.0f}",
+                f"{r['decode_tokens_per_s']:,.1f}",
+                f"{r['kv_bytes_per_token_per_layer']:.0f}",
+                f"{r['kv_bytes_per_token']:.0f}",
+                ratio(r["prefill_ratio_to_peer"]),
+                ratio(r["decode_ratio_to_peer"]),
+            ]
+            for r in rows
+        ],
+    )
+    print(
+        f"\n## Generation: preset {args.preset}, batch 1, greedy, median of "
+        f"{args.prefill_repeats} prefills / {args.decode_repeats} decode steps (interleaved)\n"
+    )
+    print(table)
+    if e2e:
+        print("\nstream_generate end to end (median of repeats):\n")
+        print(
+            bc.markdown_table(
+                ["generator", "context", "prompt tok/s", "generation tok/s"],
+                [
+                    [
+                        r["name"],
+                        r["context"],
+                        f"{r['prefill_tokens_per_s']:,.0f}",
+                        f"{r['decode_tokens_per_s']:,.1f}",
+                    ]
+                    for r in e2e
+                ],
+            )
+        )
+    result = {
+        "benchmark": "generate",
+        "args": vars(args),
+        "config": cfg.to_dict(),
+        "machine": bc.machine_info(),
+        "rows": rows,
+        "e2e": e2e,
+        "table": table,
+    }
+    bc.write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

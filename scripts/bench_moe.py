@@ -1,0 +1,292 @@
+"""One MoE layer against a dense SwiGLU of the same active FLOPs, forward and backward.
+
+The MoE layer is `LlamaMLP` (1 shared + top-2 of 7 routed SwiGLU experts, intermediate I);
+the dense layer is one SwiGLU with intermediate 3 * I, i.e. the FLOPs a token spends in the
+shared and its two routed experts. MoE time / dense time is the dispatch overhead (routing,
+sort, gather, scatter, the per-expert matmuls). Also timed, for comparison: the peers' MoE
+layers (mlx_lm's DeepseekV3MoE, transformers' DeepseekV3MoE) and, in MLX, two dispatch
+variants of ours written here (the model is untouched): the gathered rows made 3-D by the
+gather (`x[tok[:, None]]`) rather than by a view after it, `gather_mm` without the
+`sorted_indices` flag, and one plain matmul per expert over its contiguous sorted slice.
+
+    python scripts/bench_moe.py --preset tiny --json bench_moe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bench_common as bc  # noqa: E402  (imports customllm_mlx before mlx.core)
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from customllm.config import ModelConfig  # noqa: E402
+
+HEADERS = [
+    "layer",
+    "framework",
+    "mode",
+    "fwd ms",
+    "fwd+bwd ms",
+    "tokens/s (fwd+bwd)",
+    "fwd vs dense",
+    "fwd+bwd vs dense",
+]
+
+
+# --- MLX dispatch variants (bound onto an instance of our LlamaMLP) ---------------------------
+
+
+def _sorted_pairs(mlp, x_flat, idx):
+    flat_expert = idx.flatten()  # (N * k,)
+    order = mx.stop_gradient(mx.argsort(flat_expert))
+    return order, x_flat[order // mlp.top_k], flat_expert[order]
+
+
+def _unsort(mlp, out, order, idx, weights):
+    out = out[mx.argsort(order)].reshape(*idx.shape, -1)  # (N, k, D)
+    return (out * weights[..., None]).sum(axis=1)
+
+
+def dispatch_gather_3d(mlp, x_flat, idx, weights):
+    """Ours with the gathered rows made (P, 1, D) by the gather itself, `x[tok[:, None]]`,
+    instead of `x[tok][:, None]`: the expand_dims view is far slower in CPU gather_mm."""
+    order = mx.stop_gradient(mx.argsort(idx.flatten()))
+    out = mlp.routed_experts(x_flat[(order // mlp.top_k)[:, None]], idx.flatten()[order])[:, 0]
+    return _unsort(mlp, out, order, idx, weights)
+
+
+def dispatch_gather_unflagged(mlp, x_flat, idx, weights):
+    """Ours with `sorted_indices=False`: same sort, same gather_mm, no flag."""
+    order, xs, experts = _sorted_pairs(mlp, x_flat, idx)
+    e = mlp.routed_experts
+
+    def linear(layer, h):
+        return mx.gather_mm(h, layer.weight.swapaxes(-1, -2), rhs_indices=experts)
+
+    xs = xs[:, None]
+    out = linear(e.down_proj, nn.silu(linear(e.gate_proj, xs)) * linear(e.up_proj, xs))[:, 0]
+    return _unsort(mlp, out, order, idx, weights)
+
+
+def dispatch_expert_slices(mlp, x_flat, idx, weights):
+    """One dense matmul chain per expert over its contiguous slice of the sorted pairs
+    (the counts are read on the host: eager only, like the torch model's dispatch)."""
+    order, xs, experts = _sorted_pairs(mlp, x_flat, idx)
+    counts = (experts[:, None] == mx.arange(mlp.num_experts)).sum(0).tolist()
+    e, outs, start = mlp.routed_experts, [], 0
+    for i, count in enumerate(counts):
+        if count:
+            seg = xs[start : start + count]
+            h = nn.silu(seg @ e.gate_proj.weight[i].T) * (seg @ e.up_proj.weight[i].T)
+            outs.append(h @ e.down_proj.weight[i].T)
+        start += count
+    return _unsort(mlp, mx.concatenate(outs), order, idx, weights)
+
+
+# --- layers ----------------------------------------------------------------------------------
+
+
+def mlx_layers(cfg: ModelConfig) -> dict[str, tuple[nn.Module, bool]]:
+    """name -> (module, compilable); every module maps (B, T, D) -> y (or (y, ...))."""
+    from mlx_lm.models import deepseek_v3
+
+    from customllm_mlx.model import DeepSeekExpertLayer, LlamaMLP
+
+    layers = {
+        "dense SwiGLU (3I)": (DeepSeekExpertLayer(cfg.hidden_size, 3 * cfg.intermediate_size), True)
+    }
+    layers["customllm MoE"] = (LlamaMLP(cfg), True)
+    for label, fn in (
+        ("3-D gather", dispatch_gather_3d),
+        ("gather_mm unflagged", dispatch_gather_unflagged),
+        ("per-expert slices", dispatch_expert_slices),
+    ):
+        mlp = LlamaMLP(cfg)
+        mlp.dispatch = types.MethodType(fn, mlp)
+        layers[f"customllm MoE ({label})"] = (mlp, fn is not dispatch_expert_slices)
+    peer = deepseek_v3.DeepseekV3MoE(deepseek_v3.ModelArgs(**bc.peer_kwargs(cfg)))
+    peer.gate.weight = cfg.initializer_range * mx.random.normal(peer.gate.weight.shape)
+    peer.gate.freeze(keys=["e_score_correction_bias"], recurse=False)
+    layers["mlx_lm DeepseekV3MoE"] = (peer, True)
+    for module, _ in layers.values():
+        if isinstance(module, LlamaMLP):  # same N(0, 0.02) weights as the model's init
+            module.update(
+                nn.utils.tree_map(
+                    lambda w: (
+                        cfg.initializer_range * mx.random.normal(w.shape) if w.ndim > 1 else w
+                    ),
+                    module.parameters(),
+                )
+            )
+        mx.eval(module.parameters())
+    return layers
+
+
+def mlx_fns(module: nn.Module, x: mx.array, cot: mx.array, compiled: bool):
+    def output(module, x):
+        y = module(x)
+        return y[0] if isinstance(y, tuple) else y
+
+    def loss(module, x):
+        return (output(module, x) * cot).sum()
+
+    grad = nn.value_and_grad(module, loss)
+    fwd = lambda x: output(module, x)  # noqa: E731
+    bwd = lambda x: grad(module, x)  # noqa: E731
+    if compiled:  # outputs too: value_and_grad leaves its traced parameters in the module
+        state = module.state
+        fwd = mx.compile(fwd, inputs=state, outputs=state)
+        bwd = mx.compile(bwd, inputs=state, outputs=state)
+    return (lambda: mx.eval(fwd(x))), (lambda: mx.eval(bwd(x)))
+
+
+def torch_layers(cfg: ModelConfig) -> dict[str, torch.nn.Module]:
+    from customllm_torch.model import DeepSeekExpertLayer, LlamaMLP
+
+    one_layer = dataclasses.replace(cfg, num_hidden_layers=1)
+    peer = bc.build_torch_peer(one_layer).model.layers[0].mlp  # its experts implementation
+    layers = {
+        "dense SwiGLU (3I)": DeepSeekExpertLayer(cfg.hidden_size, 3 * cfg.intermediate_size),
+        "customllm MoE": LlamaMLP(cfg),
+        "hf DeepseekV3MoE": peer,
+    }
+    with torch.no_grad():
+        for module in layers.values():
+            for p in module.parameters():
+                p.normal_(0.0, cfg.initializer_range)
+    return layers
+
+
+def torch_fns(module: torch.nn.Module, x: torch.Tensor, cot: torch.Tensor):
+    def output():
+        y = module(x)
+        return y[0] if isinstance(y, tuple) else y
+
+    def fwd():
+        with torch.no_grad():
+            output()
+
+    def bwd():
+        (output() * cot).sum().backward()
+        module.zero_grad(set_to_none=True)
+
+    return fwd, bwd
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    bc.add_model_args(parser)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--only", default=None, help="comma-separated name substrings")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+
+    cfg = bc.make_config(args)
+    shape = (args.batch, args.seq_len, cfg.hidden_size)
+    rng = np.random.default_rng(0)
+    x_np, cot_np = rng.standard_normal(shape, np.float32), rng.standard_normal(shape, np.float32)
+    mx.random.seed(0)
+    torch.manual_seed(0)
+    fns, meta = {}, {}
+    for name, (module, compilable) in mlx_layers(cfg).items():
+        for mode in ("eager", "compiled") if compilable else ("eager",):
+            key = f"{name}/mlx/{mode}"
+            if bc.wants(key, args.only):
+                fwd, bwd = mlx_fns(module, mx.array(x_np), mx.array(cot_np), mode == "compiled")
+                fns[key + "/fwd"], fns[key + "/bwd"] = fwd, bwd
+                meta[key] = (name, "mlx", mode)
+    for name, module in torch_layers(cfg).items():
+        key = f"{name}/torch/eager"
+        if bc.wants(key, args.only):
+            fwd, bwd = torch_fns(module, torch.from_numpy(x_np), torch.from_numpy(cot_np))
+            fns[key + "/fwd"], fns[key + "/bwd"] = fwd, bwd
+            meta[key] = (name, "torch", "eager")
+    times = bc.interleaved_times(fns, args.warmup, args.repeats)
+
+    tokens = args.batch * args.seq_len
+    rows = []
+    for key, (name, framework, mode) in meta.items():
+        fwd, bwd = bc.median(times[key + "/fwd"]), bc.median(times[key + "/bwd"])
+        rows.append(
+            {
+                "name": key,
+                "layer": name,
+                "framework": framework,
+                "mode": mode,
+                "fwd_ms": 1e3 * fwd,
+                "fwd_bwd_ms": 1e3 * bwd,
+                "tokens_per_s": tokens / bwd,
+            }
+        )
+    for row in rows:
+        dense = next(
+            (
+                r
+                for r in rows
+                if r["layer"].startswith("dense")
+                and r["framework"] == row["framework"]
+                and r["mode"] == row["mode"]
+            ),
+            None,
+        )
+        row["fwd_vs_dense"] = dense and row["fwd_ms"] / dense["fwd_ms"]
+        row["fwd_bwd_vs_dense"] = dense and row["fwd_bwd_ms"] / dense["fwd_bwd_ms"]
+
+    def ratio(x):
+        return f"{x:.2f}x" if x else "-"
+
+    table = bc.markdown_table(
+        HEADERS,
+        [
+            [
+                r["layer"],
+                r["framework"],
+                r["mode"],
+                f"{r['fwd_ms']:.2f}",
+                f"{r['fwd_bwd_ms']:.2f}",
+                f"{r['tokens_per_s']:,.0f}",
+                ratio(r["fwd_vs_dense"]),
+                ratio(r["fwd_bwd_vs_dense"]),
+            ]
+            for r in rows
+        ],
+    )
+    print(
+        f"\n## MoE layer vs dense SwiGLU: preset {args.preset}, {tokens} tokens "
+        f"(batch {args.batch} x seq {args.seq_len}), median of {args.repeats} interleaved\n"
+    )
+    print(table)
+    for r in rows:
+        if r["layer"] == "customllm MoE":
+            print(
+                f"dispatch overhead ratio ({r['framework']}, {r['mode']}): fwd "
+                f"{ratio(r['fwd_vs_dense'])}, fwd+bwd {ratio(r['fwd_bwd_vs_dense'])}"
+            )
+    result = {
+        "benchmark": "moe",
+        "args": vars(args),
+        "config": cfg.to_dict(),
+        "machine": bc.machine_info(),
+        "rows": rows,
+        "table": table,
+    }
+    bc.write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

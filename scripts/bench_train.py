@@ -1,0 +1,295 @@
+"""Training throughput: CustomLLM (MLX and torch, eager and compiled) against DeepSeek-V3 peers.
+
+One step = forward + backward + AdamW update (+ our expert-bias update) on random tokens.
+Rows: tokens/s, median ms/step over --steps interleaved repeats, peak memory (params and
+optimizer state, counted, plus the step's peak resident growth), and MFU against the float32
+GEMM peak of the same framework measured in the same run (see `train_flops_per_token`).
+
+    python scripts/bench_train.py --preset tiny --json bench_train.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bench_common as bc  # noqa: E402  (imports customllm_mlx before mlx.core)
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+
+from customllm.config import ModelConfig  # noqa: E402
+
+OURS, MLX_PEER, TORCH_PEER = "customllm", "mlx_lm deepseek_v3", "hf DeepseekV3"
+HEADERS = ["system", "framework", "mode", "tokens/s", "ms/step", "peak mem", "MFU", "vs peer"]
+
+
+@dataclass
+class System:
+    name: str
+    system: str
+    framework: str
+    mode: str
+    run: Any  # one synchronous training step
+    state_bytes: Any  # () -> bytes of parameters + optimizer state
+    active: int  # active parameters per token
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# --- MLX -------------------------------------------------------------------------------------
+
+
+def mlx_state_bytes(*trees) -> int:
+    return sum(v.nbytes for tree in trees for _, v in tree_flatten(tree) if isinstance(v, mx.array))
+
+
+def mlx_system(system: str, cfg: ModelConfig, ids: np.ndarray, mode: str, lr: float) -> System:
+    """`mode`: eager | compiled, with "-stdce" for mlx.nn.losses.cross_entropy in our model."""
+    inputs = mx.array(ids)
+    if system == OURS:
+        from customllm_mlx.model import CustomLLM, causal_lm_loss
+
+        model = CustomLLM(cfg)
+        standard_ce = mode.endswith("-stdce")
+
+        def loss_fn(model, inputs):
+            logits, aux, load = model(inputs, return_aux=True)
+            if standard_ce:
+                lm = nn.losses.cross_entropy(logits[:, :-1].astype(mx.float32), inputs[:, 1:])
+                lm = lm.mean()
+            else:
+                lm = causal_lm_loss(logits, inputs)
+            return lm + aux, load
+    else:
+        model = bc.build_mlx_peer(cfg)
+
+        def loss_fn(model, inputs):  # what mlx_lm's trainer does (default_loss)
+            logits = model(inputs)[:, :-1]
+            return nn.losses.cross_entropy(logits, inputs[:, 1:]).mean(), None
+
+    model.train()
+    optimizer = optim.AdamW(learning_rate=lr)
+    optimizer.init(model.trainable_parameters())
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+
+    def step(inputs):
+        (loss, load), grads = loss_and_grad(model, inputs)
+        optimizer.update(model, grads)
+        if load is not None:
+            model.update_expert_bias(load)
+        return loss
+
+    if mode.startswith("compiled"):
+        state = [model.state, optimizer.state, mx.random.state]
+        step = mx.compile(step, inputs=state, outputs=state)
+
+    def run():
+        loss = step(inputs)
+        mx.eval(loss, model.state, optimizer.state)
+
+    sizes = bc.named_sizes_mlx(model)
+    return System(
+        name=f"{system}/mlx/{mode}",
+        system=system,
+        framework="mlx",
+        mode=mode,
+        run=run,
+        state_bytes=lambda: mlx_state_bytes(model.parameters(), optimizer.state),
+        active=bc.active_params(sizes, cfg.n_routed_experts, cfg.num_experts_per_tok),
+    )
+
+
+# --- torch -----------------------------------------------------------------------------------
+
+
+def torch_system(system: str, cfg: ModelConfig, ids: np.ndarray, mode: str, lr: float) -> System:
+    inputs = torch.from_numpy(ids).long()
+    if system == OURS:
+        from customllm_torch.model import CustomLLM
+
+        model = CustomLLM(cfg)
+    else:
+        model = bc.build_torch_peer(cfg)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    forward = torch.compile(model) if mode == "compiled" else model
+
+    def run():
+        out = forward(inputs, labels=inputs)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if system == OURS:
+            model.update_expert_bias(out.expert_load)
+
+    info: dict[str, Any] = {}
+    if mode == "compiled":  # compile now, so the warm-up is not charged the compile time
+        tic = time.perf_counter()
+        run()
+        info["compile_s"] = round(time.perf_counter() - tic, 1)
+    sizes = bc.named_sizes_torch(model)
+
+    def state_bytes():
+        opt = optimizer.state.values()
+        return sum(p.nbytes for p in model.parameters()) + sum(
+            t.nbytes for s in opt for t in s.values() if torch.is_tensor(t)
+        )
+
+    return System(
+        name=f"{system}/torch/{mode}",
+        system=system,
+        framework="torch",
+        mode=mode,
+        run=run,
+        state_bytes=state_bytes,
+        active=bc.active_params(sizes, cfg.n_routed_experts, cfg.num_experts_per_tok),
+        info=info,
+    )
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def build_systems(args, cfg: ModelConfig, ids: np.ndarray) -> tuple[list[System], list[dict]]:
+    plan = [
+        (mlx_system, OURS, "eager"),
+        (mlx_system, OURS, "compiled"),
+        (mlx_system, OURS, "eager-stdce"),
+        (mlx_system, OURS, "compiled-stdce"),
+        (mlx_system, MLX_PEER, "eager"),
+        (mlx_system, MLX_PEER, "compiled"),
+        (torch_system, OURS, "eager"),
+        (torch_system, TORCH_PEER, "eager"),
+    ]
+    if args.torch_compile:
+        plan += [(torch_system, OURS, "compiled"), (torch_system, TORCH_PEER, "compiled")]
+    systems, skipped = [], []
+    for make, system, mode in plan:
+        framework = "mlx" if make is mlx_system else "torch"
+        name = f"{system}/{framework}/{mode}"
+        if not bc.wants(name, args.only):
+            continue
+        try:
+            mx.random.seed(0)
+            torch.manual_seed(0)
+            systems.append(make(system, cfg, ids, mode, args.lr))
+        except Exception as err:  # a peer or compiler that fails here is reported, not fatal
+            skipped.append({"name": name, "reason": f"{type(err).__name__}: {err}"[:300]})
+            print(f"skipped {name}: {skipped[-1]['reason']}", file=sys.stderr)
+    return systems, skipped
+
+
+def peer_of(row: dict, rows: list[dict]) -> dict | None:
+    if row["system"] != OURS:
+        return None
+    peer = MLX_PEER if row["framework"] == "mlx" else TORCH_PEER
+    candidates = {r["mode"]: r for r in rows if r["system"] == peer}
+    return candidates.get(row["mode"].removesuffix("-stdce")) or candidates.get("eager")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    bc.add_model_args(parser)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per system (>= 10)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--gemm-n", type=int, default=2048, help="GEMM peak matrix size")
+    parser.add_argument("--only", default=None, help="comma-separated name substrings")
+    parser.add_argument(
+        "--torch-compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also run torch.compile rows (off by default: minutes of compiling on CPU)",
+    )
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args(argv)
+
+    cfg = bc.make_config(args, max_position_embeddings=max(1024, args.seq_len))
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq_len))
+    tokens = args.batch * args.seq_len
+    systems, skipped = build_systems(args, cfg, ids)
+    times = bc.interleaved_times({s.name: s.run for s in systems}, args.warmup, args.steps)
+    peaks = {s.name: bc.step_peak_bytes(s.run) for s in systems}
+    gemm = {
+        fw: bc.gemm_peak_flops(fw, args.gemm_n) for fw in sorted({s.framework for s in systems})
+    }
+
+    rows = []
+    for s in systems:
+        step_s = bc.median(times[s.name])
+        flops = bc.train_flops_per_token(s.active, cfg, args.seq_len)
+        rows.append(
+            {
+                "name": s.name,
+                "system": s.system,
+                "framework": s.framework,
+                "mode": s.mode,
+                "tokens_per_s": tokens / step_s,
+                "ms_per_step": 1e3 * step_s,
+                "step_ms": [round(1e3 * t, 2) for t in times[s.name]],
+                "peak_mem_bytes": s.state_bytes() + peaks[s.name],
+                "state_bytes": s.state_bytes(),
+                "step_peak_rss_growth_bytes": peaks[s.name],
+                "active_params": s.active,
+                "flops_per_token": flops,
+                "mfu": flops * tokens / step_s / gemm[s.framework],
+                **s.info,
+            }
+        )
+    for row in rows:
+        peer = peer_of(row, rows)
+        row["peer"] = peer and peer["name"]
+        row["ratio_to_peer"] = peer and row["tokens_per_s"] / peer["tokens_per_s"]
+
+    table = bc.markdown_table(
+        HEADERS,
+        [
+            [
+                r["system"],
+                r["framework"],
+                r["mode"],
+                f"{r['tokens_per_s']:,.0f}",
+                f"{r['ms_per_step']:.1f}",
+                bc.fmt_bytes(r["peak_mem_bytes"]),
+                f"{100 * r['mfu']:.1f}%",
+                f"{r['ratio_to_peer']:.2f}x" if r["ratio_to_peer"] else "-",
+            ]
+            for r in rows
+        ],
+    )
+    print(
+        f"\n## Training: preset {args.preset}, batch {args.batch} x seq {args.seq_len}, "
+        f"median of {args.steps} interleaved steps after {args.warmup} warm-up\n"
+    )
+    print(table)
+    print(
+        "\nfloat32 GEMM peak: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in gemm.items())
+    )
+    for s in skipped:
+        print(f"skipped {s['name']}: {s['reason']}")
+    result = {
+        "benchmark": "train",
+        "args": vars(args),
+        "config": cfg.to_dict(),
+        "machine": bc.machine_info(),
+        "gemm_peak_flops": gemm,
+        "rows": rows,
+        "skipped": skipped,
+        "table": table,
+    }
+    bc.write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
