@@ -21,7 +21,16 @@ from customllm.config import ModelConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-ATTN_PROJECTIONS = ("kv_proj_d", "q_proj_d", "k_proj_u", "v_proj_u", "q_proj_u", "rope_k", "rope_q", "o_proj")
+ATTN_PROJECTIONS = (
+    "kv_proj_d",
+    "q_proj_d",
+    "k_proj_u",
+    "v_proj_u",
+    "q_proj_u",
+    "rope_k",
+    "rope_q",
+    "o_proj",
+)
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # mlx_lm builds a model from a folder's `model_file` (with trust_remote_code=True); this shim
 # only points it at the installed customllm_mlx package.

@@ -86,7 +86,9 @@ class ModelConfig:
                 f"n_routed_experts={self.n_routed_experts}"
             )
         if self.router_score not in ("sigmoid", "softmax"):
-            raise ValueError(f"router_score must be 'sigmoid' or 'softmax', got {self.router_score!r}")
+            raise ValueError(
+                f"router_score must be 'sigmoid' or 'softmax', got {self.router_score!r}"
+            )
         for name in ("embd_dropout", "attn_dropout", "mlp_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")

@@ -29,7 +29,9 @@ class CustomLLMConfig(PretrainedConfig):
         for name in names - {"eos_token_id", "bos_token_id"}:
             setattr(self, name, getattr(config, name))
         kwargs.setdefault("tie_word_embeddings", False)
-        super().__init__(eos_token_id=config.eos_token_id, bos_token_id=config.bos_token_id, **kwargs)
+        super().__init__(
+            eos_token_id=config.eos_token_id, bos_token_id=config.bos_token_id, **kwargs
+        )
 
     @classmethod
     def from_model_config(cls, config: ModelConfig) -> CustomLLMConfig:
@@ -406,7 +408,9 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
     return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=-100,
     )
 
 
