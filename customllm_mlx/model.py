@@ -161,11 +161,16 @@ class MultiHeadLatentAttention(nn.Module):
         w_uk = self.k_proj_u.weight.reshape(H, self.nope_dim, L)
         w_uv = self.v_proj_u.weight.reshape(H, self.v_dim, L)
         q_latent = q_nope @ w_uk[None]  # (B, H, T, L)
-        q = mx.concatenate([q_latent, q_rope], axis=-1)
-        c_kv = c_kv[:, None]  # (B, 1, S, L): one latent "head" shared by all query heads
-        k = mx.concatenate([mx.broadcast_to(c_kv, (*k_rope.shape[:3], L)), k_rope], axis=-1)
+        # The per-head rope scores go in as an additive mask, so SDPA sees the latent as ONE
+        # key/value head shared by all query heads (no per-head copy of the cache).
+        rope_scores = (q_rope * self.scale) @ k_rope.swapaxes(-1, -2)  # (B, H, T, S)
+        if mask == "causal":
+            T, S = rope_scores.shape[-2:]
+            allowed = mx.arange(S)[None] <= mx.arange(S - T, S)[:, None]
+            rope_scores = mx.where(allowed, rope_scores, -mx.inf)
+        c_kv = c_kv[:, None]  # (B, 1, S, L)
         out_latent = mx.fast.scaled_dot_product_attention(
-            q, k, mx.broadcast_to(c_kv, (*k_rope.shape[:3], L)), scale=self.scale, mask=mask
+            q_latent, c_kv, c_kv, scale=self.scale, mask=rope_scores.astype(q_latent.dtype)
         )
         return out_latent @ w_uv.transpose(0, 2, 1)[None]  # (B, H, T, v_dim)
 
@@ -266,7 +271,8 @@ class LlamaMLP(nn.Module):
         flat_expert = idx.flatten()  # (N * k,)
         order = mx.stop_gradient(mx.argsort(flat_expert))
         token_of_pair = order // self.top_k
-        out = self.routed_experts(x_flat[token_of_pair][:, None], flat_expert[order])[:, 0]
+        # gather as (P, 1, D) directly: x[idx][:, None] sends CPU gather_mm down a slow path
+        out = self.routed_experts(x_flat[token_of_pair[:, None]], flat_expert[order])[:, 0]
         out = out[mx.argsort(order)].reshape(*idx.shape, -1)  # back to (N, k, D)
         return (out * weights[..., None]).sum(axis=1)
 

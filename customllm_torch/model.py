@@ -404,13 +404,13 @@ class CustomLLM(PreTrainedModel, GenerationMixin):
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Logits at t predict token t+1: mean cross entropy over labels != -100."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
+    """Logits at t predict token t+1: mean cross entropy over labels != -100.
+
+    The labels are shifted (the last position gets -100) rather than the logits sliced, which
+    would copy the (B, T, vocab) logits."""
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
     return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]),
-        shift_labels.reshape(-1),
-        ignore_index=-100,
+        logits.float().reshape(-1, logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100
     )
 
 
