@@ -26,9 +26,10 @@ def init_options(command: Callable) -> Callable:
         ),
         click.option(
             "--tokenizer",
-            default=DEFAULT_TOKENIZER,
-            show_default=True,
-            help="Tokenizer folder or hub name (tiny/small presets take its vocabulary size).",
+            default=None,
+            help=f"Tokenizer folder or hub name (tiny/small presets take its vocabulary size). "
+            f"Default: {DEFAULT_TOKENIZER}; when the hub cannot be reached, the folder is "
+            "written without tokenizer files.",
         ),
         click.option("--seed", default=0, show_default=True, type=int),
         click.option(
@@ -46,10 +47,11 @@ def init_options(command: Callable) -> Callable:
 
 
 def prepare_init(
-    preset: str | None, config_file: str | None, out: str, tokenizer: str, force: bool
+    preset: str | None, config_file: str | None, out: str, tokenizer: str | None, force: bool
 ) -> tuple[ModelConfig, Any, Path]:
-    """The config (with the tokenizer's vocabulary and EOS/BOS ids), the tokenizer and the
-    output folder of an `init` command; click errors for bad input."""
+    """The config (with the tokenizer's vocabulary and EOS/BOS ids), the tokenizer (None when
+    the default one cannot be loaded) and the output folder of an `init` command; click errors
+    for bad input."""
     from customllm.training import TrainConfig, TrainingError, check_model_fits, new_model_config
 
     if (preset is None) == (config_file is None):
@@ -58,13 +60,19 @@ def prepare_init(
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise click.ClickException(f"{out_dir} already holds files; pass --force to replace it")
     try:  # the config's own errors first: no tokenizer is loaded for a bad preset or file
-        ModelConfig.from_preset(preset) if preset else ModelConfig.from_json(config_file)
+        config = ModelConfig.from_preset(preset) if preset else ModelConfig.from_json(config_file)
     except (ValueError, TypeError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from err
     try:
-        tok = load_tokenizer(tokenizer)
+        tok = load_tokenizer(tokenizer or DEFAULT_TOKENIZER)
     except Exception as err:
+        if tokenizer is None:  # the default only: say so and write the weights without it
+            click.echo(
+                f"warning: no tokenizer files written ({err}); pass --tokenizer PATH", err=True
+            )
+            return config, None, out_dir
         raise click.ClickException(f"cannot load tokenizer {tokenizer!r}: {err}") from err
+    tokenizer = tokenizer or DEFAULT_TOKENIZER
     try:
         config = new_model_config(TrainConfig(preset=preset or "small", config=config_file), tok)
         check_model_fits(config, tok, 1)

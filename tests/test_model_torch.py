@@ -512,3 +512,19 @@ def test_cli_init_errors_are_clear(tmp_path, cosmo2_path):
 
     result = runner.invoke(cli_main, ["init", "--out", str(tmp_path / "m")])
     assert result.exit_code == 2 and "exactly one of --preset" in result.output
+
+
+def test_cli_init_without_hub_writes_the_model_and_says_the_tokenizer_is_missing(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without the hub
+    result = CliRunner().invoke(
+        cli_main, ["init", "--preset", "tiny", "--out", str(tmp_path / "m")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "no tokenizer files written" in result.output and "--tokenizer" in result.output
+    model, tokenizer = customllm_torch.load(tmp_path / "m")
+    assert (
+        tokenizer is None
+        and model.num_parameters() == ModelConfig.from_preset("tiny").num_parameters()
+    )
