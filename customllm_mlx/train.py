@@ -28,13 +28,12 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from customllm.checkpoint import atomic_folder
 from customllm.data import StreamDataset, eval_batches
+from customllm.metrics import METRICS_NAME, MetricsLogger, plot_metrics, require_matplotlib
 from customllm.tokenizer import load_tokenizer
 from customllm.training import (
     ADAMW_BETAS,
     ADAMW_EPS,
-    METRICS_NAME,
     CheckpointError,
-    MetricsLogger,
     StopSignal,
     TrainConfig,
     TrainingError,
@@ -48,7 +47,6 @@ from customllm.training import (
     latest_checkpoint,
     lr_at,
     new_model_config,
-    plot_metrics,
     read_training_state,
     resolve_resume,
     rotate_checkpoints,
@@ -242,6 +240,8 @@ def build_model(cfg: TrainConfig, resume: Path | None, tokenizer) -> CustomLLM:
 
 def run_training(cfg: TrainConfig, stream=None) -> Path | None:
     """Train (or resume) per `cfg`; returns the last checkpoint folder."""
+    if cfg.plot:
+        require_matplotlib()  # before training, not after it
     world = mx.distributed.init()
     rank, world_size = world.rank(), world.size()
     out = Path(cfg.out)

@@ -28,13 +28,12 @@ from transformers import logging as hf_logging
 from customllm.checkpoint import atomic_folder
 from customllm.config import ModelConfig
 from customllm.data import StreamDataset, eval_batches
+from customllm.metrics import METRICS_NAME, MetricsLogger, plot_metrics, require_matplotlib
 from customllm.tokenizer import load_tokenizer
 from customllm.training import (
     ADAMW_BETAS,
     ADAMW_EPS,
-    METRICS_NAME,
     CheckpointError,
-    MetricsLogger,
     StopSignal,
     TrainConfig,
     TrainingError,
@@ -48,9 +47,7 @@ from customllm.training import (
     latest_checkpoint,
     lr_at,
     new_model_config,
-    plot_metrics,
     read_training_state,
-    require_matplotlib,
     resolve_resume,
     rotate_checkpoints,
     tokenizer_source,

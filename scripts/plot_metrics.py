@@ -13,7 +13,8 @@ from pathlib import Path
 
 import click
 
-from customllm.training import TrainingError, plot_metrics
+from customllm.metrics import plot_metrics
+from customllm.training import TrainingError
 
 
 @click.command()

@@ -26,16 +26,14 @@ from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
 from customllm.config import ModelConfig
+from customllm.metrics import EVAL_RECORD_KEYS, TRAIN_RECORD_KEYS, read_metrics
 from customllm.tokenizer import load_tokenizer
 from customllm.training import (
-    EVAL_RECORD_KEYS,
-    TRAIN_RECORD_KEYS,
     CheckpointError,
     NonFiniteLossError,
     TrainConfig,
     TrainingError,
     lr_at,
-    read_metrics,
     resolve_resume,
 )
 from customllm_mlx import train as train_mod

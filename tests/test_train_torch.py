@@ -24,14 +24,12 @@ from safetensors.torch import load_file
 import customllm_torch.train as torch_train
 from customllm.config import ModelConfig
 from customllm.data import StreamDataset
+from customllm.metrics import EVAL_RECORD_KEYS, TRAIN_RECORD_KEYS, read_metrics
 from customllm.training import (
-    EVAL_RECORD_KEYS,
-    TRAIN_RECORD_KEYS,
     NonFiniteLossError,
     TrainConfig,
     latest_checkpoint,
     list_checkpoints,
-    read_metrics,
     read_training_state,
     resolve_resume,
 )

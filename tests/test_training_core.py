@@ -18,11 +18,16 @@ import pytest
 from click.testing import CliRunner
 from safetensors.numpy import save_file
 
-from customllm.training import (
+from customllm.metrics import (
     EVAL_RECORD_KEYS,
     TRAIN_RECORD_KEYS,
-    CheckpointError,
     MetricsLogger,
+    expert_imbalance,
+    plot_metrics,
+    read_metrics,
+)
+from customllm.training import (
+    CheckpointError,
     NonFiniteLossError,
     StopSignal,
     TrainConfig,
@@ -34,13 +39,10 @@ from customllm.training import (
     checkpoint_dir,
     config_differences,
     decays,
-    expert_imbalance,
     latest_checkpoint,
     list_checkpoints,
     lr_at,
     new_model_config,
-    plot_metrics,
-    read_metrics,
     resolve_resume,
     rotate_checkpoints,
     train_options,
