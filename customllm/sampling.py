@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import click
@@ -243,3 +243,20 @@ def check_request(model_dir: str, tokenizer: Any, config: Any, prompt: str, opti
         )
     except ValueError as err:
         raise click.ClickException(str(err)) from err
+
+
+def stream_text(responses: Iterable[Any], verbose: bool) -> str:
+    """Join the responses' text. With `verbose`, stream it between `==========` lines and print
+    the prompt/generation speed and peak memory lines of `mlx_lm.generate`."""
+    if verbose:
+        print(SEPARATOR, flush=True)
+    text, response = "", None
+    for response in responses:
+        if verbose:
+            print(response.text, end="", flush=True)
+        text += response.text
+    if verbose:
+        print()
+        print(SEPARATOR)
+        print(format_stats(response), flush=True)
+    return text

@@ -27,15 +27,14 @@ from customllm.sampling import (
     DEFAULT_PREFILL_STEP_SIZE,
     DEFAULT_REPETITION_CONTEXT_SIZE,
     ROTATING_KEEP,
-    SEPARATOR,
     StreamingDetokenizer,
     check_request,
     encode_prompt,
-    format_stats,
     generate_options,
     generation_budget,
     peak_rss_gb,
     read_prompt,
+    stream_text,
     validate_max_kv_size,
     validate_sampling,
 )
@@ -292,20 +291,8 @@ def stream_generate(
 def generate(
     model: CustomLLM, tokenizer: Any, prompt: str | list[int], verbose: bool = False, **kwargs
 ) -> str:
-    """The whole response text. With `verbose`, stream it between `==========` lines and print
-    the prompt/generation speed and peak memory lines of `mlx_lm.generate`."""
-    if verbose:
-        print(SEPARATOR, flush=True)
-    text, response = "", None
-    for response in stream_generate(model, tokenizer, prompt, **kwargs):
-        if verbose:
-            print(response.text, end="", flush=True)
-        text += response.text
-    if verbose:
-        print()
-        print(SEPARATOR)
-        print(format_stats(response), flush=True)
-    return text
+    """The whole response text; with `verbose`, streamed and followed by the stats lines."""
+    return stream_text(stream_generate(model, tokenizer, prompt, **kwargs), verbose)
 
 
 # --- `customllm-torch generate` --------------------------------------------------------------
