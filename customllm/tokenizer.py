@@ -200,3 +200,13 @@ def train_tokenizer(
     out.mkdir(parents=True, exist_ok=True)
     wrapped.save_pretrained(str(out))
     return load_tokenizer(out.resolve())
+
+
+def load_folder_tokenizer(folder: str | os.PathLike) -> PreTrainedTokenizerFast | None:
+    """The tokenizer saved in a model folder, or None when the folder holds no tokenizer files."""
+    from customllm.checkpoint import TOKENIZER_FILES
+
+    folder = Path(folder)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    return load_tokenizer(folder)

@@ -13,7 +13,6 @@ import mlx.core as mx
 
 from customllm.checkpoint import (
     CONFIG_NAME,
-    TOKENIZER_FILES,
     check_weights,
     find_weights_file,
     ordered,
@@ -22,7 +21,7 @@ from customllm.checkpoint import (
     unstack_experts,
 )
 from customllm.config import ModelConfig
-from customllm.tokenizer import load_tokenizer
+from customllm.tokenizer import load_folder_tokenizer
 from customllm_mlx.model import CustomLLM
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -51,7 +50,7 @@ def load(path: str | Path, dtype: mx.Dtype | str | None = None) -> tuple[CustomL
     model.load_weights(list(model.sanitize(weights).items()), strict=True)
     mx.eval(model.parameters())
     model.eval()
-    return model, _load_folder_tokenizer(path)
+    return model, load_folder_tokenizer(path)
 
 
 def save(
@@ -95,9 +94,3 @@ def cast(key: str, value: mx.array, dtype: mx.Dtype) -> mx.array:
     if key.endswith("expert_bias") or not mx.issubdtype(value.dtype, mx.floating):
         return value
     return value.astype(dtype)
-
-
-def _load_folder_tokenizer(path: Path):
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        return None
-    return load_tokenizer(path)

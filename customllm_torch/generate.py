@@ -243,6 +243,19 @@ def stream_generate(
         logprobs = logits - logits.logsumexp(-1, keepdim=True)
         return sampler(logprobs), logprobs[0]
 
+    def response(n: int, finish_reason: str | None = None) -> GenerationResponse:
+        return GenerationResponse(
+            text=detokenizer.last_segment,
+            token=token,
+            logprobs=logprobs,
+            prompt_tokens=len(ids),
+            prompt_tps=prompt_tps,
+            generation_tokens=n + 1,
+            generation_tps=(n + 1) / (time.perf_counter() - tic),
+            peak_memory=peak_memory_gb(device),
+            finish_reason=finish_reason,
+        )
+
     tic = time.perf_counter()
     remaining = history
     while len(remaining) > 1:  # prefill all but the last prompt token, in chunks
@@ -264,28 +277,9 @@ def stream_generate(
         detokenizer.add_token(token)
         if n + 1 == max_tokens:
             break
-        yield GenerationResponse(
-            text=detokenizer.last_segment,
-            token=token,
-            logprobs=logprobs,
-            prompt_tokens=len(ids),
-            prompt_tps=prompt_tps,
-            generation_tokens=n + 1,
-            generation_tps=(n + 1) / (time.perf_counter() - tic),
-            peak_memory=peak_memory_gb(device),
-        )
+        yield response(n)
     detokenizer.finalize()
-    yield GenerationResponse(
-        text=detokenizer.last_segment,
-        token=token,
-        logprobs=logprobs,
-        prompt_tokens=len(ids),
-        prompt_tps=prompt_tps,
-        generation_tokens=n + 1,
-        generation_tps=(n + 1) / (time.perf_counter() - tic),
-        peak_memory=peak_memory_gb(device),
-        finish_reason="stop" if token in eos else "length",
-    )
+    yield response(n, finish_reason="stop" if token in eos else "length")
 
 
 def generate(

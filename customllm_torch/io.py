@@ -15,7 +15,6 @@ from torch import nn
 
 from customllm.checkpoint import (
     CONFIG_NAME,
-    TOKENIZER_FILES,
     check_weights,
     find_weights_file,
     ordered,
@@ -23,7 +22,7 @@ from customllm.checkpoint import (
     strip_wrapper_prefixes,
 )
 from customllm.config import ModelConfig
-from customllm.tokenizer import load_tokenizer
+from customllm.tokenizer import load_folder_tokenizer
 from customllm_torch.model import CustomLLM
 
 
@@ -53,7 +52,7 @@ def load(
     model.to_empty(device=device)
     model.load_state_dict(weights, strict=True)
     model.eval()
-    return model, _load_folder_tokenizer(path)
+    return model, load_folder_tokenizer(path)
 
 
 def save(
@@ -89,9 +88,3 @@ def unwrap(model: nn.Module) -> CustomLLM:
             raise TypeError(f"expected a CustomLLM, got {type(model).__name__}")
         model = inner
     return model
-
-
-def _load_folder_tokenizer(path: Path):
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        return None
-    return load_tokenizer(path)
