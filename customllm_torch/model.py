@@ -15,6 +15,7 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from customllm.config import MODEL_TYPE, ModelConfig
+from customllm_torch.loss import IGNORE_INDEX, linear_cross_entropy
 
 
 class CustomLLMConfig(PretrainedConfig):
@@ -343,8 +344,13 @@ class CustomLLM(PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         absorb: bool | None = None,
         logits_to_keep: int = 0,
+        return_logits: bool | None = None,
+        shift_labels: torch.LongTensor | None = None,
         **kwargs,
     ) -> CustomLLMOutput:
+        """`labels` as in transformers (shifted here), or `shift_labels` already shifted:
+        position t predicts shift_labels[:, t]. When training with labels, the loss is fused with
+        lm_head (`linear_cross_entropy`) and `logits` is None unless `return_logits=True`."""
         cache = kwargs.pop("past_key_values", None) if cache is None else cache
         if use_cache and cache is None:
             cache = LatentKVCache(len(self.decoder_layers))
@@ -363,12 +369,20 @@ class CustomLLM(PreTrainedModel, GenerationMixin):
             x, layer_aux, load = layer(x, pos, cache, absorb)
             aux_loss = aux_loss + layer_aux
             loads.append(load)
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        logits = self.lm_head(x)
-        loss = lm_loss = None
-        if labels is not None:
-            lm_loss = causal_lm_loss(logits, labels)
+        if shift_labels is None and labels is not None:
+            shift_labels = shifted(labels)
+        if return_logits is None:
+            return_logits = shift_labels is None or not (self.training and torch.is_grad_enabled())
+        logits = loss = lm_loss = None
+        if return_logits:
+            logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
+        if shift_labels is not None:
+            if logits is not None and not logits_to_keep:
+                lm_loss = next_token_loss(logits, shift_labels)
+            else:
+                lm_loss = linear_cross_entropy(
+                    x, self.lm_head.weight, self.lm_head.bias, shift_labels
+                )
             loss = lm_loss + aux_loss if self.training else lm_loss
         return CustomLLMOutput(
             loss=loss,
@@ -408,10 +422,19 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
     The labels are shifted (the last position gets -100) rather than the logits sliced, which
     would copy the (B, T, vocab) logits."""
-    shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
+    return next_token_loss(logits, shifted(labels))
+
+
+def next_token_loss(logits: torch.Tensor, shift_labels: torch.Tensor) -> torch.Tensor:
+    """Mean float32 cross entropy of logits (B, T, V) against already shifted labels (B, T)."""
     return F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100
+        logits.float().flatten(0, 1), shift_labels.flatten(), ignore_index=IGNORE_INDEX
     )
+
+
+def shifted(labels: torch.Tensor) -> torch.Tensor:
+    """The label each position predicts (the next one); -100 at the last position."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
 def register() -> None:

@@ -19,7 +19,6 @@ from typing import Any
 import click
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
@@ -61,11 +60,6 @@ from customllm_torch.model import CustomLLM
 # The Trainer's own files in a checkpoint, beside the canonical model folder.
 TRAINER_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json")
 DEVICES = ("auto", "cuda", "mps", "cpu")
-
-
-def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross entropy of logits (B, T, V) against the already shifted targets (B, T)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
 class StreamBatches(IterableDataset):
@@ -123,10 +117,10 @@ def evaluate_loss(model: CustomLLM, batches: list[np.ndarray], device, autocast)
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, tokens)
     for batch in batches:
         ids = torch.from_numpy(batch.astype(np.int64)).to(device)
-        with autocast():
-            logits = model(input_ids=ids[:, :-1]).logits
         targets = ids[:, 1:]
-        total[0] += next_token_loss(logits, targets).double() * targets.numel()
+        with autocast():
+            loss = model(input_ids=ids[:, :-1], shift_labels=targets).loss
+        total[0] += loss.double() * targets.numel()
         total[1] += targets.numel()
     model.train(was_training)
     total = _all_reduce(total)
@@ -180,9 +174,9 @@ class CustomLLMTrainer(Trainer):
         return DataLoader(self.train_dataset, batch_size=None, num_workers=0)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = model(input_ids=inputs["input_ids"])
-        lm_loss = next_token_loss(out.logits, inputs["targets"])
-        loss = lm_loss + out.aux_loss if model.training else lm_loss
+        # In training the model fuses lm_head with the loss (no logits); loss includes aux_loss.
+        out = model(input_ids=inputs["input_ids"], shift_labels=inputs["targets"])
+        loss, lm_loss = out.loss, out.lm_loss
         if model.training:
             self._loss_sum += lm_loss.detach()
             self._micro_batches += 1
