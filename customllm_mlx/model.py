@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from customllm.checkpoint import stack_experts, unstack_experts
 from customllm.config import ModelConfig
-from customllm_mlx.loss import cross_entropy
+from customllm_mlx.loss import cross_entropy, linear_cross_entropy
 
 ModelArgs = ModelConfig  # the name mlx_lm's loader looks for
 
@@ -345,6 +345,21 @@ class CustomLLM(nn.Module):
     ):
         """Logits (B, T, vocab); with `return_aux`, also the aux loss and the expert loads
         (num_layers, n_routed_experts)."""
+        x, aux_loss, load = self.hidden_states(inputs, cache, absorb)
+        logits = self.lm_head(x)
+        return (logits, aux_loss, load) if return_aux else logits
+
+    def training_loss(self, inputs: mx.array, shift_labels: mx.array):
+        """(LM loss, aux loss, expert loads) with lm_head fused into the loss
+        (`linear_cross_entropy`: no logits stored, gradients formed in the forward pass).
+        Position t predicts shift_labels[:, t]; -100 is ignored."""
+        x, aux_loss, load = self.hidden_states(inputs)
+        head = self.lm_head
+        bias = head["bias"] if "bias" in head else None
+        return linear_cross_entropy(x, head.weight, bias, shift_labels), aux_loss, load
+
+    def hidden_states(self, inputs, cache=None, absorb=None):
+        """The last decoder layer's output (B, T, hidden), the aux loss and the expert loads."""
         B, T = inputs.shape
         offset = 0 if cache is None else cache[0].offset
         if offset + T > self.model_config.max_position_embeddings:
@@ -360,10 +375,7 @@ class CustomLLM(nn.Module):
             x, layer_aux, load = layer(x, offset, None if cache is None else cache[i], absorb)
             aux_loss = aux_loss + layer_aux
             loads.append(load)
-        logits = self.lm_head(x)
-        if return_aux:
-            return logits, aux_loss, mx.stack(loads)
-        return logits
+        return x, aux_loss, mx.stack(loads)
 
     def update_expert_bias(self, load: mx.array) -> None:
         """Aux-loss-free balancing: bias_i += rate * sign(mean(load) - load_i), per layer.

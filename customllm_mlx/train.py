@@ -69,8 +69,7 @@ def next_token_loss(logits: mx.array, targets: mx.array) -> mx.array:
 
 def training_loss(model: CustomLLM, inputs: mx.array, targets: mx.array):
     """LM loss + the model's aux loss (what the gradient sees); also the LM loss and expert loads."""
-    logits, aux_loss, load = model(inputs, return_aux=True)
-    lm_loss = next_token_loss(logits, targets)
+    lm_loss, aux_loss, load = model.training_loss(inputs, targets)
     return lm_loss + aux_loss, (lm_loss, load)
 
 

@@ -52,17 +52,24 @@ def mlx_state_bytes(*trees) -> int:
 
 
 def mlx_system(system: str, cfg: ModelConfig, ids: np.ndarray, mode: str, lr: float) -> System:
-    """`mode`: eager | compiled, with "-stdce" for mlx.nn.losses.cross_entropy in our model."""
+    """`mode`: eager | compiled; ours trains with the fused lm_head + loss as `customllm-mlx
+    train` does, or with a suffix on the logits: "-logits" our `cross_entropy`, "-stdce"
+    mlx.nn.losses.cross_entropy."""
     inputs = mx.array(ids)
     if system == OURS:
         from customllm_mlx.model import CustomLLM, causal_lm_loss
 
         model = CustomLLM(cfg)
-        standard_ce = mode.endswith("-stdce")
+        loss_kind = mode.partition("-")[2]
 
         def loss_fn(model, inputs):
+            if not loss_kind:
+                last = mx.full((inputs.shape[0], 1), -100, inputs.dtype)  # all 256 positions, as
+                shift_labels = mx.concatenate([inputs[:, 1:], last], 1)  # the peer computes
+                lm, aux, load = model.training_loss(inputs, shift_labels)
+                return lm + aux, load
             logits, aux, load = model(inputs, return_aux=True)
-            if standard_ce:
+            if loss_kind == "stdce":
                 lm = nn.losses.cross_entropy(logits[:, :-1].astype(mx.float32), inputs[:, 1:])
                 lm = lm.mean()
             else:
@@ -110,6 +117,9 @@ def mlx_system(system: str, cfg: ModelConfig, ids: np.ndarray, mode: str, lr: fl
 # --- torch -----------------------------------------------------------------------------------
 
 
+LOGITS = {"return_logits": True}  # our torch model's unfused loss: full logits, F.cross_entropy
+
+
 def torch_system(system: str, cfg: ModelConfig, ids: np.ndarray, mode: str, lr: float) -> System:
     inputs = torch.from_numpy(ids).long()
     if system == OURS:
@@ -121,9 +131,10 @@ def torch_system(system: str, cfg: ModelConfig, ids: np.ndarray, mode: str, lr: 
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     forward = torch.compile(model) if mode == "compiled" else model
+    fused = not mode.endswith("-logits")  # ours: fused lm_head + loss, as the Trainer runs it
 
     def run():
-        out = forward(inputs, labels=inputs)
+        out = forward(inputs, labels=inputs, **({} if fused or system != OURS else LOGITS))
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -162,11 +173,12 @@ def build_systems(args, cfg: ModelConfig, ids: np.ndarray) -> tuple[list[System]
     plan = [
         (mlx_system, OURS, "eager"),
         (mlx_system, OURS, "compiled"),
-        (mlx_system, OURS, "eager-stdce"),
+        (mlx_system, OURS, "compiled-logits"),
         (mlx_system, OURS, "compiled-stdce"),
         (mlx_system, MLX_PEER, "eager"),
         (mlx_system, MLX_PEER, "compiled"),
         (torch_system, OURS, "eager"),
+        (torch_system, OURS, "eager-logits"),
         (torch_system, TORCH_PEER, "eager"),
     ]
     if args.torch_compile:
@@ -192,7 +204,7 @@ def peer_of(row: dict, rows: list[dict]) -> dict | None:
         return None
     peer = MLX_PEER if row["framework"] == "mlx" else TORCH_PEER
     candidates = {r["mode"]: r for r in rows if r["system"] == peer}
-    return candidates.get(row["mode"].removesuffix("-stdce")) or candidates.get("eager")
+    return candidates.get(row["mode"].partition("-")[0]) or candidates.get("eager")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,4 +1,4 @@
-"""The fast MLX cross entropy equals mlx.nn.losses.cross_entropy, values and gradients."""
+"""The fast MLX cross entropy and the fused lm_head + loss equal the unfused reference."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 nn = pytest.importorskip("mlx.nn")
 
-from customllm_mlx.loss import cross_entropy  # noqa: E402
+from customllm_mlx.loss import cross_entropy, linear_cross_entropy  # noqa: E402
 from customllm_mlx.model import causal_lm_loss  # noqa: E402
 
 
@@ -52,3 +52,88 @@ def test_causal_lm_loss_is_shifted_and_ignores_minus_100():
     assert abs(causal_lm_loss(logits, ids).item() - expected.item()) < 1e-5
     unshifted = nn.losses.cross_entropy(logits, mx.maximum(ids, 0)).mean()
     assert abs(causal_lm_loss(logits, ids).item() - unshifted.item()) > 1e-2
+
+
+def linear_leaves(n=37, d=24, v=300, seed=0):
+    mx.random.seed(seed)
+    h, w = mx.random.normal((n, d)), 0.3 * mx.random.normal((v, d))
+    b, labels = 0.5 * mx.random.normal((v,)), mx.random.randint(0, v, (n,))
+    labels[mx.array([3, 10, 11])] = -100
+    return h, w, b, labels
+
+
+def masked_reference(h, w, b, labels):
+    valid = labels != -100
+    ce = nn.losses.cross_entropy(h @ w.T + b, mx.where(valid, labels, 0), reduction="none")
+    return (ce * valid).sum() / valid.sum()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("chunk_rows", [1, 5, 16, 37, 64])
+def test_linear_cross_entropy_equals_unfused_values_and_gradients(bias, chunk_rows):
+    h, w, b, labels = linear_leaves()
+    if not bias:
+        b = mx.zeros_like(b)
+
+    def fused(h, w, b):
+        return 2.5 * linear_cross_entropy(h, w, b if bias else None, labels, chunk_rows)
+
+    def reference(h, w, b):
+        return 2.5 * masked_reference(h, w, b, labels)
+
+    ours = mx.value_and_grad(fused, argnums=(0, 1, 2))(h, w, b)
+    ref = mx.value_and_grad(reference, argnums=(0, 1, 2))(h, w, b)
+    assert abs(ours[0].item() - ref[0].item()) < 1e-5
+    for name, a, r in zip("hwb", ours[1], ref[1], strict=True):
+        if name == "b" and not bias:
+            assert mx.all(a == 0).item()  # no bias: nothing flows into the zeros
+            continue
+        assert mx.allclose(a, r, rtol=1e-5, atol=1e-7).item(), name
+
+
+def test_linear_cross_entropy_compiles_and_handles_bfloat16_and_all_ignored():
+    h, w, b, labels = linear_leaves(n=64, d=32, v=500)
+    step = mx.compile(mx.value_and_grad(lambda h: linear_cross_entropy(h, w, b, labels, 16)))
+    eager = mx.value_and_grad(lambda h: masked_reference(h, w, b, labels))
+    (lc, gc), (le, ge) = step(h), eager(h)
+    assert abs(lc.item() - le.item()) < 1e-5 and mx.allclose(gc, ge, atol=1e-7).item()
+
+    hb, wb = h.astype(mx.bfloat16), w.astype(mx.bfloat16)
+    loss, (gh, gw) = mx.value_and_grad(
+        lambda h, w: linear_cross_entropy(h, w, b, labels, 16), argnums=(0, 1)
+    )(hb, wb)
+    assert loss.dtype == mx.float32 and abs(loss.item() - le.item()) < 2e-2
+    assert gh.dtype == mx.bfloat16 and gw.dtype == mx.bfloat16
+    gw_ref = mx.grad(lambda w: masked_reference(h, w, b, labels))(w)
+    assert mx.allclose(gw.astype(mx.float32), gw_ref, atol=2e-3).item()
+
+    none = mx.full(labels.shape, -100)
+    loss, g = mx.value_and_grad(lambda h: linear_cross_entropy(h, w, b, none))(h)
+    assert loss.item() == 0.0 and mx.all(g == 0).item()
+    with pytest.raises(ValueError, match="63 labels for 64 hidden states"):
+        linear_cross_entropy(h, w, b, labels[:-1])
+
+
+def test_model_training_loss_equals_the_logits_loss_and_its_gradients(tiny_config):
+    from mlx.utils import tree_flatten
+
+    from customllm_mlx.model import CustomLLM
+
+    mx.random.seed(0)
+    model = CustomLLM(tiny_config)  # the tiny preset has no dropout
+    ids = mx.random.randint(0, tiny_config.vocab_size, (2, 13))
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+
+    def fused(model):
+        lm, aux, _ = model.training_loss(inputs, targets)
+        return lm + aux
+
+    def unfused(model):
+        logits, aux, _ = model(inputs, return_aux=True)
+        return nn.losses.cross_entropy(logits, targets).mean() + aux
+
+    a, ga = nn.value_and_grad(model, fused)(model)
+    b, gb = nn.value_and_grad(model, unfused)(model)
+    assert abs(a.item() - b.item()) < 1e-5
+    for (name, x), (_, y) in zip(tree_flatten(ga), tree_flatten(gb), strict=True):
+        assert mx.allclose(x, y, rtol=1e-4, atol=1e-7).item(), name

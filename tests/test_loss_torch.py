@@ -32,7 +32,8 @@ def test_equals_unfused_cross_entropy_values_and_gradients(bias, chunk_rows):
     fused = linear_cross_entropy(h, w, b, labels, chunk_rows=chunk_rows)
     assert torch.allclose(fused, reference, rtol=1e-6, atol=1e-6)
     scale = 2.5  # the incoming gradient is applied in backward
-    for ours, ref in zip(grads(scale * fused, (h, w, b)), grads(scale * reference, (h, w, b))):
+    fused_grads, ref_grads = grads(scale * fused, (h, w, b)), grads(scale * reference, (h, w, b))
+    for ours, ref in zip(fused_grads, ref_grads, strict=True):
         assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-7)
 
 
@@ -75,7 +76,13 @@ def test_label_count_must_match_the_hidden_states():
 
 def test_default_chunk_rows_follows_the_hidden_size():
     cpu = torch.device("cpu")
-    assert [default_chunk_rows(d, cpu) for d in (16, 64, 256, 768, 4096)] == [32, 32, 128, 512, 1024]
+    assert [default_chunk_rows(d, cpu) for d in (16, 64, 256, 768, 4096)] == [
+        32,
+        32,
+        128,
+        512,
+        1024,
+    ]
 
 
 def test_model_training_loss_is_fused_and_equals_the_logits_loss(tiny_config):
