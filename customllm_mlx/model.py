@@ -186,6 +186,9 @@ class DeepSeekExpertLayer(nn.Module):
         return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+CPU_BLOCK_ROWS = 32  # rows per GEMM of the blocked CPU dispatch (LlamaMLP.blocked_experts)
+
+
 class StackedExpertLinear(nn.Module):
     """E linear layers in one (E, out, in) weight, applied with `mx.gather_mm`."""
 
@@ -194,7 +197,7 @@ class StackedExpertLinear(nn.Module):
         self.weight = mx.zeros((num_experts, output_dims, input_dims))
 
     def __call__(self, x: mx.array, expert: mx.array) -> mx.array:
-        # x: (P, 1, in) rows sorted by expert; expert: (P,) -> (P, 1, out)
+        # x: (B, rows, in), each batch entry for one expert; expert: (B,) sorted -> (B, rows, out)
         weight = self.weight.swapaxes(-1, -2)
         if x.dtype != mx.float32 and mx.default_device() == mx.cpu:
             # MLX's CPU gather_mm supports float32 only
@@ -270,11 +273,40 @@ class LlamaMLP(nn.Module):
         """Run each routed expert only on its tokens: sort token-expert pairs by expert."""
         flat_expert = idx.flatten()  # (N * k,)
         order = mx.stop_gradient(mx.argsort(flat_expert))
-        token_of_pair = order // self.top_k
+        if mx.default_device() == mx.cpu and order.size >= self.num_experts * CPU_BLOCK_ROWS:
+            out = self.blocked_experts(x_flat, flat_expert, order)
+        else:
+            out = self.sorted_experts(x_flat, flat_expert, order)
+        return (out.reshape(*idx.shape, -1) * weights[..., None]).sum(axis=1)
+
+    def sorted_experts(self, x_flat, flat_expert, order):
+        """Expert outputs (N * k, D) in pair order, one (1, D) row per gather_mm batch entry
+        (what the GPU kernels group by expert themselves, with sorted indices)."""
         # gather as (P, 1, D) directly: x[idx][:, None] sends CPU gather_mm down a slow path
-        out = self.routed_experts(x_flat[token_of_pair[:, None]], flat_expert[order])[:, 0]
-        out = out[mx.argsort(order)].reshape(*idx.shape, -1)  # back to (N, k, D)
-        return (out * weights[..., None]).sum(axis=1)
+        out = self.routed_experts(x_flat[(order // self.top_k)[:, None]], flat_expert[order])
+        return out[:, 0][mx.argsort(order)]
+
+    def blocked_experts(self, x_flat, flat_expert, order):
+        """Expert outputs (N * k, D) in pair order, for MLX's CPU gather_mm, which runs one
+        GEMM per batch entry (one GEMV per row in `sorted_experts`): each expert's sorted rows
+        are padded to whole blocks of CPU_BLOCK_ROWS and sent as (blocks, rows, D), one GEMM
+        per block. The padded length has a static bound, so this compiles (no host sync)."""
+        g, E, P = CPU_BLOCK_ROWS, self.num_experts, order.size
+        sorted_expert = flat_expert[order]
+        counts = (flat_expert[:, None] == mx.arange(E)).sum(0)
+        padded = (counts + g - 1) // g * g
+        shift = mx.cumsum(padded) - padded - (mx.cumsum(counts) - counts)  # per expert
+        row = (shift[sorted_expert] + mx.arange(P)).astype(mx.uint32)  # padded row of each pair
+        rows = -(-(P + E * (g - 1)) // g) * g
+        token = mx.full((rows,), x_flat.shape[0], mx.uint32)  # padding reads an all-zero row
+        token[row] = (order // self.top_k).astype(mx.uint32)
+        expert = mx.full((rows,), E - 1, mx.uint32)  # trailing blocks: keep the indices sorted
+        expert[row] = sorted_expert.astype(mx.uint32)
+        x_rows = mx.concatenate([x_flat, mx.zeros_like(x_flat[:1])])[mx.stop_gradient(token)]
+        out = self.routed_experts(x_rows.reshape(rows // g, g, -1), mx.stop_gradient(expert[::g]))
+        pair_row = mx.zeros((P,), mx.uint32)
+        pair_row[order] = row
+        return out.reshape(rows, -1)[mx.stop_gradient(pair_row)]
 
     def sequence_aux_loss(self, scores: mx.array, one_hot: mx.array) -> mx.array:
         """aux_loss_coef * sum_i f_i P_i per sequence, averaged over the batch."""

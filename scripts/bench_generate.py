@@ -169,7 +169,7 @@ def e2e_rows(args, cfg: ModelConfig, runners: list[Runner], prompt: np.ndarray) 
             results[r.name].append((last.prompt_tps, last.generation_tps, last.generation_tokens))
 
         fns[r.name] = run
-    bc.interleaved_times(fns, 1, args.e2e_repeats)
+    bc.interleaved_times(fns, 1, args.e2e_repeats, group_of=bc.framework_of)
     rows = []
     for name, values in results.items():
         values = values[1:]  # drop the warm-up
@@ -220,9 +220,13 @@ def main(argv: list[str] | None = None) -> dict:
             {r.name: (lambda r=r, p=prompt: r.prefill(p)) for r in runners},
             args.warmup,
             args.prefill_repeats,
+            group_of=bc.framework_of,
         )
         decode = bc.interleaved_times(
-            {r.name: r.decode for r in runners}, args.warmup, args.decode_repeats
+            {r.name: r.decode for r in runners},
+            args.warmup,
+            args.decode_repeats,
+            group_of=bc.framework_of,
         )
         for r in runners:
             kv = r.cache_bytes_per_token()

@@ -4,10 +4,10 @@ The MoE layer is `LlamaMLP` (1 shared + top-2 of 7 routed SwiGLU experts, interm
 the dense layer is one SwiGLU with intermediate 3 * I, i.e. the FLOPs a token spends in the
 shared and its two routed experts. MoE time / dense time is the dispatch overhead (routing,
 sort, gather, scatter, the per-expert matmuls). Also timed, for comparison: the peers' MoE
-layers (mlx_lm's DeepseekV3MoE, transformers' DeepseekV3MoE) and, in MLX, two dispatch
-variants of ours written here (the model is untouched): the gathered rows made 3-D by the
-gather (`x[tok[:, None]]`) rather than by a view after it, `gather_mm` without the
-`sorted_indices` flag, and one plain matmul per expert over its contiguous sorted slice.
+layers (mlx_lm's DeepseekV3MoE, transformers' DeepseekV3MoE) and, in MLX, dispatch variants
+of ours (the model is untouched): one row per gather_mm entry (`sorted_experts`, the GPU
+path) instead of the CPU's blocks, `gather_mm` without the `sorted_indices` flag, and one
+plain matmul per expert over its contiguous sorted slice.
 
     python scripts/bench_moe.py --preset tiny --json bench_moe.json
 """
@@ -55,12 +55,12 @@ def _unsort(mlp, out, order, idx, weights):
     return (out * weights[..., None]).sum(axis=1)
 
 
-def dispatch_gather_3d(mlp, x_flat, idx, weights):
-    """Ours with the gathered rows made (P, 1, D) by the gather itself, `x[tok[:, None]]`,
-    instead of `x[tok][:, None]`: the expand_dims view is far slower in CPU gather_mm."""
+def dispatch_sorted_rows(mlp, x_flat, idx, weights):
+    """Ours as on the GPU (and on CPU before the blocked layout): one (1, D) row per gather_mm
+    batch entry, which MLX's CPU backend runs as one GEMV per row."""
     order = mx.stop_gradient(mx.argsort(idx.flatten()))
-    out = mlp.routed_experts(x_flat[(order // mlp.top_k)[:, None]], idx.flatten()[order])[:, 0]
-    return _unsort(mlp, out, order, idx, weights)
+    out = mlp.sorted_experts(x_flat, idx.flatten(), order)
+    return (out.reshape(*idx.shape, -1) * weights[..., None]).sum(axis=1)
 
 
 def dispatch_gather_unflagged(mlp, x_flat, idx, weights):
@@ -105,7 +105,7 @@ def mlx_layers(cfg: ModelConfig) -> dict[str, tuple[nn.Module, bool]]:
     }
     layers["customllm MoE"] = (LlamaMLP(cfg), True)
     for label, fn in (
-        ("3-D gather", dispatch_gather_3d),
+        ("sorted rows", dispatch_sorted_rows),
         ("gather_mm unflagged", dispatch_gather_unflagged),
         ("per-expert slices", dispatch_expert_slices),
     ):
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
             fwd, bwd = torch_fns(module, torch.from_numpy(x_np), torch.from_numpy(cot_np))
             fns[key + "/fwd"], fns[key + "/bwd"] = fwd, bwd
             meta[key] = (name, "torch", "eager")
-    times = bc.interleaved_times(fns, args.warmup, args.repeats)
+    times = bc.interleaved_times(fns, args.warmup, args.repeats, group_of=bc.framework_of)
 
     tokens = args.batch * args.seq_len
     rows = []

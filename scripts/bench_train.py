@@ -230,7 +230,9 @@ def main(argv: list[str] | None = None) -> dict:
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq_len))
     tokens = args.batch * args.seq_len
     systems, skipped = build_systems(args, cfg, ids)
-    times = bc.interleaved_times({s.name: s.run for s in systems}, args.warmup, args.steps)
+    times = bc.interleaved_times(
+        {s.name: s.run for s in systems}, args.warmup, args.steps, group_of=bc.framework_of
+    )
     peaks = {s.name: bc.step_peak_bytes(s.run) for s in systems}
     gemm = {
         fw: bc.gemm_peak_flops(fw, args.gemm_n) for fw in sorted({s.framework for s in systems})

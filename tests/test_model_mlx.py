@@ -24,7 +24,13 @@ from customllm.checkpoint import CONFIG_NAME, WEIGHTS_NAME, canonical_shapes
 from customllm.config import ModelConfig
 from customllm_mlx import model as mlx_model
 from customllm_mlx.cli import main as cli_main
-from customllm_mlx.model import CustomLLM, LatentKVCache, LlamaMLP, causal_lm_loss
+from customllm_mlx.model import (
+    CPU_BLOCK_ROWS,
+    CustomLLM,
+    LatentKVCache,
+    LlamaMLP,
+    causal_lm_loss,
+)
 
 
 def build(config: ModelConfig, seed: int = 0, bias_std: float = 0.05) -> CustomLLM:
@@ -241,6 +247,59 @@ def test_gather_mm_dispatch_equals_naive_per_token_loop(tiny_config):
     assert abs(aux.item() - aux_ref) <= 1e-5 * aux_ref
 
 
+def test_blocked_cpu_dispatch_equals_sorted_rows_values_and_gradients(tiny_config):
+    """Enough tokens for the blocked layout (N * k >= E * CPU_BLOCK_ROWS), uneven loads: one
+    expert in every top-2, one never chosen, the rest partly filling their last block."""
+    model = build(tiny_config, bias_std=0.0)
+    mlp = model.decoder_layers[0].mlp
+    mlp.expert_bias = mx.array([5.0, -5.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    x = mx.random.normal((2, 150, tiny_config.hidden_size), key=mx.random.key(7))
+    x_flat = x.reshape(-1, x.shape[-1])
+    _, idx, weights = mlp.route(x_flat)
+    flat_expert = idx.flatten()
+    counts = np.bincount(np.array(flat_expert), minlength=7)
+    assert counts[0] == 300 and counts[1] == 0 and flat_expert.size >= 7 * CPU_BLOCK_ROWS
+    order = mx.argsort(flat_expert)
+
+    def routed(x_flat, experts, path):
+        mlp.routed_experts.update(experts)
+        out = getattr(mlp, path)(x_flat, flat_expert, order)
+        return (out * mx.cos(mx.arange(out.size).reshape(out.shape))).sum()  # any cotangent
+
+    params = mlp.routed_experts.parameters()
+    blocked = mlp.blocked_experts(x_flat, flat_expert, order)
+    rows = mlp.sorted_experts(x_flat, flat_expert, order)
+    assert blocked.shape == rows.shape == (600, x.shape[-1])
+    np.testing.assert_allclose(np.array(blocked), np.array(rows), atol=1e-7, rtol=1e-5)
+    grad = mx.grad(routed, argnums=(0, 1))
+    gx_b, gw_b = grad(x_flat, params, "blocked_experts")
+    gx_s, gw_s = grad(x_flat, params, "sorted_experts")
+    np.testing.assert_allclose(np.array(gx_b), np.array(gx_s), atol=1e-6, rtol=1e-5)
+    for (name, a), (_, b) in zip(tree_flatten(gw_b), tree_flatten(gw_s), strict=True):
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-6, rtol=1e-5, err_msg=name)
+    y, _, load = mlp(x)  # the layer takes the blocked path here, against the naive loop
+    y_ref, chosen, _ = naive_moe(mlp, np.array(x), tiny_config)
+    np.testing.assert_allclose(np.array(y), y_ref, atol=1e-5, rtol=1e-4)
+
+
+def test_blocked_dispatch_sends_whole_blocks_of_one_expert(tiny_config, monkeypatch):
+    calls = []
+    original = mlx_model.StackedExpertLinear.__call__
+
+    def spy(self, x, expert):
+        calls.append((x.shape, np.array(expert)))
+        return original(self, x, expert)
+
+    monkeypatch.setattr(mlx_model.StackedExpertLinear, "__call__", spy)
+    model = build(tiny_config)
+    N, k, E, g = 2 * 64, 2, tiny_config.n_routed_experts, CPU_BLOCK_ROWS
+    model(random_ids(tiny_config, B=2, T=64))
+    assert len(calls) == 3 * tiny_config.num_hidden_layers
+    for (blocks, rows, _), expert in calls:
+        assert rows == g and blocks * g <= N * k + E * g  # padding: under one block per expert
+        assert expert.shape == (blocks,) and np.all(np.diff(expert) >= 0)
+
+
 def test_routing_bias_changes_choice_not_weights(tiny_config):
     model = build(tiny_config, bias_std=0.0)
     mlp = model.decoder_layers[0].mlp
@@ -269,7 +328,7 @@ def test_each_expert_runs_only_on_its_tokens(tiny_config, monkeypatch):
     model = build(tiny_config)
     B, T = 2, 16
     N, k, E = B * T, tiny_config.num_experts_per_tok, tiny_config.n_routed_experts
-    model(random_ids(tiny_config, B=B, T=T))
+    model(random_ids(tiny_config, B=B, T=T))  # N * k < E * CPU_BLOCK_ROWS: one row per entry
     assert len(calls) == 3 * tiny_config.num_hidden_layers  # gate, up, down per layer
     for shape, expert in calls:
         assert shape[0] == N * k < N * E
