@@ -187,6 +187,7 @@ class DeepSeekExpertLayer(nn.Module):
 
 
 CPU_BLOCK_ROWS = 32  # rows per GEMM of the blocked CPU dispatch (LlamaMLP.blocked_experts)
+SORT_MIN_PAIRS = 64  # fewer token-expert pairs (decoding) skip the sort, as mlx_lm's SwitchGLU
 
 
 class StackedExpertLinear(nn.Module):
@@ -196,8 +197,9 @@ class StackedExpertLinear(nn.Module):
         super().__init__()
         self.weight = mx.zeros((num_experts, output_dims, input_dims))
 
-    def __call__(self, x: mx.array, expert: mx.array) -> mx.array:
-        # x: (B, rows, in), each batch entry for one expert; expert: (B,) sorted -> (B, rows, out)
+    def __call__(self, x: mx.array, expert: mx.array, sorted_indices: bool = True) -> mx.array:
+        # x: (B, rows, in), each batch entry for one expert; expert: (B,) -> (B, rows, out)
+        # (or any batch shape that broadcasts against `expert`)
         weight = self.weight.swapaxes(-1, -2)
         if x.dtype != mx.float32 and mx.default_device() == mx.cpu:
             # MLX's CPU gather_mm supports float32 only
@@ -205,10 +207,10 @@ class StackedExpertLinear(nn.Module):
                 x.astype(mx.float32),
                 weight.astype(mx.float32),
                 rhs_indices=expert,
-                sorted_indices=True,
+                sorted_indices=sorted_indices,
             )
             return out.astype(x.dtype)
-        return mx.gather_mm(x, weight, rhs_indices=expert, sorted_indices=True)
+        return mx.gather_mm(x, weight, rhs_indices=expert, sorted_indices=sorted_indices)
 
 
 class StackedExperts(nn.Module):
@@ -220,8 +222,10 @@ class StackedExperts(nn.Module):
         self.up_proj = StackedExpertLinear(hidden_size, intermediate_size, num_experts)
         self.down_proj = StackedExpertLinear(intermediate_size, hidden_size, num_experts)
 
-    def __call__(self, x: mx.array, expert: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x, expert)) * self.up_proj(x, expert), expert)
+    def __call__(self, x: mx.array, expert: mx.array, sorted_indices: bool = True) -> mx.array:
+        gate = self.gate_proj(x, expert, sorted_indices)
+        hidden = nn.silu(gate) * self.up_proj(x, expert, sorted_indices)
+        return self.down_proj(hidden, expert, sorted_indices)
 
 
 class LlamaMLP(nn.Module):
@@ -270,13 +274,17 @@ class LlamaMLP(nn.Module):
         return y.reshape(B, T, D), aux_loss, load
 
     def dispatch(self, x_flat, idx, weights):
-        """Run each routed expert only on its tokens: sort token-expert pairs by expert."""
+        """Run each routed expert only on its tokens: with few pairs (decoding), each pair
+        directly; otherwise sorted by expert, in whole blocks per expert on CPU."""
         flat_expert = idx.flatten()  # (N * k,)
-        order = mx.stop_gradient(mx.argsort(flat_expert))
-        if mx.default_device() == mx.cpu and order.size >= self.num_experts * CPU_BLOCK_ROWS:
-            out = self.blocked_experts(x_flat, flat_expert, order)
+        if flat_expert.size < SORT_MIN_PAIRS:
+            out = self.routed_experts(x_flat[:, None, None], idx, sorted_indices=False)
         else:
-            out = self.sorted_experts(x_flat, flat_expert, order)
+            order = mx.stop_gradient(mx.argsort(flat_expert))
+            if mx.default_device() == mx.cpu and order.size >= self.num_experts * CPU_BLOCK_ROWS:
+                out = self.blocked_experts(x_flat, flat_expert, order)
+            else:
+                out = self.sorted_experts(x_flat, flat_expert, order)
         return (out.reshape(*idx.shape, -1) * weights[..., None]).sum(axis=1)
 
     def sorted_experts(self, x_flat, flat_expert, order):

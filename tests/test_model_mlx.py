@@ -236,10 +236,11 @@ def naive_moe(mlp: LlamaMLP, x: np.ndarray, config: ModelConfig):
     return y, chosen, aux
 
 
-def test_gather_mm_dispatch_equals_naive_per_token_loop(tiny_config):
+@pytest.mark.parametrize("T", [12, 40, 150])  # pairs: 48 direct, 160 sorted, 600 blocked (CPU)
+def test_gather_mm_dispatch_equals_naive_per_token_loop(tiny_config, T):
     model = build(tiny_config, bias_std=0.1)
     mlp = model.decoder_layers[0].mlp
-    x = mx.random.normal((2, 12, tiny_config.hidden_size), key=mx.random.key(5))
+    x = mx.random.normal((2, T, tiny_config.hidden_size), key=mx.random.key(5))
     y, aux, load = mlp(x)
     y_ref, chosen, aux_ref = naive_moe(mlp, np.array(x), tiny_config)
     np.testing.assert_allclose(np.array(y), y_ref, atol=1e-5, rtol=1e-4)
@@ -286,9 +287,9 @@ def test_blocked_dispatch_sends_whole_blocks_of_one_expert(tiny_config, monkeypa
     calls = []
     original = mlx_model.StackedExpertLinear.__call__
 
-    def spy(self, x, expert):
+    def spy(self, x, expert, *args):
         calls.append((x.shape, np.array(expert)))
-        return original(self, x, expert)
+        return original(self, x, expert, *args)
 
     monkeypatch.setattr(mlx_model.StackedExpertLinear, "__call__", spy)
     model = build(tiny_config)
@@ -320,9 +321,9 @@ def test_each_expert_runs_only_on_its_tokens(tiny_config, monkeypatch):
     calls = []
     original = mlx_model.StackedExpertLinear.__call__
 
-    def spy(self, x, expert):
+    def spy(self, x, expert, *args):
         calls.append((x.shape, np.array(expert)))
-        return original(self, x, expert)
+        return original(self, x, expert, *args)
 
     monkeypatch.setattr(mlx_model.StackedExpertLinear, "__call__", spy)
     model = build(tiny_config)
