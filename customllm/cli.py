@@ -52,7 +52,8 @@ def prepare_init(
     """The config (with the tokenizer's vocabulary and EOS/BOS ids), the tokenizer (None when
     the default one cannot be loaded) and the output folder of an `init` command; click errors
     for bad input."""
-    from customllm.training import TrainConfig, TrainingError, check_model_fits, new_model_config
+    from customllm.runs import TrainingError
+    from customllm.training import TrainConfig, check_model_fits, new_model_config
 
     if (preset is None) == (config_file is None):
         raise click.UsageError("give exactly one of --preset NAME or --config FILE")

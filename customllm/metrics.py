@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from customllm.training import TrainingError
+from customllm.runs import TrainingError
 
 METRICS_NAME = "metrics.jsonl"
 TRAIN_RECORD_KEYS = (

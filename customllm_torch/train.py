@@ -28,30 +28,32 @@ from customllm.checkpoint import atomic_folder
 from customllm.config import ModelConfig
 from customllm.data import StreamDataset, eval_batches
 from customllm.metrics import METRICS_NAME, MetricsLogger, plot_metrics, require_matplotlib
+from customllm.runs import (
+    CheckpointError,
+    TrainingError,
+    check_new_run,
+    checkpoint_dir,
+    latest_checkpoint,
+    read_training_state,
+    resolve_resume,
+    rotate_checkpoints,
+    write_training_state,
+)
 from customllm.tokenizer import load_tokenizer
 from customllm.training import (
     ADAMW_BETAS,
     ADAMW_EPS,
-    CheckpointError,
     StopSignal,
     TrainConfig,
-    TrainingError,
     check_finite,
     check_model_fits,
-    check_new_run,
     check_resume,
-    checkpoint_dir,
     config_differences,
     decays,
-    latest_checkpoint,
     lr_at,
     new_model_config,
-    read_training_state,
-    resolve_resume,
-    rotate_checkpoints,
     tokenizer_source,
     train_options,
-    write_training_state,
 )
 from customllm_torch import io
 from customllm_torch.generate import generate, peak_memory_gb, resolve_device

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from customllm.metrics import plot_metrics
-from customllm.training import TrainingError
+from customllm.runs import TrainingError
 
 
 @click.command()

@@ -27,15 +27,9 @@ from mlx.utils import tree_flatten
 
 from customllm.config import ModelConfig
 from customllm.metrics import EVAL_RECORD_KEYS, TRAIN_RECORD_KEYS, read_metrics
+from customllm.runs import CheckpointError, TrainingError, resolve_resume
 from customllm.tokenizer import load_tokenizer
-from customllm.training import (
-    CheckpointError,
-    NonFiniteLossError,
-    TrainConfig,
-    TrainingError,
-    lr_at,
-    resolve_resume,
-)
+from customllm.training import NonFiniteLossError, TrainConfig, lr_at
 from customllm_mlx import model as model_mod
 from customllm_mlx import train as train_mod
 from customllm_mlx.cli import main as cli

@@ -26,14 +26,8 @@ import customllm_torch.train as torch_train
 from customllm.config import ModelConfig
 from customllm.data import StreamDataset
 from customllm.metrics import EVAL_RECORD_KEYS, TRAIN_RECORD_KEYS, read_metrics
-from customllm.training import (
-    NonFiniteLossError,
-    TrainConfig,
-    latest_checkpoint,
-    list_checkpoints,
-    read_training_state,
-    resolve_resume,
-)
+from customllm.runs import latest_checkpoint, list_checkpoints, read_training_state, resolve_resume
+from customllm.training import NonFiniteLossError, TrainConfig
 from customllm_torch.cli import main as cli
 from customllm_torch.io import load
 

@@ -26,27 +26,29 @@ from customllm.metrics import (
     plot_metrics,
     read_metrics,
 )
-from customllm.training import (
+from customllm.runs import (
     CheckpointError,
+    TrainingError,
+    check_new_run,
+    checkpoint_dir,
+    latest_checkpoint,
+    list_checkpoints,
+    resolve_resume,
+    rotate_checkpoints,
+    write_training_state,
+)
+from customllm.training import (
     NonFiniteLossError,
     StopSignal,
     TrainConfig,
-    TrainingError,
     check_finite,
     check_model_fits,
-    check_new_run,
     check_resume,
-    checkpoint_dir,
     config_differences,
     decays,
-    latest_checkpoint,
-    list_checkpoints,
     lr_at,
     new_model_config,
-    resolve_resume,
-    rotate_checkpoints,
     train_options,
-    write_training_state,
 )
 
 REPO_DIR = Path(__file__).resolve().parents[1]

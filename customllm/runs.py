@@ -1,0 +1,202 @@
+"""The run folder `--out`: its `checkpoint-STEP/` folders, their `training_state.json`, rotation,
+validation and what `--resume` points at (no framework here).
+
+A checkpoint is a canonical model folder (config.json, model.safetensors, tokenizer files) plus
+`training_state.json` and the framework's optimizer files, written through
+`customllm.checkpoint.atomic_folder`, so a kill leaves the last good one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from customllm.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINING_STATE_NAME = "training_state.json"
+
+
+class TrainingError(Exception):
+    """A problem the user can act on (bad option, missing or corrupt checkpoint, NaN loss)."""
+
+
+class CheckpointError(TrainingError):
+    pass
+
+
+def checkpoint_dir(out: str | Path, step: int) -> Path:
+    return Path(out) / f"{CHECKPOINT_PREFIX}{step}"
+
+
+_CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+
+
+def list_checkpoints(out: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every `checkpoint-N` folder in `out`, oldest first (temp folders of
+    unfinished saves start with '.' and are never listed)."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    found = []
+    for child in out.iterdir():
+        match = _CHECKPOINT_RE.match(child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(out: str | Path) -> Path | None:
+    found = list_checkpoints(out)
+    return found[-1][1] if found else None
+
+
+def rotate_checkpoints(out: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` checkpoints (0 keeps all) and the temp folders that
+    killed saves left behind. Returns the deleted folders."""
+    out = Path(out)
+    removed = []
+    found = list_checkpoints(out)
+    if keep_last > 0:
+        for _, folder in found[:-keep_last]:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    if out.is_dir():
+        for child in out.iterdir():
+            name = child.name  # ".checkpoint-N.tmp-*", and "..checkpoint-N.tmp-*.tmp-*" of io.save
+            if (
+                name.startswith(".")
+                and CHECKPOINT_PREFIX in name
+                and (".tmp-" in name or ".old-" in name)
+            ):
+                shutil.rmtree(child, ignore_errors=True)
+                removed.append(child)
+    return removed
+
+
+def write_training_state(folder: str | Path, state: dict[str, Any]) -> None:
+    """Write `training_state.json` (JSON: step, framework, data_state, train_config, ...)."""
+    if "step" not in state:
+        raise ValueError("training state needs a 'step'")
+    (Path(folder) / TRAINING_STATE_NAME).write_text(json.dumps(state, indent=2, sort_keys=True))
+
+
+def read_training_state(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / TRAINING_STATE_NAME
+    if not path.is_file():
+        raise CheckpointError(
+            f"{folder} is not a training checkpoint: {TRAINING_STATE_NAME} is missing"
+        )
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(
+            f"checkpoint {folder} is corrupt: {path.name} is not valid JSON ({err})"
+        ) from err
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"checkpoint {folder} is corrupt: {path.name} has no integer 'step'")
+    return state
+
+
+def check_checkpoint(
+    folder: str | Path, required: Sequence[str] = (), framework: str | None = None
+) -> dict[str, Any]:
+    """Check a checkpoint folder can be resumed; returns its training state.
+
+    Raises CheckpointError naming the folder and the missing or damaged file: config.json,
+    model.safetensors (header and size), training_state.json, and `required` framework files.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise CheckpointError(f"checkpoint not found: {folder}")
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint must be a folder: {folder}")
+    state = read_training_state(folder)
+    for name in (CONFIG_NAME, WEIGHTS_NAME, *required):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"checkpoint {folder} is incomplete: {name} is missing")
+    try:
+        json.loads((folder / CONFIG_NAME).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(
+            f"checkpoint {folder} is corrupt: {CONFIG_NAME} is not valid JSON"
+        ) from err
+    problem = _safetensors_problem(folder / WEIGHTS_NAME)
+    if problem:
+        raise CheckpointError(f"checkpoint {folder} is corrupt: {WEIGHTS_NAME} {problem}")
+    if framework and state.get("framework", framework) != framework:
+        raise CheckpointError(
+            f"checkpoint {folder} was written by customllm-{state['framework']}; its optimizer state "
+            f"cannot resume a {framework} run. Start from its weights with --init {folder} instead"
+        )
+    return state
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is unreadable (truncated, bad header), or None."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                return "is truncated (header runs past the end)"
+            header = json.loads(f.read(header_len))
+        end = max(
+            (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
+        )
+    except (
+        struct.error,
+        json.JSONDecodeError,
+        UnicodeDecodeError,
+        KeyError,
+        TypeError,
+        IndexError,
+    ):
+        return "has a damaged header"
+    if 8 + header_len + end != size:
+        return f"is truncated or padded ({size} bytes, the header describes {8 + header_len + end})"
+    return None
+
+
+def resolve_resume(
+    resume: str | os.PathLike | bool | None,
+    out: str | Path,
+    required: Sequence[str] = (),
+    framework: str | None = None,
+) -> Path | None:
+    """The checkpoint folder `--resume` names, checked; None when not resuming.
+
+    `"latest"`/`""`/`True`: the newest `checkpoint-N` in `out`. A path: that checkpoint, or the
+    newest checkpoint inside a run folder. Raises CheckpointError when none is found or it is
+    missing or corrupt.
+    """
+    if resume is None or resume is False:
+        return None
+    if resume is True or str(resume) in ("", "latest"):
+        folder = latest_checkpoint(out)
+        if folder is None:
+            raise CheckpointError(f"--resume: no checkpoint-N folder in {out} to resume from")
+    else:
+        folder = Path(resume)
+        if folder.is_dir() and not (folder / TRAINING_STATE_NAME).exists():
+            inner = latest_checkpoint(folder)
+            if inner is not None:
+                folder = inner
+    check_checkpoint(folder, required, framework)
+    return folder
+
+
+def check_new_run(out: str | Path) -> None:
+    """A new run never writes over another run's checkpoints."""
+    found = list_checkpoints(out)
+    if found:
+        raise TrainingError(
+            f"{out} already holds a run ({found[-1][1].name}); continue it with --resume, "
+            "or choose another --out"
+        )
