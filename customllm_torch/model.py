@@ -147,16 +147,22 @@ class MultiHeadLatentAttention(nn.Module):
         k_rope = self.rotary_emb(k_rope, pos)
         if cache is not None:
             c_kv, k_rope = cache.update(layer_idx, c_kv, k_rope)
-        mask = causal_mask(T, c_kv.shape[1], x.device)
+        S = c_kv.shape[1]
         if absorb:
+            mask = causal_mask(T, S, x.device)
             out = self.absorbed_attention(q_nope, q_rope, c_kv, k_rope, mask)
         else:
-            S = c_kv.shape[1]
             k_nope = self.k_proj_u(c_kv).view(B, S, H, self.nope_dim).transpose(1, 2)
             v = self.v_proj_u(c_kv).view(B, S, H, self.v_dim).transpose(1, 2)
             q = torch.cat([q_nope, q_rope], dim=-1)  # (B, H, T, qk_head_dim)
             k = torch.cat([k_nope, k_rope], dim=-1)  # (B, H, S, qk_head_dim)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            # No cached prefix: SDPA's own causal kernel (flash on CPU and CUDA); after a
+            # prefix, the boolean mask aligned to the end.
+            causal = T == S and T > 1
+            mask = None if causal else causal_mask(T, S, x.device)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale
+            )
         out = out.transpose(1, 2).reshape(B, T, H * self.v_dim)
         return self.o_proj(out)
 
@@ -238,21 +244,20 @@ class LlamaMLP(nn.Module):
         return y.view(B, T, D), aux_loss, load
 
     def dispatch(self, x_flat, idx, weights):
-        """Run each routed expert only on its tokens: sort token-expert pairs by expert."""
+        """Run each routed expert only on its tokens: sort token-expert pairs by expert, gather
+        the rows once, one matmul chain per expert over its contiguous slice, one scatter-add."""
         flat_expert = idx.flatten()  # (N * k,)
         order = torch.argsort(flat_expert, stable=True)
         token_of_pair = order // self.top_k
         counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()
-        pair_weights = weights.flatten()[order, None]
-        y = torch.zeros_like(x_flat)
-        start = 0
-        for e, count in enumerate(counts):
-            if count:
-                tokens = token_of_pair[start : start + count]
-                out = self.routed_experts[e](x_flat[tokens]) * pair_weights[start : start + count]
-                y.index_add_(0, tokens, out)
-            start += count
-        return y
+        rows = x_flat[token_of_pair]  # (N * k, D), grouped by expert
+        outs = [
+            expert(part)
+            for expert, part in zip(self.routed_experts, rows.split(counts), strict=True)
+            if part.shape[0]
+        ]
+        out = torch.cat(outs) * weights.flatten()[order, None]
+        return torch.zeros_like(x_flat).index_add_(0, token_of_pair, out)
 
     def sequence_aux_loss(self, scores: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """aux_loss_coef * sum_i f_i P_i per sequence, averaged over the batch."""
