@@ -250,7 +250,8 @@ def test_gather_mm_dispatch_equals_naive_per_token_loop(tiny_config, T):
 
 def test_blocked_cpu_dispatch_equals_sorted_rows_values_and_gradients(tiny_config):
     """Enough tokens for the blocked layout (N * k >= E * CPU_BLOCK_ROWS), uneven loads: one
-    expert in every top-2, one never chosen, the rest partly filling their last block."""
+    expert in every top-2, one never chosen, the rest partly filling their last block. Both
+    gather_mm paths against plain matmuls (every expert on every token, then selected)."""
     model = build(tiny_config, bias_std=0.0)
     mlp = model.decoder_layers[0].mlp
     mlp.expert_bias = mx.array([5.0, -5.0, 0.0, 0.0, 0.0, 0.0, 0.0])
@@ -267,6 +268,16 @@ def test_blocked_cpu_dispatch_equals_sorted_rows_values_and_gradients(tiny_confi
         out = getattr(mlp, path)(x_flat, flat_expert, order)
         return (out * mx.cos(mx.arange(out.size).reshape(out.shape))).sum()  # any cotangent
 
+    def dense_reference(x_flat, flat_expert, order):
+        e = mlp.routed_experts
+        outs = []
+        for i in range(7):
+            gate, up = x_flat @ e.gate_proj.weight[i].T, x_flat @ e.up_proj.weight[i].T
+            outs.append((nn.silu(gate) * up) @ e.down_proj.weight[i].T)  # (N, D)
+        every = mx.stack(outs, 1)  # (N, E, D)
+        return mx.take_along_axis(every, idx[..., None], 1).reshape(-1, x_flat.shape[-1])
+
+    mlp.dense_reference = dense_reference
     params = mlp.routed_experts.parameters()
     blocked = mlp.blocked_experts(x_flat, flat_expert, order)
     rows = mlp.sorted_experts(x_flat, flat_expert, order)
@@ -275,9 +286,11 @@ def test_blocked_cpu_dispatch_equals_sorted_rows_values_and_gradients(tiny_confi
     grad = mx.grad(routed, argnums=(0, 1))
     gx_b, gw_b = grad(x_flat, params, "blocked_experts")
     gx_s, gw_s = grad(x_flat, params, "sorted_experts")
-    np.testing.assert_allclose(np.array(gx_b), np.array(gx_s), atol=1e-6, rtol=1e-5)
-    for (name, a), (_, b) in zip(tree_flatten(gw_b), tree_flatten(gw_s), strict=True):
-        np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-6, rtol=1e-5, err_msg=name)
+    gx_r, gw_r = grad(x_flat, params, "dense_reference")
+    for gx, gw in ((gx_b, gw_b), (gx_s, gw_s)):
+        np.testing.assert_allclose(np.array(gx), np.array(gx_r), atol=1e-6, rtol=1e-5)
+        for (name, a), (_, b) in zip(tree_flatten(gw), tree_flatten(gw_r), strict=True):
+            np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-6, rtol=1e-5, err_msg=name)
     y, _, load = mlp(x)  # the layer takes the blocked path here, against the naive loop
     y_ref, chosen, _ = naive_moe(mlp, np.array(x), tiny_config)
     np.testing.assert_allclose(np.array(y), y_ref, atol=1e-5, rtol=1e-4)
