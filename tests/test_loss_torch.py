@@ -105,3 +105,16 @@ def test_model_training_loss_is_fused_and_equals_the_logits_loss(tiny_config):
     shifted = model(inputs[:, :-1], shift_labels=ids[:, 1:])  # the trainer's form
     expected = F.cross_entropy(full.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     assert torch.allclose(shifted.lm_loss, expected, rtol=1e-5)
+
+
+def test_autocast_bfloat16_matches_the_unfused_autocast_loss_with_float32_gradients():
+    h, w, b, labels = leaves(n=64, d=32, v=500)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = linear_cross_entropy(h, w, b, labels, chunk_rows=16)
+        unfused = F.cross_entropy(F.linear(h, w, b).float(), labels)
+    assert fused.dtype == torch.float32
+    assert abs(fused.item() - unfused.item()) < 1e-2  # both from bfloat16 logits
+    gh, gw, gb = grads(fused, (h, w, b))
+    rh, rw, rb = grads(unfused, (h, w, b))
+    assert (gh.dtype, gw.dtype, gb.dtype) == (torch.float32,) * 3  # the leaves' dtypes
+    assert torch.allclose(gw, rw, atol=2e-3) and torch.allclose(gb, rb, atol=1e-4)
