@@ -1,6 +1,6 @@
 """The benchmark scripts run end to end on a minimal size and write sane tables and JSON.
 
-The three scripts start together as subprocesses (most of each run is importing torch, MLX
+The three model scripts start together as subprocesses (most of each run is importing torch, MLX
 and transformers), with the tiny preset, a 512-token vocabulary, seq 32, batch 2 and 2 repeats.
 """
 
@@ -120,3 +120,23 @@ def test_bench_moe(runs):
     assert HEADERS["moe"] in stdout and "dispatch overhead ratio" in stdout
     for row in result["rows"]:
         assert row["tokens_per_s"] > 0 and row["fwd_ms"] > 0
+
+
+def test_bench_loss(tmp_path):
+    path = tmp_path / "loss.json"
+    args = ["--hidden", "16,32", "--tokens", "64", "--vocab-size", "512", "--repeats", "2"]
+    proc = subprocess.run(
+        [sys.executable, str(REPO_DIR / "scripts" / "bench_loss.py"), *args, "--json", str(path)],
+        cwd=REPO_DIR,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| framework | hidden | chunk rows | unfused ms | fused ms | speedup |" in proc.stdout
+    rows = json.loads(path.read_text())["rows"]
+    assert {(r["framework"], r["hidden"]) for r in rows} == {
+        (f, d) for f in ("mlx", "torch") for d in (16, 32)
+    }
+    for row in rows:
+        assert row["unfused_ms"] > 0 and row["fused_ms"] > 0 and row["chunk_rows"] >= 32
