@@ -541,3 +541,19 @@ def test_cli_init_from_config_and_refusals(tmp_path, cosmo2_path, tiny_config):
         cli_main, ["init", "--config", str(tmp_path / "broken.json"), "--out", str(tmp_path / "x")]
     )
     assert result.exit_code == 1 and "not valid JSON" in result.output
+
+
+def test_silu_equals_mlx_silu_values_and_gradients_at_any_magnitude():
+    x = mx.concatenate(
+        [5 * mx.random.normal((4000,), key=mx.random.key(3)), mx.array([-1e4, -90.0, 0.0, 90.0])]
+    )
+    cot = mx.random.normal(x.shape, key=mx.random.key(4))
+    np.testing.assert_allclose(
+        np.array(mlx_model.silu(x)), np.array(nn.silu(x)), atol=1e-6, rtol=1e-6
+    )
+    ours = mx.grad(lambda x: (mlx_model.silu(x) * cot).sum())(x)
+    ref = mx.grad(lambda x: (nn.silu(x) * cot).sum())(x)
+    np.testing.assert_allclose(np.array(ours), np.array(ref), atol=1e-5, rtol=1e-5)
+    half = x.astype(mx.bfloat16)
+    assert mlx_model.silu(half).dtype == mx.bfloat16
+    assert bool(mx.all(mx.isfinite(mlx_model.silu(half))))
