@@ -331,11 +331,16 @@ class LlamaMLP(nn.Module):
         token[row] = (order // self.top_k).astype(mx.uint32)
         expert = mx.full((rows,), E - 1, mx.uint32)  # trailing blocks: keep the indices sorted
         expert[row] = sorted_expert.astype(mx.uint32)
-        x_rows = mx.concatenate([x_flat, mx.zeros_like(x_flat[:1])])[mx.stop_gradient(token)]
-        out = self.routed_experts(x_rows.reshape(rows // g, g, -1), mx.stop_gradient(expert[::g]))
-        pair_row = mx.zeros((P,), mx.uint32)
+        pair_row = mx.zeros((P,), mx.uint32)  # padded row of each pair, in pair order
         pair_row[order] = row
-        return out.reshape(rows, -1)[mx.stop_gradient(pair_row)]
+        pair_of_row = mx.full((rows,), P, mx.uint32)  # and back; padding: P
+        pair_of_row[row] = order.astype(mx.uint32)
+        token, expert, pair_row, pair_of_row = map(
+            mx.stop_gradient, (token, expert, pair_row, pair_of_row)
+        )
+        x_rows = _rows_to_blocks(x_flat, token, pair_row.reshape(-1, self.top_k))
+        out = self.routed_experts(x_rows.reshape(rows // g, g, -1), expert[::g])
+        return _blocks_to_pairs(out.reshape(rows, -1), pair_row, pair_of_row)
 
     def sequence_aux_loss(self, scores: mx.array, one_hot: mx.array) -> mx.array:
         """aux_loss_coef * sum_i f_i P_i per sequence, averaged over the batch."""
@@ -346,6 +351,34 @@ class LlamaMLP(nn.Module):
         f = counts * self.num_experts / (self.top_k * T)
         P = (scores / scores.sum(-1, keepdims=True)).mean(1)  # (B, E)
         return self.aux_loss_coef * (f * P).sum(-1).mean()
+
+
+# The blocked dispatch's two row permutations, each with the other as its vjp: a gather both
+# ways, where autodiff would scatter-add (slower on MLX's CPU backend).
+@mx.custom_function
+def _rows_to_blocks(x, token, rows_of_token):
+    """x (N, D) -> (rows, D): row r holds x[token[r]], or zeros where token[r] == N."""
+    return mx.concatenate([x, mx.zeros_like(x[:1])])[token]
+
+
+@_rows_to_blocks.vjp
+def _rows_to_blocks_vjp(primals, cotangent, output):
+    x, token, rows_of_token = primals  # rows_of_token (N, k): the k rows that hold each token
+    grad = cotangent[rows_of_token].sum(axis=1)
+    return grad, mx.zeros_like(token), mx.zeros_like(rows_of_token)
+
+
+@mx.custom_function
+def _blocks_to_pairs(out, pair_row, pair_of_row):
+    """out (rows, D) -> (P, D): pair p reads row pair_row[p]."""
+    return out[pair_row]
+
+
+@_blocks_to_pairs.vjp
+def _blocks_to_pairs_vjp(primals, cotangent, output):
+    out, pair_row, pair_of_row = primals  # pair_of_row (rows,): P on padding rows
+    grad = mx.concatenate([cotangent, mx.zeros_like(cotangent[:1])])[pair_of_row]
+    return grad.astype(out.dtype), mx.zeros_like(pair_row), mx.zeros_like(pair_of_row)
 
 
 class DecoderLayer(nn.Module):
