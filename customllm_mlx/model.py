@@ -15,7 +15,15 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from customllm.checkpoint import stack_experts, unstack_experts
 from customllm.config import ModelConfig
-from customllm_mlx.loss import LOG2E, cross_entropy, linear_cross_entropy
+from customllm_mlx.experts import (
+    CPU_BLOCK_ROWS,
+    SORT_MIN_PAIRS,
+    StackedExperts,
+    blocks_to_pairs,
+    rows_to_blocks,
+    silu,
+)
+from customllm_mlx.loss import cross_entropy, linear_cross_entropy
 
 ModelArgs = ModelConfig  # the name mlx_lm's loader looks for
 
@@ -175,27 +183,6 @@ class MultiHeadLatentAttention(nn.Module):
         return out_latent @ w_uv.transpose(0, 2, 1)[None]  # (B, H, T, v_dim)
 
 
-@mx.compile
-def _sigmoid(x: mx.array) -> mx.array:
-    # exponent capped at 126: 2**126 is finite in float32 (and bfloat16), no overflow
-    return 1.0 / (1.0 + mx.power(2.0, mx.minimum(-x * LOG2E, 126.0)))
-
-
-@mx.custom_function
-def silu(x: mx.array) -> mx.array:
-    """x * sigmoid(x), the sigmoid through power(2, .): MLX's Linux CPU exp is slow (see
-    loss.py). The same function as `nn.silu` to float32 rounding, values and gradients
-    (tests/test_model_mlx.py); timed by `scripts/bench_moe.py` (the MLP layers use it).
-    On 3.1M float32 numbers here: forward 19 ms against 49, forward + backward 53 against 75."""
-    return x * _sigmoid(x)
-
-
-@silu.vjp
-def _silu_vjp(x, cotangent, output):  # one input: the primal comes as the array itself
-    s = _sigmoid(x)
-    return cotangent * s * (1.0 + x * (1.0 - s))
-
-
 class DeepSeekExpertLayer(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -205,48 +192,6 @@ class DeepSeekExpertLayer(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-CPU_BLOCK_ROWS = 32  # rows per GEMM of the blocked CPU dispatch (LlamaMLP.blocked_experts)
-SORT_MIN_PAIRS = 64  # fewer token-expert pairs (decoding) skip the sort, as mlx_lm's SwitchGLU
-
-
-class StackedExpertLinear(nn.Module):
-    """E linear layers in one (E, out, in) weight, applied with `mx.gather_mm`."""
-
-    def __init__(self, input_dims: int, output_dims: int, num_experts: int):
-        super().__init__()
-        self.weight = mx.zeros((num_experts, output_dims, input_dims))
-
-    def __call__(self, x: mx.array, expert: mx.array, sorted_indices: bool = True) -> mx.array:
-        # x: (B, rows, in), each batch entry for one expert; expert: (B,) -> (B, rows, out)
-        # (or any batch shape that broadcasts against `expert`)
-        weight = self.weight.swapaxes(-1, -2)
-        if x.dtype != mx.float32 and mx.default_device() == mx.cpu:
-            # MLX's CPU gather_mm supports float32 only
-            out = mx.gather_mm(
-                x.astype(mx.float32),
-                weight.astype(mx.float32),
-                rhs_indices=expert,
-                sorted_indices=sorted_indices,
-            )
-            return out.astype(x.dtype)
-        return mx.gather_mm(x, weight, rhs_indices=expert, sorted_indices=sorted_indices)
-
-
-class StackedExperts(nn.Module):
-    """The routed experts held stacked; `routed_experts.{gate,up,down}_proj.weight` is (E, out, in)."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int):
-        super().__init__()
-        self.gate_proj = StackedExpertLinear(hidden_size, intermediate_size, num_experts)
-        self.up_proj = StackedExpertLinear(hidden_size, intermediate_size, num_experts)
-        self.down_proj = StackedExpertLinear(intermediate_size, hidden_size, num_experts)
-
-    def __call__(self, x: mx.array, expert: mx.array, sorted_indices: bool = True) -> mx.array:
-        gate = self.gate_proj(x, expert, sorted_indices)
-        hidden = silu(gate) * self.up_proj(x, expert, sorted_indices)
-        return self.down_proj(hidden, expert, sorted_indices)
 
 
 class LlamaMLP(nn.Module):
@@ -338,9 +283,9 @@ class LlamaMLP(nn.Module):
         token, expert, pair_row, pair_of_row = map(
             mx.stop_gradient, (token, expert, pair_row, pair_of_row)
         )
-        x_rows = _rows_to_blocks(x_flat, token, pair_row.reshape(-1, self.top_k))
+        x_rows = rows_to_blocks(x_flat, token, pair_row.reshape(-1, self.top_k))
         out = self.routed_experts(x_rows.reshape(rows // g, g, -1), expert[::g])
-        return _blocks_to_pairs(out.reshape(rows, -1), pair_row, pair_of_row)
+        return blocks_to_pairs(out.reshape(rows, -1), pair_row, pair_of_row)
 
     def sequence_aux_loss(self, scores: mx.array, one_hot: mx.array) -> mx.array:
         """aux_loss_coef * sum_i f_i P_i per sequence, averaged over the batch."""
@@ -351,34 +296,6 @@ class LlamaMLP(nn.Module):
         f = counts * self.num_experts / (self.top_k * T)
         P = (scores / scores.sum(-1, keepdims=True)).mean(1)  # (B, E)
         return self.aux_loss_coef * (f * P).sum(-1).mean()
-
-
-# The blocked dispatch's two row permutations, each with the other as its vjp: a gather both
-# ways, where autodiff would scatter-add (slower on MLX's CPU backend).
-@mx.custom_function
-def _rows_to_blocks(x, token, rows_of_token):
-    """x (N, D) -> (rows, D): row r holds x[token[r]], or zeros where token[r] == N."""
-    return mx.concatenate([x, mx.zeros_like(x[:1])])[token]
-
-
-@_rows_to_blocks.vjp
-def _rows_to_blocks_vjp(primals, cotangent, output):
-    x, token, rows_of_token = primals  # rows_of_token (N, k): the k rows that hold each token
-    grad = cotangent[rows_of_token].sum(axis=1)
-    return grad, mx.zeros_like(token), mx.zeros_like(rows_of_token)
-
-
-@mx.custom_function
-def _blocks_to_pairs(out, pair_row, pair_of_row):
-    """out (rows, D) -> (P, D): pair p reads row pair_row[p]."""
-    return out[pair_row]
-
-
-@_blocks_to_pairs.vjp
-def _blocks_to_pairs_vjp(primals, cotangent, output):
-    out, pair_row, pair_of_row = primals  # pair_of_row (rows,): P on padding rows
-    grad = mx.concatenate([cotangent, mx.zeros_like(cotangent[:1])])[pair_of_row]
-    return grad.astype(out.dtype), mx.zeros_like(pair_row), mx.zeros_like(pair_of_row)
 
 
 class DecoderLayer(nn.Module):

@@ -22,10 +22,10 @@ from safetensors.numpy import save_file as save_numpy
 
 from customllm.checkpoint import CONFIG_NAME, WEIGHTS_NAME, canonical_shapes
 from customllm.config import ModelConfig
-from customllm_mlx import model as mlx_model
+from customllm_mlx import experts as mlx_experts
 from customllm_mlx.cli import main as cli_main
+from customllm_mlx.experts import CPU_BLOCK_ROWS
 from customllm_mlx.model import (
-    CPU_BLOCK_ROWS,
     CustomLLM,
     LatentKVCache,
     LlamaMLP,
@@ -298,13 +298,13 @@ def test_blocked_cpu_dispatch_equals_sorted_rows_values_and_gradients(tiny_confi
 
 def test_blocked_dispatch_sends_whole_blocks_of_one_expert(tiny_config, monkeypatch):
     calls = []
-    original = mlx_model.StackedExpertLinear.__call__
+    original = mlx_experts.StackedExpertLinear.__call__
 
     def spy(self, x, expert, *args):
         calls.append((x.shape, np.array(expert)))
         return original(self, x, expert, *args)
 
-    monkeypatch.setattr(mlx_model.StackedExpertLinear, "__call__", spy)
+    monkeypatch.setattr(mlx_experts.StackedExpertLinear, "__call__", spy)
     model = build(tiny_config)
     N, k, E, g = 2 * 64, 2, tiny_config.n_routed_experts, CPU_BLOCK_ROWS
     model(random_ids(tiny_config, B=2, T=64))
@@ -332,13 +332,13 @@ def test_routing_bias_changes_choice_not_weights(tiny_config):
 def test_each_expert_runs_only_on_its_tokens(tiny_config, monkeypatch):
     """gather_mm sees N*k rows sorted by expert, never N*E (every expert on every token)."""
     calls = []
-    original = mlx_model.StackedExpertLinear.__call__
+    original = mlx_experts.StackedExpertLinear.__call__
 
     def spy(self, x, expert, *args):
         calls.append((x.shape, np.array(expert)))
         return original(self, x, expert, *args)
 
-    monkeypatch.setattr(mlx_model.StackedExpertLinear, "__call__", spy)
+    monkeypatch.setattr(mlx_experts.StackedExpertLinear, "__call__", spy)
     model = build(tiny_config)
     B, T = 2, 16
     N, k, E = B * T, tiny_config.num_experts_per_tok, tiny_config.n_routed_experts
@@ -549,11 +549,11 @@ def test_silu_equals_mlx_silu_values_and_gradients_at_any_magnitude():
     )
     cot = mx.random.normal(x.shape, key=mx.random.key(4))
     np.testing.assert_allclose(
-        np.array(mlx_model.silu(x)), np.array(nn.silu(x)), atol=1e-6, rtol=1e-6
+        np.array(mlx_experts.silu(x)), np.array(nn.silu(x)), atol=1e-6, rtol=1e-6
     )
-    ours = mx.grad(lambda x: (mlx_model.silu(x) * cot).sum())(x)
+    ours = mx.grad(lambda x: (mlx_experts.silu(x) * cot).sum())(x)
     ref = mx.grad(lambda x: (nn.silu(x) * cot).sum())(x)
     np.testing.assert_allclose(np.array(ours), np.array(ref), atol=1e-5, rtol=1e-5)
     half = x.astype(mx.bfloat16)
-    assert mlx_model.silu(half).dtype == mx.bfloat16
-    assert bool(mx.all(mx.isfinite(mlx_model.silu(half))))
+    assert mlx_experts.silu(half).dtype == mx.bfloat16
+    assert bool(mx.all(mx.isfinite(mlx_experts.silu(half))))
