@@ -236,6 +236,20 @@ def naive_moe(mlp: LlamaMLP, x: np.ndarray, config: ModelConfig):
     return y, chosen, aux
 
 
+@pytest.fixture
+def gather_mm_calls(monkeypatch) -> list[tuple[tuple[int, ...], np.ndarray]]:
+    """(input shape, expert indices) of every StackedExpertLinear call while the test runs."""
+    calls = []
+    original = mlx_experts.StackedExpertLinear.__call__
+
+    def spy(self, x, expert, *args):
+        calls.append((x.shape, np.array(expert)))
+        return original(self, x, expert, *args)
+
+    monkeypatch.setattr(mlx_experts.StackedExpertLinear, "__call__", spy)
+    return calls
+
+
 @pytest.mark.parametrize("T", [12, 40, 150])  # pairs: 48 direct, 160 sorted, 600 blocked (CPU)
 def test_gather_mm_dispatch_equals_naive_per_token_loop(tiny_config, T):
     model = build(tiny_config, bias_std=0.1)
@@ -296,15 +310,8 @@ def test_blocked_cpu_dispatch_equals_sorted_rows_values_and_gradients(tiny_confi
     np.testing.assert_allclose(np.array(y), y_ref, atol=1e-5, rtol=1e-4)
 
 
-def test_blocked_dispatch_sends_whole_blocks_of_one_expert(tiny_config, monkeypatch):
-    calls = []
-    original = mlx_experts.StackedExpertLinear.__call__
-
-    def spy(self, x, expert, *args):
-        calls.append((x.shape, np.array(expert)))
-        return original(self, x, expert, *args)
-
-    monkeypatch.setattr(mlx_experts.StackedExpertLinear, "__call__", spy)
+def test_blocked_dispatch_sends_whole_blocks_of_one_expert(tiny_config, gather_mm_calls):
+    calls = gather_mm_calls
     model = build(tiny_config)
     N, k, E, g = 2 * 64, 2, tiny_config.n_routed_experts, CPU_BLOCK_ROWS
     model(random_ids(tiny_config, B=2, T=64))
@@ -329,16 +336,9 @@ def test_routing_bias_changes_choice_not_weights(tiny_config):
     )
 
 
-def test_each_expert_runs_only_on_its_tokens(tiny_config, monkeypatch):
+def test_each_expert_runs_only_on_its_tokens(tiny_config, gather_mm_calls):
     """gather_mm sees N*k rows sorted by expert, never N*E (every expert on every token)."""
-    calls = []
-    original = mlx_experts.StackedExpertLinear.__call__
-
-    def spy(self, x, expert, *args):
-        calls.append((x.shape, np.array(expert)))
-        return original(self, x, expert, *args)
-
-    monkeypatch.setattr(mlx_experts.StackedExpertLinear, "__call__", spy)
+    calls = gather_mm_calls
     model = build(tiny_config)
     B, T = 2, 16
     N, k, E = B * T, tiny_config.num_experts_per_tok, tiny_config.n_routed_experts
