@@ -229,26 +229,27 @@ class LlamaMLP(nn.Module):
         B, T, D = x.shape
         x_flat = x.reshape(-1, D)  # (N, D)
         scores, idx, weights = self.route(x_flat)
-        y = self.dispatch(x_flat, idx, weights.astype(x.dtype))
-        for expert in self.shared_experts:
-            y = y + expert(x_flat)
         one_hot = mx.stop_gradient(idx[..., None] == mx.arange(self.num_experts))  # (N, k, E)
         load = one_hot.sum(axis=(0, 1))
+        y = self.dispatch(x_flat, idx, weights.astype(x.dtype), load)
+        for expert in self.shared_experts:
+            y = y + expert(x_flat)
         aux_loss = self.sequence_aux_loss(
             scores.reshape(B, T, -1), one_hot.reshape(B, T, *one_hot.shape[1:])
         )
         return y.reshape(B, T, D), aux_loss, load
 
-    def dispatch(self, x_flat, idx, weights):
+    def dispatch(self, x_flat, idx, weights, load):
         """Run each routed expert only on its tokens: with few pairs (decoding), each pair
-        directly; otherwise sorted by expert, in whole blocks per expert on CPU."""
+        directly; otherwise sorted by expert, in whole blocks per expert on CPU.
+        `load` (E,): the token-expert pairs of each expert (the layer's expert load)."""
         flat_expert = idx.flatten()  # (N * k,)
         if flat_expert.size < SORT_MIN_PAIRS:
             out = self.routed_experts(x_flat[:, None, None], idx, sorted_indices=False)
         else:
             order = mx.stop_gradient(mx.argsort(flat_expert))
             if mx.default_device() == mx.cpu and order.size >= self.num_experts * CPU_BLOCK_ROWS:
-                out = self.blocked_experts(x_flat, flat_expert, order)
+                out = self.blocked_experts(x_flat, flat_expert, order, load)
             else:
                 out = self.sorted_experts(x_flat, flat_expert, order)
         return (out.reshape(*idx.shape, -1) * weights[..., None]).sum(axis=1)
@@ -260,14 +261,13 @@ class LlamaMLP(nn.Module):
         out = self.routed_experts(x_flat[(order // self.top_k)[:, None]], flat_expert[order])
         return out[:, 0][mx.argsort(order)]
 
-    def blocked_experts(self, x_flat, flat_expert, order):
+    def blocked_experts(self, x_flat, flat_expert, order, counts):
         """Expert outputs (N * k, D) in pair order, for MLX's CPU gather_mm, which runs one
         GEMM per batch entry (one GEMV per row in `sorted_experts`): each expert's sorted rows
         are padded to whole blocks of CPU_BLOCK_ROWS and sent as (blocks, rows, D), one GEMM
         per block. The padded length has a static bound, so this compiles (no host sync)."""
         g, E, P = CPU_BLOCK_ROWS, self.num_experts, order.size
         sorted_expert = flat_expert[order]
-        counts = (flat_expert[:, None] == mx.arange(E)).sum(0)
         padded = (counts + g - 1) // g * g
         shift = mx.cumsum(padded) - padded - (mx.cumsum(counts) - counts)  # per expert
         row = (shift[sorted_expert] + mx.arange(P)).astype(mx.uint32)  # padded row of each pair

@@ -236,24 +236,24 @@ class LlamaMLP(nn.Module):
         B, T, D = x.shape
         x_flat = x.reshape(-1, D)  # (N, D)
         scores, idx, weights = self.route(x_flat)
-        y = self.dispatch(x_flat, idx, weights.to(x.dtype))
+        load = torch.bincount(idx.flatten(), minlength=self.num_experts)
+        y = self.dispatch(x_flat, idx, weights.to(x.dtype), load)
         for expert in self.shared_experts:
             y = y + expert(x_flat)
-        load = torch.bincount(idx.flatten(), minlength=self.num_experts)
         aux_loss = self.sequence_aux_loss(scores.view(B, T, -1), idx.view(B, T, -1))
         return y.view(B, T, D), aux_loss, load
 
-    def dispatch(self, x_flat, idx, weights):
+    def dispatch(self, x_flat, idx, weights, load):
         """Run each routed expert only on its tokens: sort token-expert pairs by expert, gather
-        the rows once, one matmul chain per expert over its contiguous slice, one scatter-add."""
+        the rows once, one matmul chain per expert over its contiguous slice, one scatter-add.
+        `load` (E,): the token-expert pairs of each expert (the layer's expert load)."""
         flat_expert = idx.flatten()  # (N * k,)
         order = torch.argsort(flat_expert, stable=True)
         token_of_pair = order // self.top_k
-        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()
         rows = x_flat[token_of_pair]  # (N * k, D), grouped by expert
         outs = [
             expert(part)
-            for expert, part in zip(self.routed_experts, rows.split(counts), strict=True)
+            for expert, part in zip(self.routed_experts, rows.split(load.tolist()), strict=True)
             if part.shape[0]
         ]
         out = torch.cat(outs) * weights.flatten()[order, None]

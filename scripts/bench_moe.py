@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from customllm.config import ModelConfig  # noqa: E402
+from customllm_mlx.experts import silu  # noqa: E402  (the model's activation, in every variant)
 
 HEADERS = [
     "layer",
@@ -55,7 +56,7 @@ def _unsort(mlp, out, order, idx, weights):
     return (out * weights[..., None]).sum(axis=1)
 
 
-def dispatch_sorted_rows(mlp, x_flat, idx, weights):
+def dispatch_sorted_rows(mlp, x_flat, idx, weights, load):
     """Ours as on the GPU (and on CPU before the blocked layout): one (1, D) row per gather_mm
     batch entry, which MLX's CPU backend runs as one GEMV per row."""
     order = mx.stop_gradient(mx.argsort(idx.flatten()))
@@ -63,7 +64,7 @@ def dispatch_sorted_rows(mlp, x_flat, idx, weights):
     return (out.reshape(*idx.shape, -1) * weights[..., None]).sum(axis=1)
 
 
-def dispatch_gather_unflagged(mlp, x_flat, idx, weights):
+def dispatch_gather_unflagged(mlp, x_flat, idx, weights, load):
     """Ours with `sorted_indices=False`: same sort, same gather_mm, no flag."""
     order, xs, experts = _sorted_pairs(mlp, x_flat, idx)
     e = mlp.routed_experts
@@ -72,20 +73,19 @@ def dispatch_gather_unflagged(mlp, x_flat, idx, weights):
         return mx.gather_mm(h, layer.weight.swapaxes(-1, -2), rhs_indices=experts)
 
     xs = xs[:, None]
-    out = linear(e.down_proj, nn.silu(linear(e.gate_proj, xs)) * linear(e.up_proj, xs))[:, 0]
+    out = linear(e.down_proj, silu(linear(e.gate_proj, xs)) * linear(e.up_proj, xs))[:, 0]
     return _unsort(mlp, out, order, idx, weights)
 
 
-def dispatch_expert_slices(mlp, x_flat, idx, weights):
+def dispatch_expert_slices(mlp, x_flat, idx, weights, load):
     """One dense matmul chain per expert over its contiguous slice of the sorted pairs
     (the counts are read on the host: eager only, like the torch model's dispatch)."""
-    order, xs, experts = _sorted_pairs(mlp, x_flat, idx)
-    counts = (experts[:, None] == mx.arange(mlp.num_experts)).sum(0).tolist()
+    order, xs, _ = _sorted_pairs(mlp, x_flat, idx)
     e, outs, start = mlp.routed_experts, [], 0
-    for i, count in enumerate(counts):
+    for i, count in enumerate(load.tolist()):
         if count:
             seg = xs[start : start + count]
-            h = nn.silu(seg @ e.gate_proj.weight[i].T) * (seg @ e.up_proj.weight[i].T)
+            h = silu(seg @ e.gate_proj.weight[i].T) * (seg @ e.up_proj.weight[i].T)
             outs.append(h @ e.down_proj.weight[i].T)
         start += count
     return _unsort(mlp, mx.concatenate(outs), order, idx, weights)

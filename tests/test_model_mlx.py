@@ -276,13 +276,9 @@ def test_blocked_cpu_dispatch_equals_sorted_rows_values_and_gradients(tiny_confi
     counts = np.bincount(np.array(flat_expert), minlength=7)
     assert counts[0] == 300 and counts[1] == 0 and flat_expert.size >= 7 * CPU_BLOCK_ROWS
     order = mx.argsort(flat_expert)
+    counts = mx.array(counts)
 
-    def routed(x_flat, experts, path):
-        mlp.routed_experts.update(experts)
-        out = getattr(mlp, path)(x_flat, flat_expert, order)
-        return (out * mx.cos(mx.arange(out.size).reshape(out.shape))).sum()  # any cotangent
-
-    def dense_reference(x_flat, flat_expert, order):
+    def dense_reference(x_flat):
         e = mlp.routed_experts
         outs = []
         for i in range(7):
@@ -291,16 +287,25 @@ def test_blocked_cpu_dispatch_equals_sorted_rows_values_and_gradients(tiny_confi
         every = mx.stack(outs, 1)  # (N, E, D)
         return mx.take_along_axis(every, idx[..., None], 1).reshape(-1, x_flat.shape[-1])
 
-    mlp.dense_reference = dense_reference
+    paths = {
+        "blocked": lambda x_flat: mlp.blocked_experts(x_flat, flat_expert, order, counts),
+        "sorted": lambda x_flat: mlp.sorted_experts(x_flat, flat_expert, order),
+        "reference": dense_reference,
+    }
+
+    def routed(x_flat, experts, path):
+        mlp.routed_experts.update(experts)
+        out = paths[path](x_flat)
+        return (out * mx.cos(mx.arange(out.size).reshape(out.shape))).sum()  # any cotangent
+
     params = mlp.routed_experts.parameters()
-    blocked = mlp.blocked_experts(x_flat, flat_expert, order)
-    rows = mlp.sorted_experts(x_flat, flat_expert, order)
+    blocked, rows = paths["blocked"](x_flat), paths["sorted"](x_flat)
     assert blocked.shape == rows.shape == (600, x.shape[-1])
     np.testing.assert_allclose(np.array(blocked), np.array(rows), atol=1e-7, rtol=1e-5)
     grad = mx.grad(routed, argnums=(0, 1))
-    gx_b, gw_b = grad(x_flat, params, "blocked_experts")
-    gx_s, gw_s = grad(x_flat, params, "sorted_experts")
-    gx_r, gw_r = grad(x_flat, params, "dense_reference")
+    gx_b, gw_b = grad(x_flat, params, "blocked")
+    gx_s, gw_s = grad(x_flat, params, "sorted")
+    gx_r, gw_r = grad(x_flat, params, "reference")
     for gx, gw in ((gx_b, gw_b), (gx_s, gw_s)):
         np.testing.assert_allclose(np.array(gx), np.array(gx_r), atol=1e-6, rtol=1e-5)
         for (name, a), (_, b) in zip(tree_flatten(gw), tree_flatten(gw_r), strict=True):
