@@ -36,8 +36,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(hidden.dtype)
         b = None if bias is None else bias.to(torch.float32)
         grad_hidden = torch.empty_like(hidden) if needs[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        grad_weight = grad_weight if needs[1] else None
+        grad_weight = None
+        if needs[1]:  # float32 accumulation across chunks
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         grad_bias = None if bias is None or not needs[2] else torch.zeros_like(b)
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk_rows):

@@ -117,9 +117,6 @@ def mlx_system(system: str, cfg: ModelConfig, ids: np.ndarray, mode: str, lr: fl
 # --- torch -----------------------------------------------------------------------------------
 
 
-LOGITS = {"return_logits": True}  # our torch model's unfused loss: full logits, F.cross_entropy
-
-
 def torch_system(system: str, cfg: ModelConfig, ids: np.ndarray, mode: str, lr: float) -> System:
     inputs = torch.from_numpy(ids).long()
     if system == OURS:
@@ -131,10 +128,11 @@ def torch_system(system: str, cfg: ModelConfig, ids: np.ndarray, mode: str, lr: 
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     forward = torch.compile(model) if mode == "compiled" else model
-    fused = not mode.endswith("-logits")  # ours: fused lm_head + loss, as the Trainer runs it
+    # ours trains with the fused lm_head + loss, as the Trainer runs it; "-logits": unfused
+    extra = {"return_logits": True} if mode.endswith("-logits") else {}
 
     def run():
-        out = forward(inputs, labels=inputs, **({} if fused or system != OURS else LOGITS))
+        out = forward(inputs, labels=inputs, **extra)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
