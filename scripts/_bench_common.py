@@ -104,6 +104,10 @@ def step_peak_bytes(fn: Callable[[], Any]) -> int:
     return max(0, _status_kb("VmHWM") - before) * 1024
 
 
+def fmt_ratio(x: float | None) -> str:
+    return f"{x:.2f}x" if x else "-"
+
+
 def fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":

@@ -261,9 +261,6 @@ def main(argv: list[str] | None = None) -> dict:
                 peer and row[f"{key}_tokens_per_s"] / peer[f"{key}_tokens_per_s"]
             )
 
-    def ratio(x):
-        return f"{x:.2f}x" if x else "-"
-
     table = bc.markdown_table(
         HEADERS,
         [
@@ -275,8 +272,8 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{r['decode_tokens_per_s']:,.1f}",
                 f"{r['kv_bytes_per_token_per_layer']:.0f}",
                 f"{r['kv_bytes_per_token']:.0f}",
-                ratio(r["prefill_ratio_to_peer"]),
-                ratio(r["decode_ratio_to_peer"]),
+                bc.fmt_ratio(r["prefill_ratio_to_peer"]),
+                bc.fmt_ratio(r["decode_ratio_to_peer"]),
             ]
             for r in rows
         ],

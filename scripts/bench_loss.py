@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
                 r["chunk_rows"],
                 f"{r['unfused_ms']:.1f}",
                 f"{r['fused_ms']:.1f}",
-                f"{r['speedup']:.2f}x",
+                bc.fmt_ratio(r["speedup"]),
                 peak(r),
             ]
             for r in rows

@@ -246,9 +246,6 @@ def main(argv: list[str] | None = None) -> dict:
         row["fwd_vs_dense"] = dense and row["fwd_ms"] / dense["fwd_ms"]
         row["fwd_bwd_vs_dense"] = dense and row["fwd_bwd_ms"] / dense["fwd_bwd_ms"]
 
-    def ratio(x):
-        return f"{x:.2f}x" if x else "-"
-
     table = bc.markdown_table(
         HEADERS,
         [
@@ -259,8 +256,8 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{r['fwd_ms']:.2f}",
                 f"{r['fwd_bwd_ms']:.2f}",
                 f"{r['tokens_per_s']:,.0f}",
-                ratio(r["fwd_vs_dense"]),
-                ratio(r["fwd_bwd_vs_dense"]),
+                bc.fmt_ratio(r["fwd_vs_dense"]),
+                bc.fmt_ratio(r["fwd_bwd_vs_dense"]),
             ]
             for r in rows
         ],
@@ -274,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
         if r["layer"] == "customllm MoE":
             print(
                 f"dispatch overhead ratio ({r['framework']}, {r['mode']}): fwd "
-                f"{ratio(r['fwd_vs_dense'])}, fwd+bwd {ratio(r['fwd_bwd_vs_dense'])}"
+                f"{bc.fmt_ratio(r['fwd_vs_dense'])}, fwd+bwd {bc.fmt_ratio(r['fwd_bwd_vs_dense'])}"
             )
     result = {
         "benchmark": "moe",

@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{r['ms_per_step']:.1f}",
                 bc.fmt_bytes(r["peak_mem_bytes"]),
                 f"{100 * r['mfu']:.1f}%",
-                f"{r['ratio_to_peer']:.2f}x" if r["ratio_to_peer"] else "-",
+                bc.fmt_ratio(r["ratio_to_peer"]),
             ]
             for r in rows
         ],
