@@ -20,6 +20,15 @@ SHARED_DIR = REPO_DIR.parent / "shared"
 COSMO2_DIR = SHARED_DIR / "tokenizers" / "cosmo2"
 DATA_DIR = SHARED_DIR / "data"
 COSMO2_VOCAB_SIZE = 49152
+TRAIN_TXT = DATA_DIR / "tinystories" / "train.txt"
+HELDOUT_TXT = DATA_DIR / "tinystories" / "heldout.txt"
+
+# For test modules that train on the shared text with the real tokenizer:
+# `from conftest import requires_training_data` and `pytestmark = requires_training_data`.
+requires_training_data = pytest.mark.skipif(
+    not (TRAIN_TXT.is_file() and (COSMO2_DIR / "tokenizer.json").is_file()),
+    reason=f"shared data or tokenizer missing under {SHARED_DIR}",
+)
 
 
 @pytest.fixture(scope="session")

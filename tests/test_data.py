@@ -1,9 +1,9 @@
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import COSMO2_DIR, HELDOUT_TXT, TRAIN_TXT
 
 from customllm.corpus import (
     BUILTIN,
@@ -15,9 +15,6 @@ from customllm.corpus import (
 from customllm.data import DEFAULT_HUB_DATA, StreamDataset, eval_batches
 from customllm.tokenizer import load_tokenizer
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-TRAIN_TXT = SHARED / "data" / "tinystories" / "train.txt"
-HELDOUT_TXT = SHARED / "data" / "tinystories" / "heldout.txt"
 DOCS = [
     "Once upon a time there was a cat.",
     "The dog barked.\n\nThen it slept all day long, dreaming of bones.",
@@ -36,7 +33,7 @@ OFFLINE_AND_PROXY_VARS = (
 
 @pytest.fixture(scope="module")
 def tok():
-    return load_tokenizer(SHARED / "tokenizers" / "cosmo2")
+    return load_tokenizer(COSMO2_DIR)
 
 
 @pytest.fixture

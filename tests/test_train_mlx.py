@@ -23,6 +23,7 @@ customllm_mlx = pytest.importorskip("customllm_mlx")
 import mlx.core as mx
 import numpy as np
 from click.testing import CliRunner
+from conftest import COSMO2_DIR, TRAIN_TXT, requires_training_data
 from mlx.utils import tree_flatten
 
 from customllm.config import ModelConfig
@@ -36,14 +37,7 @@ from customllm_mlx.cli import main as cli
 from customllm_mlx.io import load
 from customllm_mlx.model import CustomLLM
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-TRAIN_TXT = SHARED / "data" / "tinystories" / "train.txt"
-COSMO2 = SHARED / "tokenizers" / "cosmo2"
-
-pytestmark = pytest.mark.skipif(
-    not (TRAIN_TXT.is_file() and (COSMO2 / "tokenizer.json").is_file()),
-    reason=f"shared data or tokenizer missing under {SHARED}",
-)
+pytestmark = requires_training_data
 
 
 def options(out: Path, **overrides) -> dict:
@@ -51,7 +45,7 @@ def options(out: Path, **overrides) -> dict:
     values = dict(
         preset="tiny",
         data=str(TRAIN_TXT),
-        tokenizer=str(COSMO2),
+        tokenizer=str(COSMO2_DIR),
         seq_len=32,
         batch_size=4,
         lr=3e-3,
@@ -361,7 +355,7 @@ def test_metrics_have_exactly_the_keys(tmp_path):
 
 def test_bfloat16_model_keeps_bias_float32(tmp_path):
     cfg = TrainConfig(**options(tmp_path / "run", steps=3, dtype="bfloat16"))
-    model = train_mod.build_model(cfg, None, load_tokenizer(COSMO2))
+    model = train_mod.build_model(cfg, None, load_tokenizer(COSMO2_DIR))
     assert model.lm_head.weight.dtype == mx.bfloat16 and model.training
     assert all(layer.mlp.expert_bias.dtype == mx.float32 for layer in model.layers)
     last = train_mod.run_training(cfg)  # on the CPU the experts' gather_mm runs in float32

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import COSMO2_DIR, HELDOUT_TXT, TRAIN_TXT, requires_training_data
 from safetensors.torch import load_file
 
 import customllm_torch.model as torch_model
@@ -31,15 +32,7 @@ from customllm.training import NonFiniteLossError, TrainConfig
 from customllm_torch.cli import main as cli
 from customllm_torch.io import load
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-TRAIN_TXT = SHARED / "data" / "tinystories" / "train.txt"
-HELDOUT_TXT = SHARED / "data" / "tinystories" / "heldout.txt"
-COSMO2 = SHARED / "tokenizers" / "cosmo2"
-
-pytestmark = pytest.mark.skipif(
-    not (TRAIN_TXT.is_file() and (COSMO2 / "tokenizer.json").is_file()),
-    reason=f"shared data or tokenizer missing under {SHARED}",
-)
+pytestmark = requires_training_data
 
 
 def tiny(out: Path, **overrides) -> TrainConfig:
@@ -47,7 +40,7 @@ def tiny(out: Path, **overrides) -> TrainConfig:
     values = dict(
         preset="tiny",
         data=str(TRAIN_TXT),
-        tokenizer=str(COSMO2),
+        tokenizer=str(COSMO2_DIR),
         seq_len=32,
         batch_size=2,
         steps=6,
