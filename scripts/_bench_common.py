@@ -7,6 +7,7 @@ being compared, so the noise of a busy machine hits every system alike.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import gc
 import importlib.metadata
@@ -17,6 +18,7 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -138,6 +140,7 @@ def gemm_peak_flops(framework: str, n: int = 2048, repeats: int = 5) -> float:
             torch.mm(a, b)
 
     run()
+    repeats = max(repeats, int(2e9 / (2 * n**3)))  # small n: enough calls to catch a quiet one
     best = min(_timed(run) for _ in range(repeats))
     return 2 * n**3 / best
 
@@ -315,6 +318,70 @@ def write_json(path: str | None, payload: dict[str, Any]) -> None:
     if path:
         Path(path).write_text(json.dumps(payload, indent=2, sort_keys=True))
         print(f"wrote {path}")
+
+
+# --- one process per framework ---------------------------------------------------------------
+# customllm_mlx loads OpenBLAS with RTLD_GLOBAL (for MLX), and torch in the same process then
+# calls it too: its float32 GEMM ran at 196 GFLOP/s on OpenBLAS's two threads instead of 94 on
+# torch's one, and its small MoE matmuls gained less than the dense layer's (tiny MoE against
+# dense SwiGLU, fwd+bwd: 1.04x in a torch-only process, 1.26x with OpenBLAS loaded). The torch
+# product never loads OpenBLAS, so the torch rows are timed in a child process without it.
+
+
+def add_process_args(parser) -> None:
+    parser.add_argument(
+        "--torch-in-process",
+        action="store_true",
+        help="time torch in this process too, where OpenBLAS (loaded for MLX) serves its GEMMs",
+    )
+    parser.add_argument("--framework-only", choices=("mlx", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-json", help=argparse.SUPPRESS)
+
+
+def frameworks_here(args) -> set[str]:
+    """The frameworks this process times."""
+    if args.framework_only:
+        return {args.framework_only}
+    return {"mlx", "torch"} if args.torch_in_process else {"mlx"}
+
+
+def add_torch_child(args, argv: list[str] | None, script: str, measured: dict) -> dict:
+    """Unless this is the child or --torch-in-process, run `script` again for its torch rows
+    alone, with CUSTOMLLM_NO_OPENBLAS=1, and merge what it measured into `measured` (lists
+    extended, dicts updated). Returns `measured`."""
+    measured.setdefault("processes", {})["+".join(sorted(frameworks_here(args)))] = process_info()
+    if args.framework_only or args.torch_in_process:
+        return measured
+    argv = sys.argv[1:] if argv is None else list(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "torch.json"
+        cmd = [sys.executable, script, *argv, "--framework-only", "torch", "--child-json", str(out)]
+        env = {**os.environ, "CUSTOMLLM_NO_OPENBLAS": "1"}
+        subprocess.run(cmd, env=env, check=True)
+        child = json.loads(out.read_text())
+    for key, value in child.items():
+        if isinstance(value, list):
+            measured.setdefault(key, []).extend(value)
+        elif isinstance(value, dict):
+            measured.setdefault(key, {}).update(value)
+    return measured
+
+
+def child_done(args, measured: dict) -> bool:
+    """In the child: write what it measured for the parent and report True (nothing to print)."""
+    if not args.child_json:
+        return False
+    measured.setdefault("processes", {})[args.framework_only] = process_info()
+    Path(args.child_json).write_text(json.dumps(measured))
+    return True
+
+
+def process_info() -> dict[str, Any]:
+    """What set this process's BLAS: OpenBLAS loaded (its path) or not, torch's threads."""
+    info: dict[str, Any] = {"openblas_loaded": customllm_mlx._blas.loaded}
+    if "torch" in sys.modules:
+        info["torch_threads"] = sys.modules["torch"].get_num_threads()
+    return info
 
 
 def wants(name: str, only: str | None) -> bool:

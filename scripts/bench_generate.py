@@ -185,22 +185,9 @@ def e2e_rows(args, cfg: ModelConfig, runners: list[Runner], prompt: np.ndarray) 
     return rows
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    bc.add_model_args(parser)
-    parser.add_argument("--contexts", default="128,1024", help="comma-separated context lengths")
-    parser.add_argument("--prefill-repeats", type=int, default=10)
-    parser.add_argument("--decode-repeats", type=int, default=50)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--e2e", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--e2e-tokens", type=int, default=32)
-    parser.add_argument("--e2e-repeats", type=int, default=3)
-    parser.add_argument("--only", default=None, help="comma-separated name substrings")
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args(argv)
-
-    contexts = [int(c) for c in args.contexts.split(",")]
-    cfg = bc.make_config(args, max_position_embeddings=max(2048, 2 * max(contexts)))
+def measure(args, cfg: ModelConfig, frameworks: set[str]) -> dict:
+    """Rows per system and context (prefill, decode, cache bytes) and the end-to-end rows, for
+    the wanted systems in `frameworks`."""
     runners = []
     for system, framework in [
         (OURS, "mlx"),
@@ -208,13 +195,13 @@ def main(argv: list[str] | None = None) -> dict:
         (OURS, "torch"),
         (TORCH_PEER, "torch"),
     ]:
-        if bc.wants(f"{system}/{framework}", args.only):
+        if framework in frameworks and bc.wants(f"{system}/{framework}", args.only):
             mx.random.seed(0)
             torch.manual_seed(0)
             runners.append(Runner(system, framework, cfg))
     rng = np.random.default_rng(0)
     rows, e2e = [], []
-    for ctx in contexts:
+    for ctx in (int(c) for c in args.contexts.split(",")):
         prompt = rng.integers(1, cfg.vocab_size, (1, ctx))
         prefill = bc.interleaved_times(
             {r.name: (lambda r=r, p=prompt: r.prefill(p)) for r in runners},
@@ -245,6 +232,33 @@ def main(argv: list[str] | None = None) -> dict:
             )
         if args.e2e:
             e2e += e2e_rows(args, cfg, runners, prompt)
+    return {"rows": rows, "e2e": e2e}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    bc.add_model_args(parser)
+    parser.add_argument("--contexts", default="128,1024", help="comma-separated context lengths")
+    parser.add_argument("--prefill-repeats", type=int, default=10)
+    parser.add_argument("--decode-repeats", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--e2e", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--e2e-tokens", type=int, default=32)
+    parser.add_argument("--e2e-repeats", type=int, default=3)
+    parser.add_argument("--only", default=None, help="comma-separated name substrings")
+    parser.add_argument("--json", default=None)
+    bc.add_process_args(parser)
+    args = parser.parse_args(argv)
+
+    contexts = [int(c) for c in args.contexts.split(",")]
+    cfg = bc.make_config(args, max_position_embeddings=max(2048, 2 * max(contexts)))
+    measured = measure(args, cfg, bc.frameworks_here(args))
+    if bc.child_done(args, measured):
+        return measured
+    bc.add_torch_child(args, argv, __file__, measured)
+    rows, e2e = measured["rows"], measured["e2e"]
+    rows.sort(key=lambda r: r["context"])  # stable: the systems in their order per context
+    e2e.sort(key=lambda r: r["context"])
     for row in rows:
         peer = next(
             (
@@ -304,6 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
         "args": vars(args),
         "config": cfg.to_dict(),
         "machine": bc.machine_info(),
+        "processes": measured["processes"],
         "rows": rows,
         "e2e": e2e,
         "table": table,

@@ -62,20 +62,8 @@ def mlx_peak(fn) -> int:
     return mx.get_peak_memory()
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", default="64,256", help="comma-separated hidden sizes")
-    parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--vocab-size", type=int, default=49152)
-    parser.add_argument("--chunk-rows", type=int, default=None, help="default: the loss's own")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--torch-threads", type=int, default=None)
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args(argv)
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
-
+def measure(args, frameworks: set[str]) -> dict:
+    """One row per (framework, hidden size): unfused and fused ms, speedup, MLX peaks."""
     rng = np.random.default_rng(0)
     fns, meta, peaks = {}, {}, {}
     for d in (int(x) for x in args.hidden.split(",")):
@@ -83,14 +71,14 @@ def main(argv: list[str] | None = None) -> dict:
         w = (0.02 * rng.standard_normal((args.vocab_size, d))).astype(np.float32)
         b = (0.01 * rng.standard_normal(args.vocab_size)).astype(np.float32)
         y = rng.integers(0, args.vocab_size, args.tokens)
-        mlx_chunk = args.chunk_rows or mlx_chunk_rows(d)
-        torch_chunk = args.chunk_rows or torch_chunk_rows(d, torch.device("cpu"))
-        arrays = [mx.array(a) for a in (h, w, b)] + [mx.array(y)]
-        tensors = [torch.from_numpy(a) for a in (h, w, b)] + [torch.from_numpy(y)]
-        for framework, make, chunk, inputs in (
-            ("mlx", mlx_fns, mlx_chunk, arrays),
-            ("torch", torch_fns, torch_chunk, tensors),
-        ):
+        setups = []
+        if "mlx" in frameworks:
+            chunk = args.chunk_rows or mlx_chunk_rows(d)
+            setups.append(("mlx", mlx_fns, chunk, [mx.array(a) for a in (h, w, b, y)]))
+        if "torch" in frameworks:
+            chunk = args.chunk_rows or torch_chunk_rows(d, torch.device("cpu"))
+            setups.append(("torch", torch_fns, chunk, [torch.from_numpy(a) for a in (h, w, b, y)]))
+        for framework, make, chunk, inputs in setups:
             for kind, fn in make(*inputs, chunk).items():
                 fns[f"{d}/{framework}/{kind}"] = fn
                 if framework == "mlx":
@@ -113,6 +101,28 @@ def main(argv: list[str] | None = None) -> dict:
         if framework == "mlx":
             row["mlx_peak_bytes"] = {"unfused": peaks[f"{d}/u"], "fused": peaks[f"{d}/f"]}
         rows.append(row)
+    return {"rows": rows}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", default="64,256", help="comma-separated hidden sizes")
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--vocab-size", type=int, default=49152)
+    parser.add_argument("--chunk-rows", type=int, default=None, help="default: the loss's own")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--torch-threads", type=int, default=None)
+    parser.add_argument("--json", default=None)
+    bc.add_process_args(parser)
+    args = parser.parse_args(argv)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+
+    measured = measure(args, bc.frameworks_here(args))
+    if bc.child_done(args, measured):
+        return measured
+    rows = bc.add_torch_child(args, argv, __file__, measured)["rows"]
 
     def peak(r):
         p = r.get("mlx_peak_bytes")
@@ -138,8 +148,14 @@ def main(argv: list[str] | None = None) -> dict:
         f"{args.vocab_size}, median of {args.repeats} interleaved\n"
     )
     print(table)
-    result = {"benchmark": "loss", "args": vars(args), "machine": bc.machine_info(), "rows": rows}
-    result["table"] = table
+    result = {
+        "benchmark": "loss",
+        "args": vars(args),
+        "machine": bc.machine_info(),
+        "processes": measured["processes"],
+        "rows": rows,
+        "table": table,
+    }
     bc.write_json(args.json, result)
     return result
 

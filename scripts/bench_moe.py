@@ -184,37 +184,29 @@ def torch_fns(module: torch.nn.Module, x: torch.Tensor, cot: torch.Tensor):
 # --- main ------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    bc.add_model_args(parser)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--only", default=None, help="comma-separated name substrings")
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args(argv)
-
-    cfg = bc.make_config(args)
+def measure(args, cfg: ModelConfig, frameworks: set[str]) -> dict:
+    """Rows of fwd and fwd+bwd times of every wanted layer in `frameworks`."""
     shape = (args.batch, args.seq_len, cfg.hidden_size)
     rng = np.random.default_rng(0)
     x_np, cot_np = rng.standard_normal(shape, np.float32), rng.standard_normal(shape, np.float32)
     mx.random.seed(0)
     torch.manual_seed(0)
     fns, meta = {}, {}
-    for name, (module, compilable) in mlx_layers(cfg).items():
-        for mode in ("eager", "compiled") if compilable else ("eager",):
-            key = f"{name}/mlx/{mode}"
+    if "mlx" in frameworks:
+        for name, (module, compilable) in mlx_layers(cfg).items():
+            for mode in ("eager", "compiled") if compilable else ("eager",):
+                key = f"{name}/mlx/{mode}"
+                if bc.wants(key, args.only):
+                    fwd, bwd = mlx_fns(module, mx.array(x_np), mx.array(cot_np), mode == "compiled")
+                    fns[key + "/fwd"], fns[key + "/bwd"] = fwd, bwd
+                    meta[key] = (name, "mlx", mode)
+    if "torch" in frameworks:
+        for name, module in torch_layers(cfg).items():
+            key = f"{name}/torch/eager"
             if bc.wants(key, args.only):
-                fwd, bwd = mlx_fns(module, mx.array(x_np), mx.array(cot_np), mode == "compiled")
+                fwd, bwd = torch_fns(module, torch.from_numpy(x_np), torch.from_numpy(cot_np))
                 fns[key + "/fwd"], fns[key + "/bwd"] = fwd, bwd
-                meta[key] = (name, "mlx", mode)
-    for name, module in torch_layers(cfg).items():
-        key = f"{name}/torch/eager"
-        if bc.wants(key, args.only):
-            fwd, bwd = torch_fns(module, torch.from_numpy(x_np), torch.from_numpy(cot_np))
-            fns[key + "/fwd"], fns[key + "/bwd"] = fwd, bwd
-            meta[key] = (name, "torch", "eager")
+                meta[key] = (name, "torch", "eager")
     times = bc.interleaved_times(fns, args.warmup, args.repeats, group_of=bc.framework_of)
 
     tokens = args.batch * args.seq_len
@@ -232,6 +224,28 @@ def main(argv: list[str] | None = None) -> dict:
                 "tokens_per_s": tokens / bwd,
             }
         )
+    return {"rows": rows}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    bc.add_model_args(parser)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--only", default=None, help="comma-separated name substrings")
+    parser.add_argument("--json", default=None)
+    bc.add_process_args(parser)
+    args = parser.parse_args(argv)
+
+    cfg = bc.make_config(args)
+    measured = measure(args, cfg, bc.frameworks_here(args))
+    if bc.child_done(args, measured):
+        return measured
+    bc.add_torch_child(args, argv, __file__, measured)
+    rows = measured["rows"]
+    tokens = args.batch * args.seq_len
     for row in rows:
         dense = next(
             (
@@ -278,6 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
         "args": vars(args),
         "config": cfg.to_dict(),
         "machine": bc.machine_info(),
+        "processes": measured["processes"],
         "rows": rows,
         "table": table,
     }

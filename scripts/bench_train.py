@@ -167,7 +167,9 @@ def torch_system(system: str, cfg: ModelConfig, ids: np.ndarray, mode: str, lr: 
 # --- main ------------------------------------------------------------------------------------
 
 
-def build_systems(args, cfg: ModelConfig, ids: np.ndarray) -> tuple[list[System], list[dict]]:
+def build_systems(
+    args, cfg: ModelConfig, ids: np.ndarray, frameworks: set[str]
+) -> tuple[list[System], list[dict]]:
     plan = [
         (mlx_system, OURS, "eager"),
         (mlx_system, OURS, "compiled"),
@@ -185,7 +187,7 @@ def build_systems(args, cfg: ModelConfig, ids: np.ndarray) -> tuple[list[System]
     for make, system, mode in plan:
         framework = "mlx" if make is mlx_system else "torch"
         name = f"{system}/{framework}/{mode}"
-        if not bc.wants(name, args.only):
+        if framework not in frameworks or not bc.wants(name, args.only):
             continue
         try:
             mx.random.seed(0)
@@ -205,29 +207,12 @@ def peer_of(row: dict, rows: list[dict]) -> dict | None:
     return candidates.get(row["mode"].partition("-")[0]) or candidates.get("eager")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    bc.add_model_args(parser)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per system (>= 10)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--gemm-n", type=int, default=2048, help="GEMM peak matrix size")
-    parser.add_argument("--only", default=None, help="comma-separated name substrings")
-    parser.add_argument(
-        "--torch-compile",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="also run torch.compile rows (off by default: minutes of compiling on CPU)",
-    )
-    parser.add_argument("--json", default=None, help="write the results here")
-    args = parser.parse_args(argv)
-
-    cfg = bc.make_config(args, max_position_embeddings=max(1024, args.seq_len))
+def measure(args, cfg: ModelConfig, frameworks: set[str]) -> dict:
+    """Rows of every wanted system in `frameworks`, the skipped ones, and each framework's
+    GEMM peak."""
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq_len))
     tokens = args.batch * args.seq_len
-    systems, skipped = build_systems(args, cfg, ids)
+    systems, skipped = build_systems(args, cfg, ids, frameworks)
     times = bc.interleaved_times(
         {s.name: s.run for s in systems}, args.warmup, args.steps, group_of=bc.framework_of
     )
@@ -258,6 +243,35 @@ def main(argv: list[str] | None = None) -> dict:
                 **s.info,
             }
         )
+    return {"rows": rows, "skipped": skipped, "gemm_peak_flops": gemm}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    bc.add_model_args(parser)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per system (>= 10)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--gemm-n", type=int, default=2048, help="GEMM peak matrix size")
+    parser.add_argument("--only", default=None, help="comma-separated name substrings")
+    parser.add_argument(
+        "--torch-compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also run torch.compile rows (off by default: minutes of compiling on CPU)",
+    )
+    parser.add_argument("--json", default=None, help="write the results here")
+    bc.add_process_args(parser)
+    args = parser.parse_args(argv)
+
+    cfg = bc.make_config(args, max_position_embeddings=max(1024, args.seq_len))
+    measured = measure(args, cfg, bc.frameworks_here(args))
+    if bc.child_done(args, measured):
+        return measured
+    bc.add_torch_child(args, argv, __file__, measured)
+    rows, skipped, gemm = measured["rows"], measured["skipped"], measured["gemm_peak_flops"]
     for row in rows:
         peer = peer_of(row, rows)
         row["peer"] = peer and peer["name"]
@@ -295,6 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
         "config": cfg.to_dict(),
         "machine": bc.machine_info(),
         "gemm_peak_flops": gemm,
+        "processes": measured["processes"],
         "rows": rows,
         "skipped": skipped,
         "table": table,
