@@ -188,8 +188,10 @@ def generate(
 @generate_options
 def generate_command(model_dir: str, prompt: str, seed: int | None, **options) -> None:
     """Generate text from a model folder (the flags of `mlx_lm.generate`; no chat template)."""
+    from customllm_mlx.allocator import use_full_cpu_cache
     from customllm_mlx.io import load
 
+    use_full_cpu_cache()
     prompt = read_prompt(prompt)
     try:
         model, tokenizer = load(model_dir)

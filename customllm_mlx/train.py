@@ -56,6 +56,7 @@ from customllm.training import (
     tokenizer_source,
     train_options,
 )
+from customllm_mlx.allocator import use_full_cpu_cache
 from customllm_mlx.generate import generate
 from customllm_mlx.io import load, save
 from customllm_mlx.loss import cross_entropy
@@ -243,6 +244,7 @@ def run_training(cfg: TrainConfig, stream=None) -> Path | None:
     """Train (or resume) per `cfg`; returns the last checkpoint folder."""
     if cfg.plot:
         require_matplotlib()  # before training, not after it
+    use_full_cpu_cache()
     world = mx.distributed.init()
     rank, world_size = world.rank(), world.size()
     out = Path(cfg.out)

@@ -328,28 +328,46 @@ def write_json(path: str | None, payload: dict[str, Any]) -> None:
 # product never loads OpenBLAS, so the torch rows are timed in a child process without it.
 
 
+mlx_cache_limit: int | None = None  # what setup_process set
+
+
 def add_process_args(parser) -> None:
     parser.add_argument(
         "--torch-in-process",
         action="store_true",
         help="time torch in this process too, where OpenBLAS (loaded for MLX) serves its GEMMs",
     )
+    parser.add_argument(
+        "--mlx-default-cache",
+        action="store_true",
+        help="keep MLX's 32 MiB CPU buffer cache (default: the full cache our CLIs set, for "
+        "every MLX row alike: the allocator is per process)",
+    )
     parser.add_argument("--framework-only", choices=("mlx", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--child-json", help=argparse.SUPPRESS)
 
 
-def frameworks_here(args) -> set[str]:
-    """The frameworks this process times."""
+def setup_process(args) -> set[str]:
+    """The frameworks this process times; gives MLX the buffer cache of our CLIs unless
+    --mlx-default-cache (customllm_mlx/allocator.py)."""
+    global mlx_cache_limit
     if args.framework_only:
-        return {args.framework_only}
-    return {"mlx", "torch"} if args.torch_in_process else {"mlx"}
+        frameworks = {args.framework_only}
+    else:
+        frameworks = {"mlx", "torch"} if args.torch_in_process else {"mlx"}
+    if "mlx" in frameworks and not args.mlx_default_cache:
+        from customllm_mlx.allocator import use_full_cpu_cache
+
+        mlx_cache_limit = use_full_cpu_cache()
+    return frameworks
 
 
 def add_torch_child(args, argv: list[str] | None, script: str, measured: dict) -> dict:
     """Unless this is the child or --torch-in-process, run `script` again for its torch rows
     alone, with CUSTOMLLM_NO_OPENBLAS=1, and merge what it measured into `measured` (lists
     extended, dicts updated). Returns `measured`."""
-    measured.setdefault("processes", {})["+".join(sorted(frameworks_here(args)))] = process_info()
+    here = "mlx+torch" if args.torch_in_process else "mlx"
+    measured.setdefault("processes", {})[here] = process_info(times_mlx=True)
     if args.framework_only or args.torch_in_process:
         return measured
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -371,14 +389,19 @@ def child_done(args, measured: dict) -> bool:
     """In the child: write what it measured for the parent and report True (nothing to print)."""
     if not args.child_json:
         return False
-    measured.setdefault("processes", {})[args.framework_only] = process_info()
+    measured.setdefault("processes", {})[args.framework_only] = process_info(
+        times_mlx=args.framework_only == "mlx"
+    )
     Path(args.child_json).write_text(json.dumps(measured))
     return True
 
 
-def process_info() -> dict[str, Any]:
-    """What set this process's BLAS: OpenBLAS loaded (its path) or not, torch's threads."""
+def process_info(times_mlx: bool) -> dict[str, Any]:
+    """What this process's timings depend on: OpenBLAS loaded (its path) or not, torch's
+    threads, MLX's CPU buffer cache."""
     info: dict[str, Any] = {"openblas_loaded": customllm_mlx._blas.loaded}
+    if times_mlx:
+        info["mlx_cpu_cache_limit"] = mlx_cache_limit or "MLX's default"
     if "torch" in sys.modules:
         info["torch_threads"] = sys.modules["torch"].get_num_threads()
     return info

@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     contexts = [int(c) for c in args.contexts.split(",")]
     cfg = bc.make_config(args, max_position_embeddings=max(2048, 2 * max(contexts)))
-    measured = measure(args, cfg, bc.frameworks_here(args))
+    measured = measure(args, cfg, bc.setup_process(args))
     if bc.child_done(args, measured):
         return measured
     bc.add_torch_child(args, argv, __file__, measured)

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
 
-    measured = measure(args, bc.frameworks_here(args))
+    measured = measure(args, bc.setup_process(args))
     if bc.child_done(args, measured):
         return measured
     rows = bc.add_torch_child(args, argv, __file__, measured)["rows"]

@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     cfg = bc.make_config(args, max_position_embeddings=max(1024, args.seq_len))
-    measured = measure(args, cfg, bc.frameworks_here(args))
+    measured = measure(args, cfg, bc.setup_process(args))
     if bc.child_done(args, measured):
         return measured
     bc.add_torch_child(args, argv, __file__, measured)
