@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from customllm.config import ModelConfig  # noqa: E402
+from customllm_mlx.allocator import MLX_CPU_DEFAULT  # noqa: E402
 
 OURS, MLX_PEER, TORCH_PEER = "customllm", "mlx_lm deepseek_v3", "hf DeepseekV3"
 HEADERS = ["system", "framework", "mode", "tokens/s", "ms/step", "peak mem", "MFU", "vs peer"]
@@ -54,13 +55,15 @@ def mlx_state_bytes(*trees) -> int:
 def mlx_system(system: str, cfg: ModelConfig, ids: np.ndarray, mode: str, lr: float) -> System:
     """`mode`: eager | compiled; ours trains with the fused lm_head + loss as `customllm-mlx
     train` does, or with a suffix on the logits: "-logits" our `cross_entropy`, "-stdce"
-    mlx.nn.losses.cross_entropy."""
+    mlx.nn.losses.cross_entropy; "-mlxcache": as `customllm-mlx train` but with MLX's own
+    32 MiB CPU buffer cache during its steps (the process has the full one, allocator.py)."""
     inputs = mx.array(ids)
+    variant = mode.partition("-")[2]
     if system == OURS:
         from customllm_mlx.model import CustomLLM, causal_lm_loss
 
         model = CustomLLM(cfg)
-        loss_kind = mode.partition("-")[2]
+        loss_kind = "" if variant == "mlxcache" else variant
 
         def loss_fn(model, inputs):
             if not loss_kind:
@@ -99,8 +102,12 @@ def mlx_system(system: str, cfg: ModelConfig, ids: np.ndarray, mode: str, lr: fl
         step = mx.compile(step, inputs=state, outputs=state)
 
     def run():
+        if variant == "mlxcache":
+            limit = mx.set_cache_limit(MLX_CPU_DEFAULT)
         loss = step(inputs)
         mx.eval(loss, model.state, optimizer.state)
+        if variant == "mlxcache":
+            mx.set_cache_limit(limit)
 
     sizes = bc.named_sizes_mlx(model)
     return System(
@@ -175,6 +182,7 @@ def build_systems(
         (mlx_system, OURS, "compiled"),
         (mlx_system, OURS, "compiled-logits"),
         (mlx_system, OURS, "compiled-stdce"),
+        (mlx_system, OURS, "compiled-mlxcache"),
         (mlx_system, MLX_PEER, "eager"),
         (mlx_system, MLX_PEER, "compiled"),
         (torch_system, OURS, "eager"),
@@ -189,6 +197,8 @@ def build_systems(
         name = f"{system}/{framework}/{mode}"
         if framework not in frameworks or not bc.wants(name, args.only):
             continue
+        if mode.endswith("-mlxcache") and args.mlx_default_cache:
+            continue  # the same as "compiled" then
         try:
             mx.random.seed(0)
             torch.manual_seed(0)
