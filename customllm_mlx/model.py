@@ -224,8 +224,9 @@ class LlamaMLP(nn.Module):
             weights = weights / weights.sum(-1, keepdims=True)
         return scores, idx, weights * self.routed_scaling_factor
 
-    def __call__(self, x: mx.array):
-        """Returns (y, aux_loss, load): load counts token-expert assignments per expert."""
+    def __call__(self, x: mx.array, with_aux: bool = True):
+        """Returns (y, aux_loss, load): load counts token-expert assignments per expert;
+        aux_loss is 0 without `with_aux` (a cached, generating call has no use for it)."""
         B, T, D = x.shape
         x_flat = x.reshape(-1, D)  # (N, D)
         scores, idx, weights = self.route(x_flat)
@@ -234,9 +235,11 @@ class LlamaMLP(nn.Module):
         y = self.dispatch(x_flat, idx, weights.astype(x.dtype), load)
         for expert in self.shared_experts:
             y = y + expert(x_flat)
-        aux_loss = self.sequence_aux_loss(
-            scores.reshape(B, T, -1), one_hot.reshape(B, T, *one_hot.shape[1:])
-        )
+        aux_loss = mx.array(0.0)
+        if with_aux:
+            aux_loss = self.sequence_aux_loss(
+                scores.reshape(B, T, -1), one_hot.reshape(B, T, *one_hot.shape[1:])
+            )
         return y.reshape(B, T, D), aux_loss, load
 
     def dispatch(self, x_flat, idx, weights, load):
@@ -311,7 +314,8 @@ class DecoderLayer(nn.Module):
 
     def __call__(self, x, offset, cache=None, absorb=False):
         x = x + self.attn_dropout(self.self_attn(self.input_norm(x), offset, cache, absorb))
-        mlp_out, aux_loss, load = self.mlp(self.post_attn_norm(x))
+        with_aux = cache is None or self.training  # generating: no use for the aux loss
+        mlp_out, aux_loss, load = self.mlp(self.post_attn_norm(x), with_aux)
         return x + self.mlp_dropout(mlp_out), aux_loss, load
 
 

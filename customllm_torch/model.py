@@ -231,8 +231,9 @@ class LlamaMLP(nn.Module):
             weights = weights / weights.sum(-1, keepdim=True)
         return scores, idx, weights * self.routed_scaling_factor
 
-    def forward(self, x: torch.Tensor):
-        """Returns (y, aux_loss, load): load counts token-expert assignments per expert."""
+    def forward(self, x: torch.Tensor, with_aux: bool = True):
+        """Returns (y, aux_loss, load): load counts token-expert assignments per expert;
+        aux_loss is 0 without `with_aux` (a cached, generating call has no use for it)."""
         B, T, D = x.shape
         x_flat = x.reshape(-1, D)  # (N, D)
         scores, idx, weights = self.route(x_flat)
@@ -240,7 +241,9 @@ class LlamaMLP(nn.Module):
         y = self.dispatch(x_flat, idx, weights.to(x.dtype), load)
         for expert in self.shared_experts:
             y = y + expert(x_flat)
-        aux_loss = self.sequence_aux_loss(scores.view(B, T, -1), idx.view(B, T, -1))
+        aux_loss = scores.new_zeros(())
+        if with_aux:
+            aux_loss = self.sequence_aux_loss(scores.view(B, T, -1), idx.view(B, T, -1))
         return y.view(B, T, D), aux_loss, load
 
     def dispatch(self, x_flat, idx, weights, load):
@@ -285,7 +288,8 @@ class DecoderLayer(nn.Module):
         x = x + self.attn_dropout(
             self.self_attn(self.input_norm(x), pos, cache, self.layer_idx, absorb)
         )
-        mlp_out, aux_loss, load = self.mlp(self.post_attn_norm(x))
+        with_aux = cache is None or self.training  # generating: no use for the aux loss
+        mlp_out, aux_loss, load = self.mlp(self.post_attn_norm(x), with_aux)
         return x + self.mlp_dropout(mlp_out), aux_loss, load
 
 

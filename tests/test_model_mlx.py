@@ -562,3 +562,17 @@ def test_silu_equals_mlx_silu_values_and_gradients_at_any_magnitude():
     half = x.astype(mx.bfloat16)
     assert mlx_experts.silu(half).dtype == mx.bfloat16
     assert bool(mx.all(mx.isfinite(mlx_experts.silu(half))))
+
+
+def test_cached_inference_skips_the_aux_loss(tiny_config):
+    """A cached call in eval mode (generation) does not compute the aux loss; uncached or
+    training calls do, and the logits do not depend on it."""
+    config = dataclasses.replace(tiny_config, aux_loss_coef=0.1)
+    model, ids = build(config), random_ids(config)
+    full_logits, full_aux, _ = model(ids, return_aux=True)
+    cached_logits, cached_aux, _ = model(ids, cache=model.make_cache(), return_aux=True)
+    model.train()
+    _, training_aux, _ = model(ids, cache=model.make_cache(), return_aux=True)
+    assert full_aux.item() > 0 and cached_aux.item() == 0.0
+    assert np.allclose(np.array(training_aux), np.array(full_aux), rtol=1e-6)
+    assert np.allclose(np.array(cached_logits), np.array(full_logits), atol=1e-5)

@@ -286,6 +286,21 @@ def test_aux_loss_matches_formula(tiny_config):
     assert off(x)[1].item() == 0.0
 
 
+def test_cached_inference_skips_the_aux_loss(tiny_config):
+    """A cached call in eval mode (generation) does not compute the aux loss; uncached or
+    training calls do, and the logits do not depend on it."""
+    config = dataclasses.replace(tiny_config, aux_loss_coef=0.1)
+    model, ids = build(config), random_ids(config)
+    with torch.no_grad():
+        full = model(ids)
+        cached = model(ids, use_cache=True)
+        model.train()
+        training = model(ids, use_cache=True)
+    assert full.aux_loss.item() > 0 and cached.aux_loss.item() == 0.0
+    torch.testing.assert_close(training.aux_loss, full.aux_loss)
+    torch.testing.assert_close(cached.logits, full.logits)
+
+
 def test_dispatch_runs_experts_only_on_routed_tokens(tiny_config):
     mlp = make_mlp(tiny_config)
     x = torch.randn(2, 10, tiny_config.hidden_size, generator=torch.Generator().manual_seed(5))
