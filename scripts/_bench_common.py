@@ -328,7 +328,7 @@ def write_json(path: str | None, payload: dict[str, Any]) -> None:
 # product never loads OpenBLAS, so the torch rows are timed in a child process without it.
 
 
-mlx_cache_limit: int | None = None  # what setup_process set
+mlx_cache_limit: int | None = None  # what _setup_process set
 
 
 def add_process_args(parser) -> None:
@@ -347,28 +347,23 @@ def add_process_args(parser) -> None:
     parser.add_argument("--child-json", help=argparse.SUPPRESS)
 
 
-def setup_process(args) -> set[str]:
-    """The frameworks this process times; gives MLX the buffer cache of our CLIs unless
-    --mlx-default-cache (customllm_mlx/allocator.py)."""
-    global mlx_cache_limit
-    if args.framework_only:
-        frameworks = {args.framework_only}
-    else:
-        frameworks = {"mlx", "torch"} if args.torch_in_process else {"mlx"}
-    if "mlx" in frameworks and not args.mlx_default_cache:
-        from customllm_mlx.allocator import use_full_cpu_cache
-
-        mlx_cache_limit = use_full_cpu_cache()
-    return frameworks
-
-
-def add_torch_child(args, argv: list[str] | None, script: str, measured: dict) -> dict:
-    """Unless this is the child or --torch-in-process, run `script` again for its torch rows
-    alone, with CUSTOMLLM_NO_OPENBLAS=1, and merge what it measured into `measured` (lists
-    extended, dicts updated). Returns `measured`."""
+def measure_per_process(
+    args, argv: list[str] | None, script: str, measure: Callable[[set[str]], dict]
+) -> dict | None:
+    """`measure(frameworks)` for this process's frameworks, then, unless --torch-in-process,
+    `script` run again in a child for its torch rows alone (CUSTOMLLM_NO_OPENBLAS=1), merged
+    in (lists extended, dicts updated). In that child: writes what it measured for the parent
+    and returns None (the parent prints)."""
+    measured = measure(_setup_process(args))
+    if args.child_json:
+        measured.setdefault("processes", {})[args.framework_only] = process_info(
+            times_mlx=args.framework_only == "mlx"
+        )
+        Path(args.child_json).write_text(json.dumps(measured))
+        return None
     here = "mlx+torch" if args.torch_in_process else "mlx"
     measured.setdefault("processes", {})[here] = process_info(times_mlx=True)
-    if args.framework_only or args.torch_in_process:
+    if args.torch_in_process:
         return measured
     argv = sys.argv[1:] if argv is None else list(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -385,15 +380,19 @@ def add_torch_child(args, argv: list[str] | None, script: str, measured: dict) -
     return measured
 
 
-def child_done(args, measured: dict) -> bool:
-    """In the child: write what it measured for the parent and report True (nothing to print)."""
-    if not args.child_json:
-        return False
-    measured.setdefault("processes", {})[args.framework_only] = process_info(
-        times_mlx=args.framework_only == "mlx"
-    )
-    Path(args.child_json).write_text(json.dumps(measured))
-    return True
+def _setup_process(args) -> set[str]:
+    """The frameworks this process times; gives MLX the buffer cache of our CLIs unless
+    --mlx-default-cache (customllm_mlx/allocator.py)."""
+    global mlx_cache_limit
+    if args.framework_only:
+        frameworks = {args.framework_only}
+    else:
+        frameworks = {"mlx", "torch"} if args.torch_in_process else {"mlx"}
+    if "mlx" in frameworks and not args.mlx_default_cache:
+        from customllm_mlx.allocator import use_full_cpu_cache
+
+        mlx_cache_limit = use_full_cpu_cache()
+    return frameworks
 
 
 def process_info(times_mlx: bool) -> dict[str, Any]:

@@ -252,10 +252,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     contexts = [int(c) for c in args.contexts.split(",")]
     cfg = bc.make_config(args, max_position_embeddings=max(2048, 2 * max(contexts)))
-    measured = measure(args, cfg, bc.setup_process(args))
-    if bc.child_done(args, measured):
-        return measured
-    bc.add_torch_child(args, argv, __file__, measured)
+    measured = bc.measure_per_process(args, argv, __file__, lambda fw: measure(args, cfg, fw))
+    if measured is None:  # the torch child: the parent prints
+        return {}
     rows, e2e = measured["rows"], measured["e2e"]
     rows.sort(key=lambda r: r["context"])  # stable: the systems in their order per context
     e2e.sort(key=lambda r: r["context"])

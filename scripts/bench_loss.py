@@ -119,10 +119,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
 
-    measured = measure(args, bc.setup_process(args))
-    if bc.child_done(args, measured):
-        return measured
-    rows = bc.add_torch_child(args, argv, __file__, measured)["rows"]
+    measured = bc.measure_per_process(args, argv, __file__, lambda fw: measure(args, fw))
+    if measured is None:  # the torch child: the parent prints
+        return {}
+    rows = measured["rows"]
 
     def peak(r):
         p = r.get("mlx_peak_bytes")

@@ -240,10 +240,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     cfg = bc.make_config(args)
-    measured = measure(args, cfg, bc.setup_process(args))
-    if bc.child_done(args, measured):
-        return measured
-    bc.add_torch_child(args, argv, __file__, measured)
+    measured = bc.measure_per_process(args, argv, __file__, lambda fw: measure(args, cfg, fw))
+    if measured is None:  # the torch child: the parent prints
+        return {}
     rows = measured["rows"]
     tokens = args.batch * args.seq_len
     for row in rows:

@@ -277,10 +277,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     cfg = bc.make_config(args, max_position_embeddings=max(1024, args.seq_len))
-    measured = measure(args, cfg, bc.setup_process(args))
-    if bc.child_done(args, measured):
-        return measured
-    bc.add_torch_child(args, argv, __file__, measured)
+    measured = bc.measure_per_process(args, argv, __file__, lambda fw: measure(args, cfg, fw))
+    if measured is None:  # the torch child: the parent prints
+        return {}
     rows, skipped, gemm = measured["rows"], measured["skipped"], measured["gemm_peak_flops"]
     for row in rows:
         peer = peer_of(row, rows)
