@@ -4,7 +4,9 @@ unfused loss on full logits, in MLX and torch, at several hidden sizes.
 Unfused = `cross_entropy(h @ W.T + b)` (ours in MLX, `F.cross_entropy(F.linear(...))` in torch),
 fused = `linear_cross_entropy(h, W, b, labels)` at its default chunk (or --chunk-rows). Rows: ms
 for value and gradients of (h, W, b), the ratio unfused / fused (> 1: fused is faster), and in
-MLX the peak memory of the call (`mx.get_peak_memory`).
+MLX the peak memory of the call (`mx.get_peak_memory`). A second table times the MLX
+exponentials on one chunk of shifted logits (what the loss spends most of its time in on CPU):
+`mx.exp`, `power(2, x * log2(e))` (the loss before its own `exp`) and `customllm_mlx.loss.exp`.
 
     python scripts/bench_loss.py --hidden 64,256,768 --tokens 2048 --torch-threads 1
 """
@@ -22,13 +24,20 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from customllm_mlx.loss import cross_entropy  # noqa: E402
+from customllm_mlx.loss import LOG2E, cross_entropy  # noqa: E402
 from customllm_mlx.loss import default_chunk_rows as mlx_chunk_rows  # noqa: E402
+from customllm_mlx.loss import exp as mlx_exp  # noqa: E402
 from customllm_mlx.loss import linear_cross_entropy as mlx_linear_ce  # noqa: E402
 from customllm_torch.loss import default_chunk_rows as torch_chunk_rows  # noqa: E402
 from customllm_torch.loss import linear_cross_entropy as torch_linear_ce  # noqa: E402
 
 HEADERS = ["framework", "hidden", "chunk rows", "unfused ms", "fused ms", "speedup", "MLX peak"]
+EXP_HEADERS = ["exponential", "ms", "ns per number", "customllm exp faster by"]
+EXP_FNS = {
+    "mx.exp": mx.exp,
+    "mx.power(2, x * log2 e)": lambda x: mx.power(2.0, x * LOG2E),
+    "customllm_mlx.loss.exp": mlx_exp,
+}
 
 
 def mlx_fns(h, w, b, y, chunk):
@@ -104,6 +113,28 @@ def measure(args, frameworks: set[str]) -> dict:
     return {"rows": rows}
 
 
+def measure_exp(args) -> list[dict]:
+    """The MLX exponentials on (chunk rows at the first hidden size, vocab) shifted logits."""
+    rows = args.chunk_rows or mlx_chunk_rows(int(args.hidden.split(",")[0]))
+    logits = 4 * mx.random.normal((rows, args.vocab_size), key=mx.random.key(0))
+    x = logits - logits.max(-1, keepdims=True)
+    mx.eval(x)
+    fns = {name: (lambda f=f: mx.eval(f(x))) for name, f in EXP_FNS.items()}
+    times = bc.interleaved_times(fns, args.warmup, 4 * args.repeats)
+    medians = {name: bc.median(t) for name, t in times.items()}
+    ours = medians["customllm_mlx.loss.exp"]
+    return [
+        {
+            "name": name,
+            "shape": list(x.shape),
+            "ms": 1e3 * t,
+            "ns_per_number": 1e9 * t / x.size,
+            "ours_faster_by": t / ours,
+        }
+        for name, t in medians.items()
+    ]
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", default="64,256", help="comma-separated hidden sizes")
@@ -123,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     if measured is None:  # the torch child: the parent prints
         return {}
     rows = measured["rows"]
+    exp_rows = measure_exp(args)
 
     def peak(r):
         p = r.get("mlx_peak_bytes")
@@ -148,6 +180,20 @@ def main(argv: list[str] | None = None) -> dict:
         f"{args.vocab_size}, median of {args.repeats} interleaved\n"
     )
     print(table)
+    exp_table = bc.markdown_table(
+        EXP_HEADERS,
+        [
+            [
+                r["name"],
+                f"{r['ms']:.2f}",
+                f"{r['ns_per_number']:.2f}",
+                bc.fmt_ratio(r["ours_faster_by"]),
+            ]
+            for r in exp_rows
+        ],
+    )
+    print(f"\n## MLX exponentials on {exp_rows[0]['shape']} shifted logits\n")
+    print(exp_table)
     result = {
         "benchmark": "loss",
         "args": vars(args),
@@ -155,6 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
         "processes": measured["processes"],
         "rows": rows,
         "table": table,
+        "exp_rows": exp_rows,
+        "exp_table": exp_table,
     }
     bc.write_json(args.json, result)
     return result

@@ -7,8 +7,36 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 nn = pytest.importorskip("mlx.nn")
 
-from customllm_mlx.loss import cross_entropy, linear_cross_entropy  # noqa: E402
+import numpy as np  # noqa: E402
+
+from customllm_mlx.loss import _row_max, cross_entropy, exp, linear_cross_entropy  # noqa: E402
 from customllm_mlx.model import causal_lm_loss  # noqa: E402
+
+
+def test_exp_is_as_close_to_e_to_the_x_as_mlx_exp():
+    x = mx.concatenate([mx.linspace(-87, 88, 100_001), mx.linspace(-20, 0, 100_001)])
+    exact = np.exp(np.array(x, dtype=np.float64))
+    ours = np.array(exp(x), dtype=np.float64)
+    theirs = np.array(mx.exp(x), dtype=np.float64)
+    ours_err, theirs_err = (np.abs(v - exact) / exact for v in (ours, theirs))
+    assert ours_err.max() <= 1.5 * theirs_err.max()  # both ~4e-6: x * log2(e) rounds
+    assert ours_err.mean() <= 1.5 * theirs_err.mean()
+    x = mx.linspace(-2, 2, 100_001)  # small |x|: the polynomial's own error, float32 rounding
+    exact = np.exp(np.array(x, dtype=np.float64))
+    assert (np.abs(np.array(exp(x), dtype=np.float64) - exact) / exact).max() < 2.5e-7
+    edges = exp(mx.array([-mx.inf, -1000.0, -89.0, 0.0, 89.0, 1000.0, mx.inf, mx.nan]))
+    assert edges[:4].tolist() == [0.0, 0.0, 0.0, 1.0]
+    assert edges[4:7].tolist() == [mx.inf] * 3 and mx.isnan(edges[7]).item()
+    for dtype in (mx.float16, mx.bfloat16):
+        low = exp(x[:1000].astype(dtype))
+        assert low.dtype == dtype
+        assert mx.allclose(low.astype(mx.float32), mx.exp(x[:1000].astype(dtype)), rtol=1e-2)
+
+
+def test_row_max_equals_max_over_the_last_axis():
+    for shape in ((3, 64), (2, 1000), (5, 49152), (4, 49157)):
+        x = mx.random.normal(shape, key=mx.random.key(sum(shape)))
+        assert mx.array_equal(_row_max(x), x.max(-1, keepdims=True))
 
 
 def test_cross_entropy_equals_mlx_reference_values_and_gradients():
