@@ -1,7 +1,7 @@
 """Cross entropy for large vocabularies, written for speed on MLX's CPU backend.
 
 MLX's Linux CPU `exp` is slow (~13x torch's, 12 ns a number here) and `power(2, .)` not much
-better (4.3 ns), so on the CPU `exp` below is a polynomial compiled into one kernel (2.2 ns).
+better (4.3 ns), so on the CPU `exp` below is a compiled polynomial (2.2 ns).
 The backward pass recomputes the softmax from the log-sum-exp (recovered from the output) in
 one elementwise pass, and subtracts at the targets with a scatter instead of building an
 (N, vocab) one-hot.
@@ -15,6 +15,9 @@ import math
 import mlx.core as mx
 
 LOG2E = 1.0 / math.log(2.0)
+POLY_MIN_SIZE = (
+    8192  # numbers; below, `exp` takes power(2, .) (one kernel, ~2x the time per number)
+)
 _ROUND = 1.5 * 2**23  # float32 (y + _ROUND) - _ROUND is y rounded to an integer, for |y| < 2**22
 _ROUND_BITS = 0x4B400000  # the bits of _ROUND: adding n to them gives those of _ROUND + n
 # 2**f on [-1/2, 1/2], the degree-6 coefficients of Cephes' exp2f, highest first
@@ -44,13 +47,18 @@ def _exp_cpu(x: mx.array) -> mx.array:
     return p * mx.left_shift(exponent, 23).view(mx.float32)
 
 
-def exp(x: mx.array) -> mx.array:
-    """e**x. On the CPU a polynomial in one compiled kernel, as close to e**x as `mx.exp`
-    (both within 1e-6 relative on [-20, 0], set by rounding x * log2(e) to float32), 0 below
-    about e**-88 (float32's smallest normal is e**-87.3), and on MLX's Linux CPU twice as fast
-    as `power(2, .)`, five times `mx.exp` (`scripts/bench_loss.py`). Elsewhere `mx.exp`."""
+def exp(x: mx.array, lean: bool = False) -> mx.array:
+    """e**x. On the CPU, for arrays of POLY_MIN_SIZE numbers or more, a polynomial compiled
+    into a few fused kernels: as close to e**x as `mx.exp` (both within 1e-6 relative on
+    [-20, 0], set by rounding x * log2(e) to float32), 0 below about e**-88 (float32's smallest
+    normal is e**-87.3), and on MLX's Linux CPU twice as fast as `power(2, .)`, five times
+    `mx.exp` (`scripts/bench_loss.py`). It keeps about three arrays of x's size alive between
+    its kernels, and each kernel costs a fixed ~10 us: smaller arrays (decoding) and `lean`
+    callers (whole logits) take `power(2, x * log2 e)`, one kernel. Elsewhere `mx.exp`."""
     if mx.default_device() != mx.cpu:
         return mx.exp(x)
+    if lean or x.size < POLY_MIN_SIZE:
+        return mx.power(2.0, x * LOG2E)
     return _exp_cpu(x.astype(mx.float32)).astype(x.dtype)
 
 
@@ -58,7 +66,7 @@ def exp(x: mx.array) -> mx.array:
 def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
     """Per-position cross entropy: logits (..., V) float32, targets (...) int -> (...)."""
     m = mx.stop_gradient(logits.max(-1, keepdims=True))
-    total = exp(logits - m).sum(-1)
+    total = exp(logits - m, lean=True).sum(-1)
     lse = m[..., 0] + mx.log(total)
     return lse - mx.take_along_axis(logits, targets[..., None], -1)[..., 0]
 
@@ -68,7 +76,7 @@ def _cross_entropy_vjp(primals, cotangent, output):
     logits, targets = primals
     target_logit = mx.take_along_axis(logits, targets[..., None], -1)
     lse = output[..., None] + target_logit  # (..., 1), recovered from the forward output
-    grad = exp(logits - lse) * cotangent[..., None]  # cot * softmax
+    grad = exp(logits - lse, lean=True) * cotangent[..., None]  # cot * softmax
     flat = grad.reshape(-1, logits.shape[-1])  # then -cot at each target: a scatter, no one-hot
     flat = flat.at[mx.arange(flat.shape[0]), targets.flatten()].add(-cotangent.flatten())
     return flat.reshape(logits.shape).astype(logits.dtype), mx.zeros_like(targets)

@@ -9,7 +9,14 @@ nn = pytest.importorskip("mlx.nn")
 
 import numpy as np  # noqa: E402
 
-from customllm_mlx.loss import _row_max, cross_entropy, exp, linear_cross_entropy  # noqa: E402
+from customllm_mlx.loss import (  # noqa: E402
+    LOG2E,
+    POLY_MIN_SIZE,
+    _row_max,
+    cross_entropy,
+    exp,
+    linear_cross_entropy,
+)
 from customllm_mlx.model import causal_lm_loss  # noqa: E402
 
 
@@ -24,13 +31,23 @@ def test_exp_is_as_close_to_e_to_the_x_as_mlx_exp():
     x = mx.linspace(-2, 2, 100_001)  # small |x|: the polynomial's own error, float32 rounding
     exact = np.exp(np.array(x, dtype=np.float64))
     assert (np.abs(np.array(exp(x), dtype=np.float64) - exact) / exact).max() < 2.5e-7
-    edges = exp(mx.array([-mx.inf, -1000.0, -89.0, 0.0, 89.0, 1000.0, mx.inf, mx.nan]))
+    edges = mx.array([-mx.inf, -1000.0, -89.0, 0.0, 89.0, 1000.0, mx.inf, mx.nan])
+    edges = exp(mx.concatenate([edges, mx.zeros(POLY_MIN_SIZE)]))[:8]
     assert edges[:4].tolist() == [0.0, 0.0, 0.0, 1.0]
     assert edges[4:7].tolist() == [mx.inf] * 3 and mx.isnan(edges[7]).item()
     for dtype in (mx.float16, mx.bfloat16):
-        low = exp(x[:1000].astype(dtype))
+        low = exp(x.astype(dtype))
         assert low.dtype == dtype
-        assert mx.allclose(low.astype(mx.float32), mx.exp(x[:1000].astype(dtype)), rtol=1e-2)
+        assert mx.allclose(low.astype(mx.float32), mx.exp(x.astype(dtype)), rtol=1e-2)
+
+
+def test_exp_of_small_arrays_and_lean_callers_is_one_power_kernel():
+    x = mx.linspace(-30, 5, POLY_MIN_SIZE)
+    power = mx.power(2.0, x * LOG2E)
+    assert mx.array_equal(exp(x[:-1]), power[:-1])
+    assert mx.array_equal(exp(x, lean=True), power)
+    assert not mx.array_equal(exp(x), power)  # the polynomial: equal only to rounding
+    assert mx.allclose(exp(x), power, rtol=1e-6, atol=0)
 
 
 def test_row_max_equals_max_over_the_last_axis():
