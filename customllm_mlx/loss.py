@@ -15,9 +15,8 @@ import math
 import mlx.core as mx
 
 LOG2E = 1.0 / math.log(2.0)
-POLY_MIN_SIZE = (
-    8192  # numbers; below, `exp` takes power(2, .) (one kernel, ~2x the time per number)
-)
+# below this many numbers `exp` takes power(2, .): one kernel, ~2x the time per number
+POLY_MIN_SIZE = 8192
 _ROUND = 1.5 * 2**23  # float32 (y + _ROUND) - _ROUND is y rounded to an integer, for |y| < 2**22
 _ROUND_BITS = 0x4B400000  # the bits of _ROUND: adding n to them gives those of _ROUND + n
 # 2**f on [-1/2, 1/2], the degree-6 coefficients of Cephes' exp2f, highest first
