@@ -122,7 +122,14 @@ def fmt_bytes(n: float) -> str:
 
 
 def gemm_peak_flops(framework: str, n: int = 2048, repeats: int = 5) -> float:
-    """Best float32 FLOP/s of an (n, n) @ (n, n) matmul in `framework` ("mlx" or "torch")."""
+    """Best float32 FLOP/s of a square matmul in `framework` ("mlx" or "torch"), over the sizes
+    n, n/2 and n/4: a BLAS is not always fastest at the largest size (MLX's reference BLAS ran
+    a model's small matmuls faster per FLOP than a 256-wide GEMM, and MFU came out above 1)."""
+    sizes = sorted({max(64, n >> shift) for shift in (0, 1, 2)})
+    return max(_gemm_flops(framework, size, repeats) for size in sizes)
+
+
+def _gemm_flops(framework: str, n: int, repeats: int) -> float:
     if framework == "mlx":
         import mlx.core as mx
 

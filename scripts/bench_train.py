@@ -310,6 +310,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         "\nfloat32 GEMM peak: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in gemm.items())
     )
+    if "mlx" in gemm and not measured["processes"]["mlx"]["openblas_loaded"]:
+        print("warning: MLX ran on its reference BLAS (no OpenBLAS found): slow, MFU meaningless")
+    for fw in sorted({r["framework"] for r in rows if r["mfu"] >= 1}):
+        print(f"warning: {fw} rows ran faster than the {fw} GEMM peak measured here")
     for s in skipped:
         print(f"skipped {s['name']}: {s['reason']}")
     result = {

@@ -7,7 +7,10 @@ cd "$(dirname "$0")/.."
 extras="${1:-mlx}"
 if [ "$(uname -s)" = Linux ] && ! ls /usr/lib/*/libopenblas.so.0 /usr/lib64/libopenblas.so.0 >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        apt-get install -y -q libopenblas0-pthread >/dev/null 2>&1 \
+        # A fresh machine may have no package lists yet: update them if the first try fails.
+        { apt-get install -y -q libopenblas0-pthread >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null 2>&1 \
+                && apt-get install -y -q libopenblas0-pthread >/dev/null 2>&1; }; } \
             || echo "note: could not install libopenblas0-pthread; MLX will use its slow reference BLAS"
     else
         echo "note: install OpenBLAS (e.g. apt-get install libopenblas0-pthread) for fast MLX on Linux CPU"

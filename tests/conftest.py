@@ -31,6 +31,13 @@ requires_training_data = pytest.mark.skipif(
 )
 
 
+def pytest_report_header(config) -> str | None:
+    if importlib.util.find_spec("mlx") is None:
+        return None
+    blas = customllm_mlx._blas.loaded
+    return f"MLX BLAS: {blas or 'its reference BLAS (no OpenBLAS found: MLX tests run slowly)'}"
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if not SHARED_DIR.is_dir():

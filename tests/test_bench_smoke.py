@@ -96,11 +96,18 @@ def test_bench_train(runs):
         "hf DeepseekV3/torch/eager",
     ):
         assert name in names, result["skipped"]
+    openblas = result["machine"]["openblas_for_mlx"]
     for row in result["rows"]:
-        assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1 and row["peak_mem_bytes"] > 0
+        assert row["tokens_per_s"] > 0 and row["mfu"] > 0 and row["peak_mem_bytes"] > 0
+        # On MLX's reference BLAS (no OpenBLAS on the machine) small matmuls can beat any
+        # square GEMM per FLOP; the bench says so instead (asserted below).
+        if row["framework"] == "torch" or openblas:
+            assert row["mfu"] < 1, row
         if row["system"] == "customllm":
             assert row["ratio_to_peer"] > 0
     assert all(v > 0 for v in result["gemm_peak_flops"].values())
+    if not openblas:
+        assert "MLX ran on its reference BLAS" in stdout
 
 
 def test_bench_generate(runs):
