@@ -140,13 +140,7 @@ class MultiHeadLatentAttention(nn.Module):
     ) -> mx.array:
         B, T, _ = x.shape
         H = self.num_heads
-        c_q = self.q_proj_d(x)  # (B, T, q_latent_dim)
-        c_kv = self.kv_proj_d(x)  # (B, T, kv_latent_dim)
-        q_nope = self.q_proj_u(c_q).reshape(B, T, H, self.nope_dim).transpose(0, 2, 1, 3)
-        q_rope = self.rope_q(c_q).reshape(B, T, H, self.rope_dim).transpose(0, 2, 1, 3)
-        k_rope = self.rope_k(x).reshape(B, T, H, self.rope_dim).transpose(0, 2, 1, 3)
-        q_rope = self.rotary_emb(q_rope, offset)
-        k_rope = self.rotary_emb(k_rope, offset)  # (B, H, T, rope)
+        q_nope, q_rope, c_kv, k_rope = self.project(x, offset)
         if cache is not None:
             c_kv, k_rope = cache.update_and_fetch(c_kv, k_rope)
         mask = "causal" if T > 1 else None  # lower-right aligned: queries sit at the end
@@ -162,13 +156,37 @@ class MultiHeadLatentAttention(nn.Module):
         out = out.transpose(0, 2, 1, 3).reshape(B, T, H * self.v_dim)
         return self.o_proj(out)
 
+    def project(self, x: mx.array, offset: int | mx.array):
+        """q_nope (B, H, T, nope), rotated q_rope (B, H, T, rope), c_kv (B, T, kv_latent_dim)
+        and rotated k_rope (B, H, T, rope) of x (B, T, hidden) at positions offset + t."""
+        B, T, _ = x.shape
+        H = self.num_heads
+        c_q = self.q_proj_d(x)  # (B, T, q_latent_dim)
+        c_kv = self.kv_proj_d(x)  # (B, T, kv_latent_dim)
+        q_nope = self.q_proj_u(c_q).reshape(B, T, H, self.nope_dim).transpose(0, 2, 1, 3)
+        q_rope = self.rope_q(c_q).reshape(B, T, H, self.rope_dim).transpose(0, 2, 1, 3)
+        k_rope = self.rope_k(x).reshape(B, T, H, self.rope_dim).transpose(0, 2, 1, 3)
+        return q_nope, self.rotary_emb(q_rope, offset), c_kv, self.rotary_emb(k_rope, offset)
+
     def absorbed_attention(self, q_nope, q_rope, c_kv, k_rope, mask):
         """Attention over the latent cache with k_proj_u folded into the query and v_proj_u
         applied after the weighted sum: q_nope . k_nope = (q_nope W_uk,h) . c_kv."""
-        H, L = self.num_heads, self.kv_latent_dim
-        w_uk = self.k_proj_u.weight.reshape(H, self.nope_dim, L)
-        w_uv = self.v_proj_u.weight.reshape(H, self.v_dim, L)
-        q_latent = q_nope @ w_uk[None]  # (B, H, T, L)
+        out_latent = self.latent_attention(self.absorb_query(q_nope), q_rope, c_kv, k_rope, mask)
+        return self.absorb_values(out_latent)
+
+    def absorb_query(self, q_nope: mx.array) -> mx.array:
+        """q_nope (B, H, T, nope) -> q_nope W_uk,h (B, H, T, kv_latent_dim)."""
+        w_uk = self.k_proj_u.weight.reshape(self.num_heads, self.nope_dim, self.kv_latent_dim)
+        return q_nope @ w_uk[None]
+
+    def absorb_values(self, out_latent: mx.array) -> mx.array:
+        """Attention output over the latent (B, H, T, kv_latent_dim) -> per-head values."""
+        w_uv = self.v_proj_u.weight.reshape(self.num_heads, self.v_dim, self.kv_latent_dim)
+        return out_latent @ w_uv.transpose(0, 2, 1)[None]  # (B, H, T, v_dim)
+
+    def latent_attention(self, q_latent, q_rope, c_kv, k_rope, mask):
+        """SDPA of q_latent (B, H, T, L) over the latent c_kv (B, S, L) as keys and values,
+        with the rope scores q_rope . k_rope added -> (B, H, T, L)."""
         # The per-head rope scores go in as an additive mask, so SDPA sees the latent as ONE
         # key/value head shared by all query heads (no per-head copy of the cache).
         rope_scores = (q_rope * self.scale) @ k_rope.swapaxes(-1, -2)  # (B, H, T, S)
@@ -177,10 +195,9 @@ class MultiHeadLatentAttention(nn.Module):
             allowed = mx.arange(S)[None] <= mx.arange(S - T, S)[:, None]
             rope_scores = mx.where(allowed, rope_scores, -mx.inf)
         c_kv = c_kv[:, None]  # (B, 1, S, L)
-        out_latent = mx.fast.scaled_dot_product_attention(
+        return mx.fast.scaled_dot_product_attention(
             q_latent, c_kv, c_kv, scale=self.scale, mask=rope_scores.astype(q_latent.dtype)
         )
-        return out_latent @ w_uv.transpose(0, 2, 1)[None]  # (B, H, T, v_dim)
 
 
 class DeepSeekExpertLayer(nn.Module):
@@ -311,12 +328,41 @@ class DecoderLayer(nn.Module):
         self.post_attn_norm = CustomRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attn_dropout = nn.Dropout(config.attn_dropout)
         self.mlp_dropout = nn.Dropout(config.mlp_dropout)
+        self._decode_in = self._decode_out = None  # compiled on the first decode_step
 
     def __call__(self, x, offset, cache=None, absorb=False):
+        if absorb and cache is not None and x.shape[1] == 1 and not self.training:
+            return self.decode_step(x, offset, cache)
         x = x + self.attn_dropout(self.self_attn(self.input_norm(x), offset, cache, absorb))
         with_aux = cache is None or self.training  # generating: no use for the aux loss
         mlp_out, aux_loss, load = self.mlp(self.post_attn_norm(x), with_aux)
         return x + self.mlp_dropout(mlp_out), aux_loss, load
+
+    def decode_step(self, x, offset, cache):
+        """The same layer for one token with the latent cache (absorbed attention, no dropout,
+        no aux loss), the steps before and after the cache as two compiled functions: a decode
+        step is ~25 small ops per layer, and MLX's per-op cost (eager graph building and one
+        kernel each) is most of a small model's decoding time (scripts/bench_generate.py)."""
+        if self._decode_in is None:
+            self._decode_in = mx.compile(self._project_token, inputs=self.state)
+            self._decode_out = mx.compile(self._finish_token, inputs=self.state)
+        q_latent, q_rope, c_kv, k_rope = self._decode_in(x, mx.array(offset))
+        c_kv, k_rope = cache.update_and_fetch(c_kv, k_rope)
+        out_latent = self.self_attn.latent_attention(q_latent, q_rope, c_kv, k_rope, None)
+        x, load = self._decode_out(x, out_latent)
+        return x, mx.array(0.0), load
+
+    def _project_token(self, x, offset):
+        attn = self.self_attn
+        q_nope, q_rope, c_kv, k_rope = attn.project(self.input_norm(x), offset)
+        return attn.absorb_query(q_nope), q_rope, c_kv, k_rope
+
+    def _finish_token(self, x, out_latent):
+        B, T, _ = x.shape
+        out = self.self_attn.absorb_values(out_latent).transpose(0, 2, 1, 3).reshape(B, T, -1)
+        x = x + self.self_attn.o_proj(out)
+        mlp_out, _, load = self.mlp(self.post_attn_norm(x), with_aux=False)
+        return x + mlp_out, load
 
 
 class CustomLLM(nn.Module):

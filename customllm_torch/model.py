@@ -138,13 +138,7 @@ class MultiHeadLatentAttention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H = self.num_heads
-        c_q = self.q_proj_d(x)  # (B, T, q_latent_dim)
-        c_kv = self.kv_proj_d(x)  # (B, T, kv_latent_dim)
-        q_nope = self.q_proj_u(c_q).view(B, T, H, self.nope_dim).transpose(1, 2)
-        q_rope = self.rope_q(c_q).view(B, T, H, self.rope_dim).transpose(1, 2)
-        k_rope = self.rope_k(x).view(B, T, H, self.rope_dim).transpose(1, 2)  # (B, H, T, rope)
-        q_rope = self.rotary_emb(q_rope, pos)
-        k_rope = self.rotary_emb(k_rope, pos)
+        q_nope, q_rope, c_kv, k_rope = self.project(x, pos)
         if cache is not None:
             c_kv, k_rope = cache.update(layer_idx, c_kv, k_rope)
         S = c_kv.shape[1]
@@ -166,18 +160,42 @@ class MultiHeadLatentAttention(nn.Module):
         out = out.transpose(1, 2).reshape(B, T, H * self.v_dim)
         return self.o_proj(out)
 
+    def project(self, x: torch.Tensor, pos: torch.Tensor):
+        """q_nope (B, H, T, nope), rotated q_rope (B, H, T, rope), c_kv (B, T, kv_latent_dim)
+        and rotated k_rope (B, H, T, rope) of x (B, T, hidden) at positions `pos`."""
+        B, T, _ = x.shape
+        H = self.num_heads
+        c_q = self.q_proj_d(x)  # (B, T, q_latent_dim)
+        c_kv = self.kv_proj_d(x)  # (B, T, kv_latent_dim)
+        q_nope = self.q_proj_u(c_q).view(B, T, H, self.nope_dim).transpose(1, 2)
+        q_rope = self.rope_q(c_q).view(B, T, H, self.rope_dim).transpose(1, 2)
+        k_rope = self.rope_k(x).view(B, T, H, self.rope_dim).transpose(1, 2)  # (B, H, T, rope)
+        return q_nope, self.rotary_emb(q_rope, pos), c_kv, self.rotary_emb(k_rope, pos)
+
     def absorbed_attention(self, q_nope, q_rope, c_kv, k_rope, mask):
         """Attention over the latent cache with k_proj_u folded into the query and v_proj_u
         applied after the weighted sum: q_nope . k_nope = (q_nope W_uk,h) . c_kv."""
-        H, L = self.num_heads, self.kv_latent_dim
-        w_uk = self.k_proj_u.weight.view(H, self.nope_dim, L)
-        w_uv = self.v_proj_u.weight.view(H, self.v_dim, L)
-        q_latent = torch.einsum("bhtn,hnl->bhtl", q_nope, w_uk)  # (B, H, T, L)
+        out_latent = self.latent_attention(self.absorb_query(q_nope), q_rope, c_kv, k_rope, mask)
+        return self.absorb_values(out_latent)
+
+    def absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """q_nope (B, H, T, nope) -> q_nope W_uk,h (B, H, T, kv_latent_dim)."""
+        w_uk = self.k_proj_u.weight.view(self.num_heads, self.nope_dim, self.kv_latent_dim)
+        return torch.einsum("bhtn,hnl->bhtl", q_nope, w_uk)
+
+    def absorb_values(self, out_latent: torch.Tensor) -> torch.Tensor:
+        """Attention output over the latent (B, H, T, kv_latent_dim) -> per-head values."""
+        w_uv = self.v_proj_u.weight.view(self.num_heads, self.v_dim, self.kv_latent_dim)
+        return torch.einsum("bhtl,hvl->bhtv", out_latent, w_uv)  # (B, H, T, v_dim)
+
+    def latent_attention(self, q_latent, q_rope, c_kv, k_rope, mask):
+        """SDPA of q_latent (B, H, T, L) over the latent c_kv (B, S, L) as keys and values,
+        with the rope scores q_rope . k_rope added -> (B, H, T, L)."""
+        H = self.num_heads
         q = torch.cat([q_latent, q_rope], dim=-1)
         k = torch.cat([c_kv[:, None].expand(-1, H, -1, -1), k_rope], dim=-1)  # (B, H, S, L+rope)
         v = c_kv[:, None].expand(-1, H, -1, -1)  # (B, H, S, L)
-        out_latent = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        return torch.einsum("bhtl,hvl->bhtv", out_latent, w_uv)  # (B, H, T, v_dim)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
 
 
 def causal_mask(T: int, S: int, device) -> torch.Tensor | None:

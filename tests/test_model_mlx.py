@@ -97,6 +97,49 @@ def test_cached_decode_equals_full_forward(tiny_config, monkeypatch, absorb):
     np.testing.assert_allclose(np.array(cached), np.array(full), atol=1e-4, rtol=0)
 
 
+def test_compiled_decode_step_equals_the_eager_layer(tiny_config):
+    """Decoding in eval mode runs DecoderLayer.decode_step (two compiled functions around the
+    cache); train mode (dropout 0 in tiny) takes the eager layer: same logits and loads, also
+    after the weights change under the compiled functions and for another batch size."""
+    model = build(tiny_config)
+    ids = random_ids(tiny_config, T=16)
+
+    def decode(train: bool, cache, tokens):
+        model.train(train)
+        logits, _, load = model(tokens, cache=cache, absorb=True, return_aux=True)
+        model.eval()
+        return logits, load
+
+    def compare(B: int, steps: int):
+        fast, eager = model.make_cache(), model.make_cache()
+        model(ids[:B, :8], cache=fast), model(ids[:B, :8], cache=eager)
+        for t in range(8, 8 + steps):
+            (a, load_a), (b, load_b) = (
+                decode(False, fast, ids[:B, t : t + 1]),
+                decode(True, eager, ids[:B, t : t + 1]),
+            )
+            np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-6, rtol=0)
+            assert mx.array_equal(load_a, load_b)
+        return a
+
+    before = compare(B=2, steps=4)
+    assert all(layer._decode_in is not None for layer in model.decoder_layers)
+    model.update(
+        {
+            "lm_head": {"weight": 2 * model.lm_head.weight},
+            "decoder_layers": [
+                {"mlp": {"shared_experts": [{"down_proj": {"weight": -layer_weight}}]}}
+                for layer_weight in (
+                    layer.mlp.shared_experts[0].down_proj.weight for layer in model.decoder_layers
+                )
+            ],
+        }
+    )
+    after = compare(B=2, steps=4)
+    assert not np.allclose(np.array(after), np.array(before), atol=1e-3)
+    compare(B=1, steps=2)
+
+
 def test_absorbed_attention_equals_non_absorbed(tiny_config):
     model = build(tiny_config)
     ids = random_ids(tiny_config, T=20)
