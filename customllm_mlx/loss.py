@@ -1,7 +1,8 @@
 """Cross entropy for large vocabularies, written for speed on MLX's CPU backend.
 
 MLX's Linux CPU `exp` is slow (~13x torch's, 12 ns a number here) and `power(2, .)` not much
-better (4.3 ns), so on the CPU `exp` below is a compiled polynomial (2.2 ns).
+better (4.3 ns), so on the CPU `exp` below is a compiled polynomial (2.2 ns); `softmax` uses it
+(the CPU attention's).
 The backward pass recomputes the softmax from the log-sum-exp (recovered from the output) in
 one elementwise pass, and subtracts at the targets with a scatter instead of building an
 (N, vocab) one-hot.
@@ -59,6 +60,27 @@ def exp(x: mx.array, lean: bool = False) -> mx.array:
     if lean or x.size < POLY_MIN_SIZE:
         return mx.power(2.0, x * LOG2E)
     return _exp_cpu(x.astype(mx.float32)).astype(x.dtype)
+
+
+@mx.custom_function
+def softmax(x: mx.array) -> mx.array:
+    """Softmax over the last axis in float32 (x's dtype out) through `exp`, for the CPU
+    attention (model.attention); -inf entries give 0. Equals `mx.softmax`, values and
+    gradients, to float32 rounding (tests/test_loss_mlx.py)."""
+    x32 = x.astype(mx.float32)
+    e = exp(x32 - x32.max(-1, keepdims=True))
+    return (e / e.sum(-1, keepdims=True)).astype(x.dtype)
+
+
+@mx.compile
+def _softmax_grad(p: mx.array, cotangent: mx.array) -> mx.array:
+    p, cotangent = p.astype(mx.float32), cotangent.astype(mx.float32)
+    return p * (cotangent - (cotangent * p).sum(-1, keepdims=True))
+
+
+@softmax.vjp
+def _softmax_vjp(x, cotangent, output):
+    return _softmax_grad(output, cotangent).astype(x.dtype)
 
 
 @mx.custom_function

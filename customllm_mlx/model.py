@@ -23,7 +23,7 @@ from customllm_mlx.experts import (
     rows_to_blocks,
     silu,
 )
-from customllm_mlx.loss import cross_entropy, linear_cross_entropy
+from customllm_mlx.loss import cross_entropy, linear_cross_entropy, softmax
 
 ModelArgs = ModelConfig  # the name mlx_lm's loader looks for
 
@@ -89,6 +89,23 @@ class LatentKVCache:
         return sum(a.nbytes for a in self.state)
 
 
+def attention(q, k, v, scale: float, mask):
+    """`mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)`; q (B, H, T, d),
+    k and v (B, H or 1, S, d), mask None, "causal" (aligned to the last key) or an additive
+    array. On the CPU with several queries the fast kernel falls back to plain ops with MLX's
+    slow exp; the same ops with `loss.softmax` run forward + backward ~1.6x faster."""
+    T, S = q.shape[2], k.shape[2]
+    if T == 1 or mx.default_device() != mx.cpu:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    scores = (q * scale) @ k.swapaxes(-1, -2)  # (B, H, T, S)
+    if isinstance(mask, str):  # "causal"
+        allowed = mx.arange(S)[None] <= mx.arange(S - T, S)[:, None]
+        scores = mx.where(allowed, scores, mx.array(-mx.inf, scores.dtype))
+    elif mask is not None:
+        scores = scores + mask
+    return softmax(scores) @ v
+
+
 class CustomRMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -152,7 +169,7 @@ class MultiHeadLatentAttention(nn.Module):
             v = self.v_proj_u(c_kv).reshape(B, S, H, self.v_dim).transpose(0, 2, 1, 3)
             q = mx.concatenate([q_nope, q_rope], axis=-1)  # (B, H, T, qk_head_dim)
             k = mx.concatenate([k_nope, k_rope], axis=-1)  # (B, H, S, qk_head_dim)
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+            out = attention(q, k, v, self.scale, mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, T, H * self.v_dim)
         return self.o_proj(out)
 
@@ -195,9 +212,7 @@ class MultiHeadLatentAttention(nn.Module):
             allowed = mx.arange(S)[None] <= mx.arange(S - T, S)[:, None]
             rope_scores = mx.where(allowed, rope_scores, -mx.inf)
         c_kv = c_kv[:, None]  # (B, 1, S, L)
-        return mx.fast.scaled_dot_product_attention(
-            q_latent, c_kv, c_kv, scale=self.scale, mask=rope_scores.astype(q_latent.dtype)
-        )
+        return attention(q_latent, c_kv, c_kv, self.scale, rope_scores.astype(q_latent.dtype))
 
 
 class DeepSeekExpertLayer(nn.Module):

@@ -16,6 +16,7 @@ from customllm_mlx.loss import (  # noqa: E402
     cross_entropy,
     exp,
     linear_cross_entropy,
+    softmax,
 )
 from customllm_mlx.model import causal_lm_loss  # noqa: E402
 
@@ -54,6 +55,27 @@ def test_row_max_equals_max_over_the_last_axis():
     for shape in ((3, 64), (2, 1000), (5, 49152), (4, 49157)):
         x = mx.random.normal(shape, key=mx.random.key(sum(shape)))
         assert mx.array_equal(_row_max(x), x.max(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("shape", [(6, 40), (4, 3, 3000)])  # one power kernel; the polynomial
+def test_softmax_equals_mlx_softmax_values_and_gradients(shape):
+    x = 4 * mx.random.normal(shape, key=mx.random.key(0))
+    x = mx.where(mx.random.uniform(shape=shape, key=mx.random.key(1)) < 0.3, -mx.inf, x)
+    x[..., 0] = 0.0  # every row keeps one finite entry, as a causal mask does
+    cotangent = mx.random.normal(shape, key=mx.random.key(2))
+
+    def weighted(fn):
+        return mx.value_and_grad(lambda x: (fn(x) * cotangent).sum())(x)
+
+    ours, ours_grad = weighted(softmax)
+    theirs, theirs_grad = weighted(lambda x: mx.softmax(x, axis=-1, precise=True))
+    np.testing.assert_allclose(np.array(softmax(x)), np.array(mx.softmax(x, -1)), atol=2e-7)
+    np.testing.assert_allclose(ours.item(), theirs.item(), rtol=1e-5)
+    np.testing.assert_allclose(np.array(ours_grad), np.array(theirs_grad), atol=2e-6)
+    assert (np.array(softmax(x))[np.isinf(np.array(x))] == 0).all()
+    low = softmax(x.astype(mx.bfloat16))
+    assert low.dtype == mx.bfloat16
+    assert mx.allclose(low.astype(mx.float32), mx.softmax(x, -1), atol=1e-2)
 
 
 def test_cross_entropy_equals_mlx_reference_values_and_gradients():

@@ -31,6 +31,7 @@ from customllm_mlx.model import (
     LlamaMLP,
     causal_lm_loss,
 )
+from customllm_mlx.model import attention as model_attention
 
 
 def build(config: ModelConfig, seed: int = 0, bias_std: float = 0.05) -> CustomLLM:
@@ -150,6 +151,35 @@ def test_absorbed_attention_equals_non_absorbed(tiny_config):
     np.testing.assert_allclose(
         np.array(attn(x, 0, absorb=True)), np.array(attn(x, 0, absorb=False)), atol=1e-5, rtol=0
     )
+
+
+@pytest.mark.parametrize(
+    "T, S, kv_heads, mask",
+    [(48, 48, 2, "causal"), (16, 48, 2, "causal"), (48, 48, 1, "additive"), (16, 40, 2, None)],
+)
+def test_cpu_attention_equals_mlx_fast_sdpa(T, S, kv_heads, mask):
+    """model.attention (the CPU path: plain ops with loss.softmax) against MLX's kernel:
+    causal aligned to the last key, an additive mask over one shared key/value head."""
+    keys = iter(mx.random.split(mx.random.key(0), 6))
+    q = mx.random.normal((2, 2, T, 32), key=next(keys))
+    k = mx.random.normal((2, kv_heads, S, 32), key=next(keys))
+    v = mx.random.normal((2, kv_heads, S, 16), key=next(keys))
+    cotangent = mx.random.normal((2, 2, T, 16), key=next(keys))
+    if mask == "additive":
+        mask = 3 * mx.random.normal((2, 2, T, S), key=next(keys))
+
+    def weighted(fn):
+        loss = lambda q, k, v: (fn(q, k, v, 0.2, mask) * cotangent).sum()  # noqa: E731
+        return mx.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    def fast(q, k, v, scale, mask):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+    ours, theirs = model_attention(q, k, v, 0.2, mask), fast(q, k, v, 0.2, mask)
+    assert ours.shape == theirs.shape == (2, 2, T, 16)
+    np.testing.assert_allclose(np.array(ours), np.array(theirs), atol=2e-6)
+    for a, b in zip(weighted(model_attention), weighted(fast), strict=True):
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=2e-5)
 
 
 def test_attention_is_causal(tiny_config):
