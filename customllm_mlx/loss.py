@@ -133,31 +133,43 @@ def _linear_cross_entropy(hidden, weight, bias, labels, chunk_rows):
     low_precision = hidden.dtype != mx.float32
     total, grad_hidden = mx.array(0.0), []
     grad_weight = mx.zeros(weight.shape, mx.float32)
-    grad_bias = mx.zeros((weight.shape[0],), mx.float32)
+    grad_bias = mx.zeros((1, weight.shape[0]), mx.float32)
     ones = mx.ones((weight.shape[0], 1), mx.float32)
     for start in range(0, hidden.shape[0], chunk_rows):
         h, t, s = (a[start : start + chunk_rows] for a in (hidden, targets, scale))
         if start:  # finish the previous chunk first, so only one chunk's logits are alive
             h = mx.depends(h, [total, grad_weight, grad_bias, grad_hidden[-1]])
-        logits = (h @ weight.T).astype(mx.float32)
-        if bias is not None:
-            logits = logits + bias.astype(mx.float32)
+        if bias is not None and {h.dtype, weight.dtype, bias.dtype} == {mx.float32}:
+            logits = mx.addmm(bias, h, weight.T)  # the bias seeds the GEMM: one pass less
+        else:
+            logits = (h @ weight.T).astype(mx.float32)
+            if bias is not None:
+                logits = logits + bias.astype(mx.float32)
         m = mx.stop_gradient(_row_max(logits))
         e = exp(logits - m)
         e_sum = e @ ones  # the row sums as a GEMV: 6x faster than e.sum(-1) on MLX's CPU
         lse = m[:, 0] + mx.log(e_sum[:, 0])
         target_logit = mx.take_along_axis(logits, t[:, None], -1)[:, 0]
         total = total + ((lse - target_logit) * s).sum()
-        grad = e * (s[:, None] / e_sum)  # scale * softmax, then -scale at the targets
-        grad = grad.at[mx.arange(grad.shape[0]), t].add(-s)
-        grad_bias = grad_bias + grad.sum(0)
-        grad = grad.astype(hidden.dtype)
-        grad_hidden.append(grad @ weight)
+        # d loss / d logits = r * e - s at the targets, with r = s / e_sum. e goes into the
+        # GEMMs unscaled (r scales their small operands or outputs); the -s terms are added
+        # for all rows after the loop: no (rows, vocab) pass to scale e or to scatter into it.
+        r = s / e_sum[:, 0]  # (rows,)
+        grad_bias = grad_bias + r[None] @ e
+        e = e.astype(hidden.dtype)
+        grad_hidden.append((e @ weight) * r[:, None].astype(hidden.dtype))
+        h_scaled = h * r[:, None].astype(h.dtype)
         if low_precision:  # low-precision GEMM, float32 accumulation across chunks
-            grad_weight = grad_weight + (grad.T @ h).astype(mx.float32)
+            grad_weight = grad_weight + (e.T @ h_scaled).astype(mx.float32)
         else:
-            grad_weight = mx.addmm(grad_weight, grad.T, h)
-    return total, mx.concatenate(grad_hidden), grad_weight, grad_bias
+            grad_weight = mx.addmm(grad_weight, e.T, h_scaled)
+    at_targets = scale[:, None] * hidden.astype(mx.float32)  # (N, D): -this at target rows
+    grad_weight = grad_weight.at[targets].add(-at_targets)
+    grad_bias = grad_bias[0].at[targets].add(-scale)
+    grad_hidden = mx.concatenate(grad_hidden) - (scale[:, None] * weight[targets]).astype(
+        hidden.dtype
+    )
+    return total, grad_hidden, grad_weight, grad_bias
 
 
 @_linear_cross_entropy.vjp
