@@ -91,6 +91,14 @@ def dispatch_expert_slices(mlp, x_flat, idx, weights, load):
     return _unsort(mlp, mx.concatenate(outs), order, idx, weights)
 
 
+def dispatch_none(mlp, x_flat, idx, weights, load):
+    """No routed experts: what is left is the router, top-k, aux loss and the shared expert
+    (the routing weights still get a gradient). Its time plus two `dense SwiGLU (I)` chains
+    (the routed pairs are 2 x tokens rows) is what the layer would cost with routed GEMMs as
+    fast per row as plain ones and no sort, gather or scatter: the floor of the ratio."""
+    return x_flat * weights.sum(-1, keepdims=True)
+
+
 # --- layers ----------------------------------------------------------------------------------
 
 
@@ -100,14 +108,17 @@ def mlx_layers(cfg: ModelConfig) -> dict[str, tuple[nn.Module, bool]]:
 
     from customllm_mlx.model import DeepSeekExpertLayer, LlamaMLP
 
+    D, inter = cfg.hidden_size, cfg.intermediate_size
     layers = {
-        "dense SwiGLU (3I)": (DeepSeekExpertLayer(cfg.hidden_size, 3 * cfg.intermediate_size), True)
+        "dense SwiGLU (3I)": (DeepSeekExpertLayer(D, 3 * inter), True),
+        "dense SwiGLU (I)": (DeepSeekExpertLayer(D, inter), True),
     }
     layers["customllm MoE"] = (LlamaMLP(cfg), True)
     for label, fn in (
         ("sorted rows", dispatch_sorted_rows),
         ("gather_mm unflagged", dispatch_gather_unflagged),
         ("per-expert slices", dispatch_expert_slices),
+        ("router + shared only", dispatch_none),
     ):
         mlp = LlamaMLP(cfg)
         mlp.dispatch = types.MethodType(fn, mlp)
@@ -227,6 +238,23 @@ def measure(args, cfg: ModelConfig, frameworks: set[str]) -> dict:
     return {"rows": rows}
 
 
+def dispatch_floor(by_key: dict, framework: str, mode: str) -> float | None:
+    """fwd+bwd ratio to the dense layer that a dispatch with routed GEMMs as fast per row as
+    plain ones, and nothing else, would reach (see `dispatch_none`); None without the rows."""
+    parts = [
+        by_key.get((layer, framework, mode))
+        for layer in (
+            "customllm MoE (router + shared only)",
+            "dense SwiGLU (I)",
+            "dense SwiGLU (3I)",
+        )
+    ]
+    if None in parts:
+        return None
+    rest, one_chain, dense = (p["fwd_bwd_ms"] for p in parts)
+    return (rest + 2 * one_chain) / dense
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     bc.add_model_args(parser)
@@ -250,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
             (
                 r
                 for r in rows
-                if r["layer"].startswith("dense")
+                if r["layer"] == "dense SwiGLU (3I)"
                 and r["framework"] == row["framework"]
                 and r["mode"] == row["mode"]
             ),
@@ -280,12 +308,20 @@ def main(argv: list[str] | None = None) -> dict:
         f"(batch {args.batch} x seq {args.seq_len}), median of {args.repeats} interleaved\n"
     )
     print(table)
+    by_key = {(r["layer"], r["framework"], r["mode"]): r for r in rows}
     for r in rows:
         if r["layer"] == "customllm MoE":
             print(
                 f"dispatch overhead ratio ({r['framework']}, {r['mode']}): fwd "
                 f"{bc.fmt_ratio(r['fwd_vs_dense'])}, fwd+bwd {bc.fmt_ratio(r['fwd_bwd_vs_dense'])}"
             )
+            floor = dispatch_floor(by_key, r["framework"], r["mode"])
+            if floor:
+                r["fwd_bwd_floor_vs_dense"] = floor
+                print(
+                    f"  floor (router + shared only, plus 2 x dense SwiGLU (I)): fwd+bwd "
+                    f"{bc.fmt_ratio(floor)}"
+                )
     result = {
         "benchmark": "moe",
         "args": vars(args),

@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh all
 . .venv/bin/activate
+python -c "import customllm_mlx._blas as b; print('MLX BLAS:', b.loaded or 'reference (slow)')" || true
 if [ "${1:-}" = --slow ]; then
     shift
     exec python -m pytest -m slow -q "$@"

@@ -127,6 +127,9 @@ def test_bench_moe(runs):
     assert HEADERS["moe"] in stdout and "dispatch overhead ratio" in stdout
     for row in result["rows"]:
         assert row["tokens_per_s"] > 0 and row["fwd_ms"] > 0
+    ours = [r for r in result["rows"] if r["layer"] == "customllm MoE" and r["framework"] == "mlx"]
+    assert ours and all(r["fwd_bwd_floor_vs_dense"] > 0 for r in ours)
+    assert "floor (router + shared only" in stdout
 
 
 def test_bench_loss(tmp_path):
