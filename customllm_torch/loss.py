@@ -41,30 +41,46 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         grad_bias = None if bias is None or not needs[2] else torch.zeros_like(b)
         total = hidden.new_zeros((), dtype=torch.float32)
+        fused_bias = b is not None and hidden.dtype == torch.float32
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            h = hidden[rows]
-            logits = (h @ w.t()).float()
-            if b is not None:
-                logits += b
-            lse = torch.logsumexp(logits, -1)
+            h, t, s = hidden[rows], targets[rows], scale[rows]
+            if fused_bias:
+                logits = torch.addmm(b, h, w.t())  # the bias seeds the GEMM: one pass less
+            else:
+                logits = (h @ w.t()).float()
+                if b is not None:
+                    logits += b
             picked = torch.arange(logits.shape[0], device=logits.device)
-            total += ((lse - logits[picked, targets[rows]]) * valid[rows]).sum()
+            target_logit = logits[picked, t]
+            m = logits.amax(-1, keepdim=True)
+            e = logits.sub_(m).exp_()  # in place: one exp pass for the loss and the gradient
+            e_sum = e.sum(-1)
+            total += ((m[:, 0] + e_sum.log() - target_logit) * valid[rows]).sum()
             if not any(needs[:3]):
                 continue
-            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-            grad[picked, targets[rows]] -= 1.0
-            grad *= scale[rows, None]
+            # d loss / d logits = r * e - s at the targets, with r = s / e_sum. e goes into the
+            # GEMMs unscaled (r scales their small operands or outputs); the -s terms are added
+            # for all rows after the loop: no (rows, vocab) pass to scale e or to index into it.
+            r = s / e_sum  # (rows,)
             if grad_bias is not None:
-                grad_bias += grad.sum(0)
-            grad = grad.to(hidden.dtype)
+                grad_bias += r @ e
+            e = e.to(hidden.dtype)
             if grad_hidden is not None:
-                torch.mm(grad, w, out=grad_hidden[rows])
+                torch.mm(e, w, out=grad_hidden[rows])
+                grad_hidden[rows] *= r[:, None].to(hidden.dtype)
             if grad_weight is not None:
-                if grad.dtype == torch.float32:
-                    grad_weight.addmm_(grad.t(), h)
+                h_scaled = h * r[:, None].to(h.dtype)
+                if e.dtype == torch.float32:
+                    grad_weight.addmm_(e.t(), h_scaled)
                 else:  # low-precision GEMM, float32 accumulation across chunks
-                    grad_weight += (grad.t() @ h).float()
+                    grad_weight += (e.t() @ h_scaled).float()
+        if grad_hidden is not None:
+            grad_hidden -= (scale[:, None] * w[targets].float()).to(hidden.dtype)
+        if grad_weight is not None:
+            grad_weight.index_add_(0, targets, -scale[:, None] * hidden.float())
+        if grad_bias is not None:
+            grad_bias.index_add_(0, targets, -scale)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total / count
