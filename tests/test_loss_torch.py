@@ -76,11 +76,12 @@ def test_label_count_must_match_the_hidden_states():
 
 def test_default_chunk_rows_follows_the_hidden_size():
     cpu = torch.device("cpu")
-    assert [default_chunk_rows(d, cpu) for d in (16, 64, 256, 768, 4096)] == [
-        32,
-        32,
+    assert [default_chunk_rows(d, cpu) for d in (16, 64, 256, 300, 768, 4096)] == [
+        128,
         128,
         512,
+        1024,
+        1024,
         1024,
     ]
 
