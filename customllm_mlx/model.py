@@ -99,8 +99,7 @@ def attention(q, k, v, scale: float, mask):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     scores = (q * scale) @ k.swapaxes(-1, -2)  # (B, H, T, S)
     if isinstance(mask, str):  # "causal"
-        allowed = mx.arange(S)[None] <= mx.arange(S - T, S)[:, None]
-        scores = mx.where(allowed, scores, mx.array(-mx.inf, scores.dtype))
+        scores = mx.where(causal_mask(T, S), scores, mx.array(-mx.inf, scores.dtype))
     elif mask is not None:
         scores = scores + mask
     return softmax(scores) @ v
@@ -208,11 +207,14 @@ class MultiHeadLatentAttention(nn.Module):
         # key/value head shared by all query heads (no per-head copy of the cache).
         rope_scores = (q_rope * self.scale) @ k_rope.swapaxes(-1, -2)  # (B, H, T, S)
         if mask == "causal":
-            T, S = rope_scores.shape[-2:]
-            allowed = mx.arange(S)[None] <= mx.arange(S - T, S)[:, None]
-            rope_scores = mx.where(allowed, rope_scores, -mx.inf)
+            rope_scores = mx.where(causal_mask(*rope_scores.shape[-2:]), rope_scores, -mx.inf)
         c_kv = c_kv[:, None]  # (B, 1, S, L)
         return attention(q_latent, c_kv, c_kv, self.scale, rope_scores.astype(q_latent.dtype))
+
+
+def causal_mask(T: int, S: int) -> mx.array:
+    """Boolean mask (T, S) for T queries at the end of S keys (True = attend)."""
+    return mx.arange(S)[None] <= mx.arange(S - T, S)[:, None]
 
 
 class DeepSeekExpertLayer(nn.Module):

@@ -273,17 +273,9 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     rows = measured["rows"]
     tokens = args.batch * args.seq_len
+    by_key = {(r["layer"], r["framework"], r["mode"]): r for r in rows}
     for row in rows:
-        dense = next(
-            (
-                r
-                for r in rows
-                if r["layer"] == "dense SwiGLU (3I)"
-                and r["framework"] == row["framework"]
-                and r["mode"] == row["mode"]
-            ),
-            None,
-        )
+        dense = by_key.get(("dense SwiGLU (3I)", row["framework"], row["mode"]))
         row["fwd_vs_dense"] = dense and row["fwd_ms"] / dense["fwd_ms"]
         row["fwd_bwd_vs_dense"] = dense and row["fwd_bwd_ms"] / dense["fwd_bwd_ms"]
 
@@ -308,7 +300,6 @@ def main(argv: list[str] | None = None) -> dict:
         f"(batch {args.batch} x seq {args.seq_len}), median of {args.repeats} interleaved\n"
     )
     print(table)
-    by_key = {(r["layer"], r["framework"], r["mode"]): r for r in rows}
     for r in rows:
         if r["layer"] == "customllm MoE":
             print(
