@@ -302,11 +302,13 @@ class LlamaMLP(nn.Module):
         """Expert outputs (N * k, D) in pair order, for MLX's CPU gather_mm, which runs one
         GEMM per batch entry (one GEMV per row in `sorted_experts`): each expert's sorted rows
         are padded to whole blocks of CPU_BLOCK_ROWS and sent as (blocks, rows, D), one GEMM
-        per block. The padded length has a static bound, so this compiles (no host sync)."""
+        per block (the weight gradients: one per expert, over its padded rows, `segments`).
+        The padded length has a static bound, so this compiles (no host sync)."""
         g, E, P = CPU_BLOCK_ROWS, self.num_experts, order.size
         sorted_expert = flat_expert[order]
         padded = (counts + g - 1) // g * g
-        shift = mx.cumsum(padded) - padded - (mx.cumsum(counts) - counts)  # per expert
+        end = mx.cumsum(padded)  # each expert's padded rows: [end - padded, end)
+        shift = end - padded - (mx.cumsum(counts) - counts)  # per expert
         row = (shift[sorted_expert] + mx.arange(P)).astype(mx.uint32)  # padded row of each pair
         rows = -(-(P + E * (g - 1)) // g) * g
         token = mx.full((rows,), x_flat.shape[0], mx.uint32)  # padding reads an all-zero row
@@ -320,8 +322,9 @@ class LlamaMLP(nn.Module):
         token, expert, pair_row, pair_of_row = map(
             mx.stop_gradient, (token, expert, pair_row, pair_of_row)
         )
+        segments = mx.stop_gradient(mx.stack([end - padded, end], -1).astype(mx.uint32))
         x_rows = rows_to_blocks(x_flat, token, pair_row.reshape(-1, self.top_k))
-        out = self.routed_experts(x_rows.reshape(rows // g, g, -1), expert[::g])
+        out = self.routed_experts.blocks(x_rows.reshape(rows // g, g, -1), expert[::g], segments)
         return blocks_to_pairs(out.reshape(rows, -1), pair_row, pair_of_row)
 
     def sequence_aux_loss(self, scores: mx.array, one_hot: mx.array) -> mx.array:

@@ -311,15 +311,15 @@ def naive_moe(mlp: LlamaMLP, x: np.ndarray, config: ModelConfig):
 
 @pytest.fixture
 def gather_mm_calls(monkeypatch) -> list[tuple[tuple[int, ...], np.ndarray]]:
-    """(input shape, expert indices) of every StackedExpertLinear call while the test runs."""
+    """(input shape, expert indices) of every `mx.gather_mm` call while the test runs."""
     calls = []
-    original = mlx_experts.StackedExpertLinear.__call__
+    original = mx.gather_mm
 
-    def spy(self, x, expert, *args):
-        calls.append((x.shape, np.array(expert)))
-        return original(self, x, expert, *args)
+    def spy(x, w, *args, rhs_indices=None, **kwargs):
+        calls.append((x.shape, np.array(rhs_indices)))
+        return original(x, w, *args, rhs_indices=rhs_indices, **kwargs)
 
-    monkeypatch.setattr(mlx_experts.StackedExpertLinear, "__call__", spy)
+    monkeypatch.setattr(mlx_experts.mx, "gather_mm", spy)
     return calls
 
 
@@ -335,10 +335,16 @@ def test_gather_mm_dispatch_equals_naive_per_token_loop(tiny_config, T):
     assert abs(aux.item() - aux_ref) <= 1e-5 * aux_ref
 
 
-def test_blocked_cpu_dispatch_equals_sorted_rows_values_and_gradients(tiny_config):
+@pytest.mark.parametrize("weight_copied", [True, False])
+def test_blocked_cpu_dispatch_equals_sorted_rows_values_and_gradients(
+    tiny_config, weight_copied, monkeypatch
+):
     """Enough tokens for the blocked layout (N * k >= E * CPU_BLOCK_ROWS), uneven loads: one
     expert in every top-2, one never chosen, the rest partly filling their last block. Both
-    gather_mm paths against plain matmuls (every expert on every token, then selected)."""
+    gather_mm paths against plain matmuls (every expert on every token, then selected); the
+    blocked one with the weight transposed into a copy (small blocks) and as a view."""
+    if not weight_copied:
+        monkeypatch.setattr(mlx_experts, "SMALL_BLOCK_GEMM", 0)
     model = build(tiny_config, bias_std=0.0)
     mlp = model.decoder_layers[0].mlp
     mlp.expert_bias = mx.array([5.0, -5.0, 0.0, 0.0, 0.0, 0.0, 0.0])
