@@ -36,13 +36,15 @@ _EXP2_COEFFICIENTS = (
 def _exp_cpu(x: mx.array) -> mx.array:
     # 2**y = 2**n * 2**f with n = round(y), f in [-1/2, 1/2]; 2**n written as float32 bits.
     # y is clipped to [-127, 128]: 2**-127 comes out 0 (exponent bits 0), 2**128 inf.
+    # 2**f by Estrin's scheme, 4 ops deep where Horner's rule is 12: MLX's compiler fuses at
+    # most 11 deep, so Horner's chain cost a kernel more, and the compiled training step ran
+    # 6.5% (tiny) / 3% (small) slower with it (one-off same-process A/B).
     y = mx.clip(x * LOG2E, -127.0, 128.0)
     shifted = y + _ROUND
     f = y - (shifted - _ROUND)
-    c = _EXP2_COEFFICIENTS
-    p = f * c[0] + c[1]
-    for coefficient in c[2:]:
-        p = p * f + coefficient
+    f2 = f * f
+    c = _EXP2_COEFFICIENTS  # c[6] + c[5] f + ... + c[0] f**6
+    p = (c[5] * f + c[6]) + f2 * (c[3] * f + c[4]) + (f2 * f2) * (c[0] * f2 + (c[1] * f + c[2]))
     exponent = shifted.view(mx.int32) - (_ROUND_BITS - 127)  # n + 127
     return p * mx.left_shift(exponent, 23).view(mx.float32)
 
