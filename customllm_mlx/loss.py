@@ -1,7 +1,7 @@
 """Cross entropy for large vocabularies, written for speed on MLX's CPU backend.
 
 MLX's Linux CPU `exp` is slow (~13x torch's, 12 ns a number here) and `power(2, .)` not much
-better (4.3 ns), so on the CPU `exp` below is a compiled polynomial (2.2 ns); `softmax` uses it
+better (4.3 ns), so on the CPU `exp` below is a compiled polynomial (1.5 ns); `softmax` uses it
 (the CPU attention's).
 The backward pass recomputes the softmax from the log-sum-exp (recovered from the output) in
 one elementwise pass, and subtracts at the targets with a scatter instead of building an
@@ -53,7 +53,7 @@ def exp(x: mx.array, lean: bool = False) -> mx.array:
     """e**x. On the CPU, for arrays of POLY_MIN_SIZE numbers or more, a polynomial compiled
     into a few fused kernels: as close to e**x as `mx.exp` (both within 1e-6 relative on
     [-20, 0], set by rounding x * log2(e) to float32), 0 below about e**-88 (float32's smallest
-    normal is e**-87.3), and on MLX's Linux CPU twice as fast as `power(2, .)`, five times
+    normal is e**-87.3), and on MLX's Linux CPU three times as fast as `power(2, .)`, seven times
     `mx.exp` (`scripts/bench_loss.py`). It keeps about three arrays of x's size alive between
     its kernels, and each kernel costs a fixed ~10 us: smaller arrays (decoding) and `lean`
     callers (whole logits) take `power(2, x * log2 e)`, one kernel. Elsewhere `mx.exp`."""
