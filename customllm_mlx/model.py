@@ -21,7 +21,7 @@ from customllm_mlx.experts import (
     StackedExperts,
     blocks_to_pairs,
     rows_to_blocks,
-    silu,
+    swiglu,
 )
 from customllm_mlx.loss import cross_entropy, linear_cross_entropy, softmax
 
@@ -225,7 +225,7 @@ class DeepSeekExpertLayer(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class LlamaMLP(nn.Module):

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from customllm.config import ModelConfig  # noqa: E402
-from customllm_mlx.experts import silu  # noqa: E402  (the model's activation, in every variant)
+from customllm_mlx.experts import swiglu  # noqa: E402  (the model's activation, in every variant)
 
 HEADERS = [
     "layer",
@@ -73,7 +73,7 @@ def dispatch_gather_unflagged(mlp, x_flat, idx, weights, load):
         return mx.gather_mm(h, layer.weight.swapaxes(-1, -2), rhs_indices=experts)
 
     xs = xs[:, None]
-    out = linear(e.down_proj, silu(linear(e.gate_proj, xs)) * linear(e.up_proj, xs))[:, 0]
+    out = linear(e.down_proj, swiglu(linear(e.gate_proj, xs), linear(e.up_proj, xs)))[:, 0]
     return _unsort(mlp, out, order, idx, weights)
 
 
@@ -85,7 +85,7 @@ def dispatch_expert_slices(mlp, x_flat, idx, weights, load):
     for i, count in enumerate(load.tolist()):
         if count:
             seg = xs[start : start + count]
-            h = silu(seg @ e.gate_proj.weight[i].T) * (seg @ e.up_proj.weight[i].T)
+            h = swiglu(seg @ e.gate_proj.weight[i].T, seg @ e.up_proj.weight[i].T)
             outs.append(h @ e.down_proj.weight[i].T)
         start += count
     return _unsort(mlp, mx.concatenate(outs), order, idx, weights)

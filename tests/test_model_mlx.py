@@ -627,20 +627,26 @@ def test_cli_init_from_config_and_refusals(tmp_path, cosmo2_path, tiny_config):
     assert result.exit_code == 1 and "not valid JSON" in result.output
 
 
-def test_silu_equals_mlx_silu_values_and_gradients_at_any_magnitude():
-    x = mx.concatenate(
+def test_swiglu_equals_mlx_silu_times_up_values_and_gradients_at_any_magnitude():
+    gate = mx.concatenate(
         [5 * mx.random.normal((4000,), key=mx.random.key(3)), mx.array([-1e4, -90.0, 0.0, 90.0])]
     )
-    cot = mx.random.normal(x.shape, key=mx.random.key(4))
+    up = mx.random.normal(gate.shape, key=mx.random.key(5))
+    cot = mx.random.normal(gate.shape, key=mx.random.key(4))
+
+    def reference(gate, up):
+        return nn.silu(gate) * up
+
     np.testing.assert_allclose(
-        np.array(mlx_experts.silu(x)), np.array(nn.silu(x)), atol=1e-6, rtol=1e-6
+        np.array(mlx_experts.swiglu(gate, up)), np.array(reference(gate, up)), atol=1e-6, rtol=1e-6
     )
-    ours = mx.grad(lambda x: (mlx_experts.silu(x) * cot).sum())(x)
-    ref = mx.grad(lambda x: (nn.silu(x) * cot).sum())(x)
-    np.testing.assert_allclose(np.array(ours), np.array(ref), atol=1e-5, rtol=1e-5)
-    half = x.astype(mx.bfloat16)
-    assert mlx_experts.silu(half).dtype == mx.bfloat16
-    assert bool(mx.all(mx.isfinite(mlx_experts.silu(half))))
+    grads = mx.grad(lambda g, u: (mlx_experts.swiglu(g, u) * cot).sum(), argnums=(0, 1))
+    ref = mx.grad(lambda g, u: (reference(g, u) * cot).sum(), argnums=(0, 1))(gate, up)
+    for grad in (grads, mx.compile(grads)):  # op by op, and fused as in a compiled step
+        for a, b in zip(grad(gate, up), ref, strict=True):
+            np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-5, rtol=1e-5)
+    half = mlx_experts.swiglu(gate.astype(mx.bfloat16), up.astype(mx.bfloat16))
+    assert half.dtype == mx.bfloat16 and bool(mx.all(mx.isfinite(half)))
 
 
 def test_cached_inference_skips_the_aux_loss(tiny_config):
