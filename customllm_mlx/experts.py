@@ -81,7 +81,7 @@ def block_matmul(x, weight, block_expert, segments):
     runs without packing (the 135 blocks of a tiny-preset projection: 0.75 ms against 1.04,
     one-off); larger blocks are packed either way, and there the copy only costs (small
     preset: the layer ~3% slower with it in `scripts/bench_moe.py`-style A/B runs)."""
-    blocks, rows, d_in = x.shape
+    rows, d_in = x.shape[-2:]
     w_t = weight.swapaxes(-1, -2)
     if rows * d_in * weight.shape[1] <= SMALL_BLOCK_GEMM:
         w_t = mx.contiguous(w_t)
