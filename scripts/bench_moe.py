@@ -3,7 +3,8 @@
 The MoE layer is `LlamaMLP` (1 shared + top-2 of 7 routed SwiGLU experts, intermediate I);
 the dense layer is one SwiGLU with intermediate 3 * I, i.e. the FLOPs a token spends in the
 shared and its two routed experts. MoE time / dense time is the dispatch overhead (routing,
-sort, gather, scatter, the per-expert matmuls). Also timed, for comparison: the peers' MoE
+sort, gather, scatter, the per-expert matmuls). The backward forms the gradients of the weights
+and of the input, as in a model (`--no-input-grad`: the weights' only). Also timed, for comparison: the peers' MoE
 layers (mlx_lm's DeepseekV3MoE, transformers' DeepseekV3MoE) and, in MLX, dispatch variants
 of ours (the model is untouched): one row per gather_mm entry (`sorted_experts`, the GPU
 path) instead of the CPU's blocks, `gather_mm` without the `sorted_indices` flag, and one
@@ -141,17 +142,18 @@ def mlx_layers(cfg: ModelConfig) -> dict[str, tuple[nn.Module, bool]]:
     return layers
 
 
-def mlx_fns(module: nn.Module, x: mx.array, cot: mx.array, compiled: bool):
+def mlx_fns(module: nn.Module, x: mx.array, cot: mx.array, compiled: bool, input_grad: bool):
     def output(module, x):
         y = module(x)
         return y[0] if isinstance(y, tuple) else y
 
-    def loss(module, x):
+    def loss(params, x):
+        module.update(params)
         return (output(module, x) * cot).sum()
 
-    grad = nn.value_and_grad(module, loss)
+    grad = mx.value_and_grad(loss, argnums=(0, 1) if input_grad else 0)
     fwd = lambda x: output(module, x)  # noqa: E731
-    bwd = lambda x: grad(module, x)  # noqa: E731
+    bwd = lambda x: grad(module.trainable_parameters(), x)  # noqa: E731
     if compiled:  # outputs too: value_and_grad leaves its traced parameters in the module
         state = module.state
         fwd = mx.compile(fwd, inputs=state, outputs=state)
@@ -176,7 +178,9 @@ def torch_layers(cfg: ModelConfig) -> dict[str, torch.nn.Module]:
     return layers
 
 
-def torch_fns(module: torch.nn.Module, x: torch.Tensor, cot: torch.Tensor):
+def torch_fns(module: torch.nn.Module, x: torch.Tensor, cot: torch.Tensor, input_grad: bool):
+    x.requires_grad_(input_grad)
+
     def output():
         y = module(x)
         return y[0] if isinstance(y, tuple) else y
@@ -188,6 +192,7 @@ def torch_fns(module: torch.nn.Module, x: torch.Tensor, cot: torch.Tensor):
     def bwd():
         (output() * cot).sum().backward()
         module.zero_grad(set_to_none=True)
+        x.grad = None
 
     return fwd, bwd
 
@@ -208,14 +213,22 @@ def measure(args, cfg: ModelConfig, frameworks: set[str]) -> dict:
             for mode in ("eager", "compiled") if compilable else ("eager",):
                 key = f"{name}/mlx/{mode}"
                 if bc.wants(key, args.only):
-                    fwd, bwd = mlx_fns(module, mx.array(x_np), mx.array(cot_np), mode == "compiled")
+                    fwd, bwd = mlx_fns(
+                        module,
+                        mx.array(x_np),
+                        mx.array(cot_np),
+                        mode == "compiled",
+                        args.input_grad,
+                    )
                     fns[key + "/fwd"], fns[key + "/bwd"] = fwd, bwd
                     meta[key] = (name, "mlx", mode)
     if "torch" in frameworks:
         for name, module in torch_layers(cfg).items():
             key = f"{name}/torch/eager"
             if bc.wants(key, args.only):
-                fwd, bwd = torch_fns(module, torch.from_numpy(x_np), torch.from_numpy(cot_np))
+                fwd, bwd = torch_fns(
+                    module, torch.from_numpy(x_np), torch.from_numpy(cot_np), args.input_grad
+                )
                 fns[key + "/fwd"], fns[key + "/bwd"] = fwd, bwd
                 meta[key] = (name, "torch", "eager")
     times = bc.interleaved_times(fns, args.warmup, args.repeats, group_of=bc.framework_of)
@@ -263,6 +276,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--only", default=None, help="comma-separated name substrings")
+    parser.add_argument(
+        "--no-input-grad",
+        dest="input_grad",
+        action="store_false",
+        help="backward forms the weight gradients only (before the seventh session: the "
+        "default then); by default it forms the input gradient too, as in a model",
+    )
     parser.add_argument("--json", default=None)
     bc.add_process_args(parser)
     args = parser.parse_args(argv)

@@ -125,6 +125,7 @@ def test_bench_generate(runs):
 def test_bench_moe(runs):
     stdout, result = finish(runs, "moe")
     assert HEADERS["moe"] in stdout and "dispatch overhead ratio" in stdout
+    assert result["args"]["input_grad"]  # the backward of a layer in a model
     for row in result["rows"]:
         assert row["tokens_per_s"] > 0 and row["fwd_ms"] > 0
     ours = [r for r in result["rows"] if r["layer"] == "customllm MoE" and r["framework"] == "mlx"]
