@@ -24,7 +24,7 @@ from customllm.checkpoint import CONFIG_NAME, WEIGHTS_NAME, canonical_shapes
 from customllm.config import ModelConfig
 from customllm_mlx import experts as mlx_experts
 from customllm_mlx.cli import main as cli_main
-from customllm_mlx.experts import CPU_BLOCK_ROWS
+from customllm_mlx.experts import CPU_BLOCK_ROWS, CPU_BLOCK_ROWS_PACKED
 from customllm_mlx.model import (
     CustomLLM,
     LatentKVCache,
@@ -339,10 +339,11 @@ def test_gather_mm_dispatch_equals_naive_per_token_loop(tiny_config, T):
 def test_blocked_cpu_dispatch_equals_sorted_rows_values_and_gradients(
     tiny_config, weight_copied, monkeypatch
 ):
-    """Enough tokens for the blocked layout (N * k >= E * CPU_BLOCK_ROWS), uneven loads: one
+    """Enough tokens for the blocked layout (N * k >= E * block rows), uneven loads: one
     expert in every top-2, one never chosen, the rest partly filling their last block. Both
     gather_mm paths against plain matmuls (every expert on every token, then selected); the
-    blocked one with the weight transposed into a copy (small blocks) and as a view."""
+    blocked one with the weight transposed into a copy (small blocks, 32 rows) and as a view
+    (blocks OpenBLAS packs, 64 rows)."""
     if not weight_copied:
         monkeypatch.setattr(mlx_experts, "SMALL_BLOCK_GEMM", 0)
     model = build(tiny_config, bias_std=0.0)
@@ -353,7 +354,9 @@ def test_blocked_cpu_dispatch_equals_sorted_rows_values_and_gradients(
     _, idx, weights = mlp.route(x_flat)
     flat_expert = idx.flatten()
     counts = np.bincount(np.array(flat_expert), minlength=7)
-    assert counts[0] == 300 and counts[1] == 0 and flat_expert.size >= 7 * CPU_BLOCK_ROWS
+    g = CPU_BLOCK_ROWS if weight_copied else CPU_BLOCK_ROWS_PACKED
+    assert mlp.block_rows() == g
+    assert counts[0] == 300 and counts[1] == 0 and flat_expert.size >= 7 * g
     order = mx.argsort(flat_expert)
     counts = mx.array(counts)
 
@@ -394,11 +397,18 @@ def test_blocked_cpu_dispatch_equals_sorted_rows_values_and_gradients(
     np.testing.assert_allclose(np.array(y), y_ref, atol=1e-5, rtol=1e-4)
 
 
-def test_blocked_dispatch_sends_whole_blocks_of_one_expert(tiny_config, gather_mm_calls):
+@pytest.mark.parametrize("small_kernel", [True, False])
+def test_blocked_dispatch_sends_whole_blocks_of_one_expert(
+    tiny_config, gather_mm_calls, small_kernel, monkeypatch
+):
+    """32-row blocks where OpenBLAS's small-matrix kernel takes them, 64 where it packs."""
+    if not small_kernel:
+        monkeypatch.setattr(mlx_experts, "SMALL_BLOCK_GEMM", 0)
+    g = CPU_BLOCK_ROWS if small_kernel else CPU_BLOCK_ROWS_PACKED
     calls = gather_mm_calls
     model = build(tiny_config)
-    N, k, E, g = 2 * 64, 2, tiny_config.n_routed_experts, CPU_BLOCK_ROWS
-    model(random_ids(tiny_config, B=2, T=64))
+    N, k, E = 4 * 64, 2, tiny_config.n_routed_experts
+    model(random_ids(tiny_config, B=4, T=64))
     assert len(calls) == 3 * tiny_config.num_hidden_layers
     for (blocks, rows, _), expert in calls:
         assert rows == g and blocks * g <= N * k + E * g  # padding: under one block per expert
