@@ -73,14 +73,18 @@ class StackedExpertLinear(nn.Module):
 SMALL_BLOCK_GEMM = 100**3  # multiply-adds of a block GEMM that OpenBLAS runs unpacked, at most
 
 
-def cpu_block_rows(hidden_size: int, intermediate_size: int) -> int:
-    """Rows per block of the blocked CPU dispatch: 32 where a block's GEMMs fit OpenBLAS's
-    small-matrix kernel (the tiny preset), 64 where OpenBLAS packs them anyway, since each
-    packed GEMM pays a fixed cost (`scripts/bench_moe.py`-style same-process A/Bs of the
-    compiled layer, fwd+bwd, one-off: small preset 115 -> 110 ms at 64 rows, 115 at 128;
-    973m 832 -> 797 ms at 64, 808 at 128; tiny 15.0 -> 15.2 ms at 64)."""
-    small = CPU_BLOCK_ROWS * hidden_size * intermediate_size <= SMALL_BLOCK_GEMM
-    return CPU_BLOCK_ROWS if small else CPU_BLOCK_ROWS_PACKED
+def cpu_block_rows(hidden_size: int, intermediate_size: int, pairs: int, num_experts: int) -> int:
+    """Rows per block of the blocked CPU dispatch of `pairs` token-expert pairs: 32, or 64
+    where OpenBLAS packs the block GEMMs (they are too large for its small-matrix kernel) and
+    the padding that 64-row blocks add (half a block per expert, on average) is at most 1/16
+    of the pairs: a packed GEMM pays a fixed cost per call, a padded row a row's work.
+    Measured (same-process A/Bs, one-off): the compiled layer's fwd+bwd at 4,096 pairs, small
+    preset 115 -> 110 ms with 64 rows (115 with 128), 973m 832 -> 797 ms (808); tiny (small
+    kernel) 15.0 -> 15.2 ms; a forward alone (prefill, small) at 256 / 512 / 1,024 / 2,048
+    pairs 7% / 4% slower, equal, equal with 64 rows."""
+    packed = CPU_BLOCK_ROWS * hidden_size * intermediate_size > SMALL_BLOCK_GEMM
+    padding = num_experts * CPU_BLOCK_ROWS_PACKED // 2
+    return CPU_BLOCK_ROWS_PACKED if packed and 16 * padding <= pairs else CPU_BLOCK_ROWS
 
 
 @mx.custom_function

@@ -16,6 +16,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from customllm.checkpoint import stack_experts, unstack_experts
 from customllm.config import ModelConfig
 from customllm_mlx.experts import (
+    CPU_BLOCK_ROWS,
     SORT_MIN_PAIRS,
     StackedExperts,
     blocks_to_pairs,
@@ -285,7 +286,7 @@ class LlamaMLP(nn.Module):
             out = self.routed_experts(x_flat[:, None, None], idx, sorted_indices=False)
         else:
             order = mx.stop_gradient(mx.argsort(flat_expert))
-            blocked = order.size >= self.num_experts * self.block_rows()
+            blocked = order.size >= self.num_experts * CPU_BLOCK_ROWS
             if mx.default_device() == mx.cpu and blocked:
                 out = self.blocked_experts(x_flat, flat_expert, order, load)
             else:
@@ -299,10 +300,10 @@ class LlamaMLP(nn.Module):
         out = self.routed_experts(x_flat[(order // self.top_k)[:, None]], flat_expert[order])
         return out[:, 0][mx.argsort(order)]
 
-    def block_rows(self) -> int:
+    def block_rows(self, pairs: int) -> int:
         """Rows per block of the blocked CPU dispatch (`experts.cpu_block_rows`)."""
         _, inter, hidden = self.routed_experts.up_proj.weight.shape
-        return cpu_block_rows(hidden, inter)
+        return cpu_block_rows(hidden, inter, pairs, self.num_experts)
 
     def blocked_experts(self, x_flat, flat_expert, order, counts):
         """Expert outputs (N * k, D) in pair order, for MLX's CPU gather_mm, which runs one
@@ -310,7 +311,7 @@ class LlamaMLP(nn.Module):
         are padded to whole blocks of `block_rows` and sent as (blocks, rows, D), one GEMM
         per block (the weight gradients: one per expert, over its padded rows, `segments`).
         The padded length has a static bound, so this compiles (no host sync)."""
-        g, E, P = self.block_rows(), self.num_experts, order.size
+        g, E, P = self.block_rows(order.size), self.num_experts, order.size
         sorted_expert = flat_expert[order]
         padded = (counts + g - 1) // g * g
         end = mx.cumsum(padded)  # each expert's padded rows: [end - padded, end)

@@ -23,6 +23,7 @@ from safetensors.numpy import save_file as save_numpy
 from customllm.checkpoint import CONFIG_NAME, WEIGHTS_NAME, canonical_shapes
 from customllm.config import ModelConfig
 from customllm_mlx import experts as mlx_experts
+from customllm_mlx import model as mlx_model
 from customllm_mlx.cli import main as cli_main
 from customllm_mlx.experts import CPU_BLOCK_ROWS, CPU_BLOCK_ROWS_PACKED
 from customllm_mlx.model import (
@@ -335,17 +336,18 @@ def test_gather_mm_dispatch_equals_naive_per_token_loop(tiny_config, T):
     assert abs(aux.item() - aux_ref) <= 1e-5 * aux_ref
 
 
-@pytest.mark.parametrize("weight_copied", [True, False])
+@pytest.mark.parametrize("weight_copied, block_rows", [(True, 32), (False, 32), (False, 64)])
 def test_blocked_cpu_dispatch_equals_sorted_rows_values_and_gradients(
-    tiny_config, weight_copied, monkeypatch
+    tiny_config, weight_copied, block_rows, monkeypatch
 ):
     """Enough tokens for the blocked layout (N * k >= E * block rows), uneven loads: one
     expert in every top-2, one never chosen, the rest partly filling their last block. Both
     gather_mm paths against plain matmuls (every expert on every token, then selected); the
-    blocked one with the weight transposed into a copy (small blocks, 32 rows) and as a view
-    (blocks OpenBLAS packs, 64 rows)."""
+    blocked one with the weight transposed into a copy (small blocks) and as a view, in
+    blocks of 32 and 64 rows."""
     if not weight_copied:
         monkeypatch.setattr(mlx_experts, "SMALL_BLOCK_GEMM", 0)
+    monkeypatch.setattr(mlx_model, "cpu_block_rows", lambda *args: block_rows)
     model = build(tiny_config, bias_std=0.0)
     mlp = model.decoder_layers[0].mlp
     mlp.expert_bias = mx.array([5.0, -5.0, 0.0, 0.0, 0.0, 0.0, 0.0])
@@ -354,9 +356,7 @@ def test_blocked_cpu_dispatch_equals_sorted_rows_values_and_gradients(
     _, idx, weights = mlp.route(x_flat)
     flat_expert = idx.flatten()
     counts = np.bincount(np.array(flat_expert), minlength=7)
-    g = CPU_BLOCK_ROWS if weight_copied else CPU_BLOCK_ROWS_PACKED
-    assert mlp.block_rows() == g
-    assert counts[0] == 300 and counts[1] == 0 and flat_expert.size >= 7 * g
+    assert counts[0] == 300 and counts[1] == 0 and flat_expert.size >= 7 * block_rows
     order = mx.argsort(flat_expert)
     counts = mx.array(counts)
 
@@ -397,18 +397,32 @@ def test_blocked_cpu_dispatch_equals_sorted_rows_values_and_gradients(
     np.testing.assert_allclose(np.array(y), y_ref, atol=1e-5, rtol=1e-4)
 
 
+def test_cpu_block_rows_64_only_for_packed_gemms_and_many_pairs():
+    """64-row blocks where OpenBLAS packs the block GEMMs and there are >= 16 x the padding's
+    expectation of pairs (7 experts: 3,584), else 32."""
+    assert CPU_BLOCK_ROWS == 32 and CPU_BLOCK_ROWS_PACKED == 64
+    tiny, small, big = (64, 128), (256, 512), (1024, 1536)
+    assert mlx_experts.cpu_block_rows(*tiny, 100_000, 7) == 32  # small-matrix kernel
+    for shape in (small, big):
+        assert mlx_experts.cpu_block_rows(*shape, 4096, 7) == 64  # batch 8 x 256, top-2
+        assert mlx_experts.cpu_block_rows(*shape, 3584, 7) == 64
+        assert mlx_experts.cpu_block_rows(*shape, 3583, 7) == 32
+        assert mlx_experts.cpu_block_rows(*shape, 2048, 7) == 32  # a 1,024-token prefill
+
+
 @pytest.mark.parametrize("small_kernel", [True, False])
 def test_blocked_dispatch_sends_whole_blocks_of_one_expert(
     tiny_config, gather_mm_calls, small_kernel, monkeypatch
 ):
-    """32-row blocks where OpenBLAS's small-matrix kernel takes them, 64 where it packs."""
+    """32-row blocks where OpenBLAS's small-matrix kernel takes them, 64 where it packs
+    (and pairs are many: 28 x 64 tokens, top-2)."""
     if not small_kernel:
         monkeypatch.setattr(mlx_experts, "SMALL_BLOCK_GEMM", 0)
     g = CPU_BLOCK_ROWS if small_kernel else CPU_BLOCK_ROWS_PACKED
     calls = gather_mm_calls
     model = build(tiny_config)
-    N, k, E = 4 * 64, 2, tiny_config.n_routed_experts
-    model(random_ids(tiny_config, B=4, T=64))
+    N, k, E = 28 * 64, 2, tiny_config.n_routed_experts
+    model(random_ids(tiny_config, B=28, T=64))
     assert len(calls) == 3 * tiny_config.num_hidden_layers
     for (blocks, rows, _), expert in calls:
         assert rows == g and blocks * g <= N * k + E * g  # padding: under one block per expert
