@@ -507,9 +507,8 @@ def train_command(device: str, **options) -> None:
         run_training(TrainConfig.from_dict(options), device)
     except (TrainingError, ValueError, FileNotFoundError, ConnectionError, OSError) as err:
         raise click.ClickException(str(err)) from err
-    finally:
-        if _distributed():  # under torchrun
-            _close_process_group()
+    if _distributed():  # under torchrun, every rank done (a failing one exits at once)
+        _close_process_group()
 
 
 if __name__ == "__main__":  # python -m customllm_torch.train
