@@ -318,20 +318,21 @@ class LlamaMLP(nn.Module):
         shift = end - padded - (mx.cumsum(counts) - counts)  # per expert
         row = (shift[sorted_expert] + mx.arange(P)).astype(mx.uint32)  # padded row of each pair
         rows = -(-(P + E * (g - 1)) // g) * g
-        token = mx.full((rows,), x_flat.shape[0], mx.uint32)  # padding reads an all-zero row
-        token[row] = (order // self.top_k).astype(mx.uint32)
-        expert = mx.full((rows,), E - 1, mx.uint32)  # trailing blocks: keep the indices sorted
-        expert[row] = sorted_expert.astype(mx.uint32)
         pair_row = mx.zeros((P,), mx.uint32)  # padded row of each pair, in pair order
         pair_row[order] = row
         pair_of_row = mx.full((rows,), P, mx.uint32)  # and back; padding: P
         pair_of_row[row] = order.astype(mx.uint32)
-        token, expert, pair_row, pair_of_row = map(
-            mx.stop_gradient, (token, expert, pair_row, pair_of_row)
+        token = pair_of_row // self.top_k  # padding: P // k = N, which reads an all-zero row
+        # each block's expert: the experts whose padded rows end at or before its start (a
+        # block never straddles two); trailing blocks E - 1, so the indices stay sorted
+        start = mx.arange(0, rows, g)
+        block_expert = mx.minimum((end[None] <= start[:, None]).sum(-1), E - 1).astype(mx.uint32)
+        token, block_expert, pair_row, pair_of_row = map(
+            mx.stop_gradient, (token, block_expert, pair_row, pair_of_row)
         )
         segments = mx.stop_gradient(mx.stack([end - padded, end], -1).astype(mx.uint32))
         x_rows = rows_to_blocks(x_flat, token, pair_row.reshape(-1, self.top_k))
-        out = self.routed_experts.blocks(x_rows.reshape(rows // g, g, -1), expert[::g], segments)
+        out = self.routed_experts.blocks(x_rows.reshape(rows // g, g, -1), block_expert, segments)
         return blocks_to_pairs(out.reshape(rows, -1), pair_row, pair_of_row)
 
     def sequence_aux_loss(self, scores: mx.array, one_hot: mx.array) -> mx.array:
