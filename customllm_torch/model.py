@@ -271,7 +271,9 @@ class LlamaMLP(nn.Module):
         flat_expert = idx.flatten()  # (N * k,)
         order = torch.argsort(flat_expert, stable=True)
         token_of_pair = order // self.top_k
-        rows = x_flat[token_of_pair]  # (N * k, D), grouped by expert
+        # (N * k, D), grouped by expert; index_select, whose backward is an index_add_, where
+        # indexing's is an accumulating index_put_ (tiny layer fwd+bwd 2-5% faster, one-off)
+        rows = x_flat.index_select(0, token_of_pair)
         outs = [
             expert(part)
             for expert, part in zip(self.routed_experts, rows.split(load.tolist()), strict=True)
