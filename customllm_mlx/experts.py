@@ -21,6 +21,20 @@ def _sigmoid(x: mx.array) -> mx.array:
 
 
 @mx.custom_function
+def sigmoid(x: mx.array) -> mx.array:
+    """`mx.sigmoid` through `loss.exp`, for the router's scores; its gradient from the output.
+    Equals `mx.sigmoid` to float32 rounding, values and gradients (tests/test_model_mlx.py).
+    Same-process A/B of the tiny MoE layer fwd+bwd, one-off: compiled 14.70 -> 14.41 ms,
+    eager unchanged (23.78 / 23.85)."""
+    return _sigmoid(x)
+
+
+@sigmoid.vjp
+def _sigmoid_vjp(x, cotangent, output):  # one input: the primal comes as the array itself
+    return cotangent * output * (1.0 - output)
+
+
+@mx.custom_function
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:
     """silu(gate) * up, the sigmoid through `loss.exp`: MLX's Linux CPU exp is slow (see
     loss.py). The same function as `nn.silu(gate) * up` to float32 rounding, values and

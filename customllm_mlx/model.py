@@ -22,6 +22,7 @@ from customllm_mlx.experts import (
     blocks_to_pairs,
     cpu_block_rows,
     rows_to_blocks,
+    sigmoid,
     swiglu,
 )
 from customllm_mlx.loss import cross_entropy, linear_cross_entropy, softmax
@@ -251,7 +252,7 @@ class LlamaMLP(nn.Module):
     def route(self, x_flat: mx.array):
         """Scores (N, E) in float32, chosen experts (N, k), and their weights (N, k)."""
         logits = self.router(x_flat).astype(mx.float32)
-        scores = mx.sigmoid(logits) if self.router_score == "sigmoid" else mx.softmax(logits, -1)
+        scores = sigmoid(logits) if self.router_score == "sigmoid" else mx.softmax(logits, -1)
         biased = mx.stop_gradient(scores + self.expert_bias.astype(mx.float32))
         idx = mx.stop_gradient(mx.argpartition(-biased, self.top_k - 1, axis=-1)[:, : self.top_k])
         weights = mx.take_along_axis(scores, idx, axis=-1)

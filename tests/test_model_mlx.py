@@ -673,6 +673,21 @@ def test_swiglu_equals_mlx_silu_times_up_values_and_gradients_at_any_magnitude()
     assert half.dtype == mx.bfloat16 and bool(mx.all(mx.isfinite(half)))
 
 
+@pytest.mark.parametrize("size", [14_000, 7])  # the polynomial exp (training) and power(2, .)
+def test_router_sigmoid_equals_mlx_sigmoid_values_and_gradients(size):
+    x = mx.concatenate(
+        [5 * mx.random.normal((size,), key=mx.random.key(6)), mx.array([-1e4, -90.0, 0.0, 90.0])]
+    )
+    cot = mx.random.normal(x.shape, key=mx.random.key(8))
+    np.testing.assert_allclose(
+        np.array(mlx_experts.sigmoid(x)), np.array(mx.sigmoid(x)), atol=1e-7, rtol=1e-6
+    )
+    grad = mx.grad(lambda x: (mlx_experts.sigmoid(x) * cot).sum())
+    ref = mx.grad(lambda x: (mx.sigmoid(x) * cot).sum())(x)
+    for g in (grad, mx.compile(grad)):
+        np.testing.assert_allclose(np.array(g(x)), np.array(ref), atol=1e-6, rtol=1e-5)
+
+
 def test_cached_inference_skips_the_aux_loss(tiny_config):
     """A cached call in eval mode (generation) does not compute the aux loss; uncached or
     training calls do, and the logits do not depend on it."""
