@@ -10,8 +10,8 @@ import mlx.nn as nn
 from customllm_mlx.loss import exp
 
 # rows per GEMM of the blocked CPU dispatch (LlamaMLP.blocked_experts), see `cpu_block_rows`
-CPU_BLOCK_ROWS = 32  # blocks for OpenBLAS's small-matrix kernel
-CPU_BLOCK_ROWS_PACKED = 64  # larger blocks, which OpenBLAS packs
+CPU_BLOCK_ROWS = 32  # the default, and the fewest pairs per expert for the blocked layout
+CPU_BLOCK_ROWS_PACKED = 64  # blocks OpenBLAS packs, in large batches
 SORT_MIN_PAIRS = 64  # fewer token-expert pairs (decoding) skip the sort, as mlx_lm's SwitchGLU
 
 

@@ -287,8 +287,7 @@ class LlamaMLP(nn.Module):
             out = self.routed_experts(x_flat[:, None, None], idx, sorted_indices=False)
         else:
             order = mx.stop_gradient(mx.argsort(flat_expert))
-            blocked = order.size >= self.num_experts * CPU_BLOCK_ROWS
-            if mx.default_device() == mx.cpu and blocked:
+            if mx.default_device() == mx.cpu and order.size >= self.num_experts * CPU_BLOCK_ROWS:
                 out = self.blocked_experts(x_flat, flat_expert, order, load)
             else:
                 out = self.sorted_experts(x_flat, flat_expert, order)

@@ -119,7 +119,7 @@ def _close_process_group() -> None:
     two-rank test, seen in a core dump)."""
     _barrier()
     torch.distributed.destroy_process_group()
-    gc.collect()  # the Trainer's reference cycles hold the DDP model, which holds the group
+    gc.collect()  # the Trainer and its DDP model (which holds the group), if cycles keep them
 
 
 # Evaluation and samples -------------------------------------------------------------------------
