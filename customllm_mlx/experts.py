@@ -87,6 +87,11 @@ class StackedExpertLinear(nn.Module):
 SMALL_BLOCK_GEMM = 100**3  # multiply-adds of a block GEMM that OpenBLAS runs unpacked, at most
 
 
+def small_block_gemm(rows: int, d_in: int, d_out: int) -> bool:
+    """Whether OpenBLAS's small-matrix kernel takes a (rows, d_in) @ (d_in, d_out) block."""
+    return rows * d_in * d_out <= SMALL_BLOCK_GEMM
+
+
 def cpu_block_rows(hidden_size: int, intermediate_size: int, pairs: int, num_experts: int) -> int:
     """Rows per block of the blocked CPU dispatch of `pairs` token-expert pairs: 32, or 64
     where OpenBLAS packs the block GEMMs (they are too large for its small-matrix kernel) and
@@ -96,7 +101,7 @@ def cpu_block_rows(hidden_size: int, intermediate_size: int, pairs: int, num_exp
     preset 115 -> 110 ms with 64 rows (115 with 128), 973m 832 -> 797 ms (808); tiny (small
     kernel) 15.0 -> 15.2 ms; a forward alone (prefill, small) at 256 / 512 / 1,024 / 2,048
     pairs 7% / 4% slower, equal, equal with 64 rows."""
-    packed = CPU_BLOCK_ROWS * hidden_size * intermediate_size > SMALL_BLOCK_GEMM
+    packed = not small_block_gemm(CPU_BLOCK_ROWS, hidden_size, intermediate_size)
     padding = num_experts * CPU_BLOCK_ROWS_PACKED // 2
     return CPU_BLOCK_ROWS_PACKED if packed and 16 * padding <= pairs else CPU_BLOCK_ROWS
 
@@ -113,7 +118,7 @@ def block_matmul(x, weight, block_expert, segments):
     preset: the layer ~3% slower with it in `scripts/bench_moe.py`-style A/B runs)."""
     rows, d_in = x.shape[-2:]
     w_t = weight.swapaxes(-1, -2)
-    if rows * d_in * weight.shape[1] <= SMALL_BLOCK_GEMM:
+    if small_block_gemm(rows, d_in, weight.shape[1]):
         w_t = mx.contiguous(w_t)
     return mx.gather_mm(x, w_t, rhs_indices=block_expert, sorted_indices=True)
 

@@ -314,8 +314,9 @@ class LlamaMLP(nn.Module):
         g, E, P = self.block_rows(order.size), self.num_experts, order.size
         sorted_expert = flat_expert[order]
         padded = (counts + g - 1) // g * g
-        end = mx.cumsum(padded)  # each expert's padded rows: [end - padded, end)
-        shift = end - padded - (mx.cumsum(counts) - counts)  # per expert
+        end = mx.cumsum(padded)
+        first = end - padded  # each expert's padded rows: [first, end)
+        shift = first - (mx.cumsum(counts) - counts)  # per expert
         row = (shift[sorted_expert] + mx.arange(P)).astype(mx.uint32)  # padded row of each pair
         rows = -(-(P + E * (g - 1)) // g) * g
         pair_row = mx.zeros((P,), mx.uint32)  # padded row of each pair, in pair order
@@ -330,7 +331,7 @@ class LlamaMLP(nn.Module):
         token, block_expert, pair_row, pair_of_row = map(
             mx.stop_gradient, (token, block_expert, pair_row, pair_of_row)
         )
-        segments = mx.stop_gradient(mx.stack([end - padded, end], -1).astype(mx.uint32))
+        segments = mx.stop_gradient(mx.stack([first, end], -1).astype(mx.uint32))
         x_rows = rows_to_blocks(x_flat, token, pair_row.reshape(-1, self.top_k))
         out = self.routed_experts.blocks(x_rows.reshape(rows // g, g, -1), block_expert, segments)
         return blocks_to_pairs(out.reshape(rows, -1), pair_row, pair_of_row)

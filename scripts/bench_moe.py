@@ -3,12 +3,13 @@
 The MoE layer is `LlamaMLP` (1 shared + top-2 of 7 routed SwiGLU experts, intermediate I);
 the dense layer is one SwiGLU with intermediate 3 * I, i.e. the FLOPs a token spends in the
 shared and its two routed experts. MoE time / dense time is the dispatch overhead (routing,
-sort, gather, scatter, the per-expert matmuls). The backward forms the gradients of the weights
-and of the input, as in a model (`--no-input-grad`: the weights' only). Also timed, for comparison: the peers' MoE
-layers (mlx_lm's DeepseekV3MoE, transformers' DeepseekV3MoE) and, in MLX, dispatch variants
-of ours (the model is untouched): one row per gather_mm entry (`sorted_experts`, the GPU
-path) instead of the CPU's blocks, `gather_mm` without the `sorted_indices` flag, and one
-plain matmul per expert over its contiguous sorted slice.
+sort, gather, scatter, the per-expert matmuls). The backward forms the gradients of the
+weights and of the input, as in a model (`--no-input-grad`: the weights' only). Also timed,
+for comparison: the peers' MoE layers (mlx_lm's DeepseekV3MoE, transformers'
+DeepseekV3MoE) and, in MLX, dispatch variants of ours (the model is untouched): one row per
+gather_mm entry (`sorted_experts`, the GPU path) instead of the CPU's blocks, `gather_mm`
+without the `sorted_indices` flag, and one plain matmul per expert over its contiguous
+sorted slice.
 
     python scripts/bench_moe.py --preset tiny --json bench_moe.json
 """
