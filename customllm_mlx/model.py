@@ -171,8 +171,12 @@ class MultiHeadLatentAttention(nn.Module):
             q = mx.concatenate([q_nope, q_rope], axis=-1)  # (B, H, T, qk_head_dim)
             k = mx.concatenate([k_nope, k_rope], axis=-1)  # (B, H, S, qk_head_dim)
             out = attention(q, k, v, self.scale, mask)
-        out = out.transpose(0, 2, 1, 3).reshape(B, T, H * self.v_dim)
-        return self.o_proj(out)
+        return self.merge_heads(out)
+
+    def merge_heads(self, out: mx.array) -> mx.array:
+        """Per-head values (B, H, T, v_dim) -> o_proj of the heads side by side (B, T, d)."""
+        B, H, T, _ = out.shape
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, H * self.v_dim))
 
     def project(self, x: mx.array, offset: int | mx.array):
         """q_nope (B, H, T, nope), rotated q_rope (B, H, T, rope), c_kv (B, T, kv_latent_dim)
@@ -387,9 +391,7 @@ class DecoderLayer(nn.Module):
         return attn.absorb_query(q_nope), q_rope, c_kv, k_rope
 
     def _finish_token(self, x, out_latent):
-        B, T, _ = x.shape
-        out = self.self_attn.absorb_values(out_latent).transpose(0, 2, 1, 3).reshape(B, T, -1)
-        x = x + self.self_attn.o_proj(out)
+        x = x + self.self_attn.merge_heads(self.self_attn.absorb_values(out_latent))
         mlp_out, _, load = self.mlp(self.post_attn_norm(x), with_aux=False)
         return x + mlp_out, load
 

@@ -157,8 +157,12 @@ class MultiHeadLatentAttention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale
             )
-        out = out.transpose(1, 2).reshape(B, T, H * self.v_dim)
-        return self.o_proj(out)
+        return self.merge_heads(out)
+
+    def merge_heads(self, out: torch.Tensor) -> torch.Tensor:
+        """Per-head values (B, H, T, v_dim) -> o_proj of the heads side by side (B, T, d)."""
+        B, H, T, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
     def project(self, x: torch.Tensor, pos: torch.Tensor):
         """q_nope (B, H, T, nope), rotated q_rope (B, H, T, rope), c_kv (B, T, kv_latent_dim)
