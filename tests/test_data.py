@@ -258,6 +258,42 @@ def test_hub_unreachable_fails_fast_with_hint(tok, monkeypatch):
     assert time.monotonic() - start < 10
 
 
+def test_hub_stream_reads_rows_and_resumes(tok, monkeypatch):
+    """The hub path end to end, with `datasets.load_dataset` serving a local streaming
+    IterableDataset (no network here): the dataset, config and split asked for, the text
+    column read, empty rows skipped, and a resumed stream (which skips rows) equal to an
+    uninterrupted one."""
+    import datasets
+
+    import customllm.corpus as corpus
+
+    docs = list(iter_documents(TRAIN_TXT))[:120]
+    rows = [{"text": "", "seed": -1}] + [{"text": d, "seed": i} for i, d in enumerate(docs)]
+    calls = []
+
+    def load_dataset(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        return datasets.IterableDataset.from_generator(lambda: iter(rows))
+
+    monkeypatch.setattr(corpus, "hub_unreachable_reason", lambda: None)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    assert list(iter_documents(DEFAULT_HUB_DATA)) == docs
+    assert calls == [("HuggingFaceTB/smollm-corpus", "cosmopedia-v2", "train", True)]
+    train = list(iter_documents(DEFAULT_HUB_DATA, split="train"))
+    heldout = list(iter_documents(DEFAULT_HUB_DATA, split="heldout"))
+    assert heldout and sorted(train + heldout) == sorted(docs)
+
+    kwargs = dict(shuffle_buffer=4, seed=1)
+    reference = take(StreamDataset(DEFAULT_HUB_DATA, tok, 64, **kwargs), 50)
+    first = StreamDataset(DEFAULT_HUB_DATA, tok, 64, **kwargs)
+    take(first, 23)
+    state = json.loads(json.dumps(first.state_dict()))
+    assert state["doc"] > 0  # the resumed reader starts past the first rows
+    resumed = StreamDataset(DEFAULT_HUB_DATA, tok, 64, **kwargs)
+    resumed.load_state_dict(state)
+    np.testing.assert_array_equal(take(resumed, 27), reference[23:])
+
+
 # --- built-in corpus ----------------------------------------------------------------------------
 
 
