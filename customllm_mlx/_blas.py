@@ -3,7 +3,8 @@
 The Linux `mlx[cpu]` wheel links a reference BLAS (~2.6 GFLOP/s for float32 matmul here).
 Loading OpenBLAS with RTLD_GLOBAL before the first `import mlx.core` makes MLX's BLAS symbols
 resolve to it (~125 GFLOP/s on 2 cores). Set CUSTOMLLM_NO_OPENBLAS=1 to opt out, or
-CUSTOMLLM_OPENBLAS=/path/to/libopenblas.so to choose the library.
+CUSTOMLLM_OPENBLAS=/path/to/libopenblas.so to choose the library. `threads` / `set_threads`
+read and set its thread count (cpu_streams.py runs its training step on fewer).
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ CANDIDATES = (
     "/usr/local/lib/libopenblas.so.0",
 )
 
+# MLX orders an evaluation breadth-first up to this many arrays wide (then depth-first); set
+# where OpenBLAS is loaded, before MLX reads it, for the training step's CPU streams
+# (cpu_streams.py)
+BFS_ENV, BFS_WIDTH = "MLX_BFS_MAX_WIDTH", 1 << 20
+
 loaded: str | None = None
+_library: ctypes.CDLL | None = None
 
 
 def preload_openblas() -> str | None:
@@ -34,9 +41,31 @@ def preload_openblas() -> str | None:
     for path in (wanted,) if wanted else CANDIDATES:
         if path and os.path.exists(path):
             try:
-                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                library = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
             except OSError:
                 continue
             loaded = path
+            _bind(library)
             break
     return loaded
+
+
+def _bind(library: ctypes.CDLL) -> None:
+    global _library
+    try:
+        library.openblas_get_num_threads.restype = ctypes.c_int
+        library.openblas_set_num_threads.argtypes = [ctypes.c_int]
+    except AttributeError:  # a BLAS without OpenBLAS's thread controls
+        return
+    _library = library
+
+
+def threads() -> int | None:
+    """OpenBLAS's thread count, or None when this module did not load OpenBLAS."""
+    return _library.openblas_get_num_threads() if _library is not None else None
+
+
+def set_threads(count: int) -> None:
+    """Set OpenBLAS's thread count (the process's: every later matmul); no-op without it."""
+    if _library is not None:
+        _library.openblas_set_num_threads(max(1, int(count)))

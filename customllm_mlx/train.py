@@ -57,6 +57,7 @@ from customllm.training import (
     train_options,
 )
 from customllm_mlx.allocator import use_full_cpu_cache
+from customllm_mlx.cpu_streams import blas_threads_per_part, split_value_and_grad, stream_parts
 from customllm_mlx.generate import generate
 from customllm_mlx.io import load, save
 from customllm_mlx.loss import cross_entropy
@@ -114,11 +115,15 @@ def make_optimizer(cfg: TrainConfig, model: CustomLLM) -> optim.MultiOptimizer:
     return optimizer
 
 
-def make_train_step(model: CustomLLM, optimizer, cfg: TrainConfig, world, compiled: bool = True):
+def make_train_step(
+    model: CustomLLM, optimizer, cfg: TrainConfig, world, compiled: bool = True, parts: int = 1
+):
     """`step(ids, acc, update) -> acc`: one micro-batch's forward/backward, summed into `acc`
     (None before the first). With `update`, the optimizer step: returns {"loss", "grad_norm",
-    "load"} of the whole global batch. Set `optimizer.learning_rate` before the last micro-step."""
-    loss_and_grad = nn.value_and_grad(model, training_loss)
+    "load"} of the whole global batch. Set `optimizer.learning_rate` before the last micro-step.
+    `parts` > 1: each micro-batch in that many slices, each on its own CPU stream
+    (cpu_streams.py; run the step inside `blas_threads_per_part(parts)`)."""
+    loss_and_grad = split_value_and_grad(nn.value_and_grad(model, training_loss), parts)
 
     def all_sum(x: mx.array) -> mx.array:
         return mx.distributed.all_sum(x, group=world) if world.size() > 1 else x
@@ -294,7 +299,8 @@ def run_training(cfg: TrainConfig, stream=None) -> Path | None:
             train_stream.load_state_dict(state["data_state"][rank])
             set_rng_key(state["rng_state"][rank])
             step, tokens_seen = state["step"], state.get("tokens_seen", 0)
-        train_step = make_train_step(model, optimizer, cfg, world)
+        parts = stream_parts(cfg.batch_size, world_size)
+        train_step = make_train_step(model, optimizer, cfg, world, parts=parts)
         metrics = MetricsLogger(
             out,
             total_steps=cfg.steps,
@@ -314,8 +320,9 @@ def run_training(cfg: TrainConfig, stream=None) -> Path | None:
                 acc = None
                 for micro in range(cfg.grad_accum):
                     ids = mx.array(train_stream.next_batch(cfg.batch_size))
-                    acc = train_step(ids, acc, micro == cfg.grad_accum - 1)
-                    mx.eval(acc, model.state, optimizer.state)
+                    with blas_threads_per_part(parts):
+                        acc = train_step(ids, acc, micro == cfg.grad_accum - 1)
+                        mx.eval(acc, model.state, optimizer.state)
                 step += 1
                 tokens_seen += tokens_per_step
                 last_loss = acc["loss"].item()

@@ -56,42 +56,50 @@ def mlx_system(system: str, cfg: ModelConfig, ids: np.ndarray, mode: str, lr: fl
     """`mode`: eager | compiled; ours trains with the fused lm_head + loss as `customllm-mlx
     train` does, or with a suffix on the logits: "-logits" our `cross_entropy`, "-stdce"
     mlx.nn.losses.cross_entropy; "-mlxcache": as `customllm-mlx train` but with MLX's own
-    32 MiB CPU buffer cache during its steps (the process has the full one, allocator.py)."""
+    32 MiB CPU buffer cache during its steps (the process has the full one, allocator.py).
+    Our compiled rows split the batch over CPU streams as `customllm-mlx train` does
+    (cpu_streams.py; 2 on a multi-core Linux CPU), except "-onestream"; eager rows do not."""
+    from customllm_mlx.cpu_streams import blas_threads_per_part, split_value_and_grad, stream_parts
+
     inputs = mx.array(ids)
     variant = mode.partition("-")[2]
+    parts = 1
     if system == OURS:
         from customllm_mlx.model import CustomLLM, causal_lm_loss
 
         model = CustomLLM(cfg)
-        loss_kind = "" if variant == "mlxcache" else variant
+        loss_kind = "" if variant in ("mlxcache", "onestream") else variant
+        if mode.startswith("compiled") and variant != "onestream":
+            parts = stream_parts(ids.shape[0])
 
-        def loss_fn(model, inputs):
+        def loss_fn(model, inputs, labels):
             if not loss_kind:
-                last = mx.full((inputs.shape[0], 1), -100, inputs.dtype)  # all 256 positions, as
-                shift_labels = mx.concatenate([inputs[:, 1:], last], 1)  # the peer computes
-                lm, aux, load = model.training_loss(inputs, shift_labels)
-                return lm + aux, load
+                lm, aux, load = model.training_loss(inputs, labels)
+                return lm + aux, (lm, load)
             logits, aux, load = model(inputs, return_aux=True)
             if loss_kind == "stdce":
                 lm = nn.losses.cross_entropy(logits[:, :-1].astype(mx.float32), inputs[:, 1:])
                 lm = lm.mean()
             else:
                 lm = causal_lm_loss(logits, inputs)
-            return lm + aux, load
+            return lm + aux, (lm, load)
     else:
         model = bc.build_mlx_peer(cfg)
 
-        def loss_fn(model, inputs):  # what mlx_lm's trainer does (default_loss)
+        def loss_fn(model, inputs, labels):  # what mlx_lm's trainer does (default_loss)
             logits = model(inputs)[:, :-1]
-            return nn.losses.cross_entropy(logits, inputs[:, 1:]).mean(), None
+            loss = nn.losses.cross_entropy(logits, inputs[:, 1:]).mean()
+            return loss, (loss, None)
 
     model.train()
     optimizer = optim.AdamW(learning_rate=lr)
     optimizer.init(model.trainable_parameters())
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    loss_and_grad = split_value_and_grad(nn.value_and_grad(model, loss_fn), parts)
+    last = mx.full((inputs.shape[0], 1), -100, inputs.dtype)  # all 256 positions, as
+    labels = mx.concatenate([inputs[:, 1:], last], 1)  # the peer computes
 
-    def step(inputs):
-        (loss, load), grads = loss_and_grad(model, inputs)
+    def step(inputs, labels):
+        (loss, (_, load)), grads = loss_and_grad(model, inputs, labels)
         optimizer.update(model, grads)
         if load is not None:
             model.update_expert_bias(load)
@@ -104,8 +112,9 @@ def mlx_system(system: str, cfg: ModelConfig, ids: np.ndarray, mode: str, lr: fl
     def run():
         if variant == "mlxcache":
             limit = mx.set_cache_limit(MLX_CPU_DEFAULT)
-        loss = step(inputs)
-        mx.eval(loss, model.state, optimizer.state)
+        with blas_threads_per_part(parts):
+            loss = step(inputs, labels)
+            mx.eval(loss, model.state, optimizer.state)
         if variant == "mlxcache":
             mx.set_cache_limit(limit)
 
@@ -118,6 +127,7 @@ def mlx_system(system: str, cfg: ModelConfig, ids: np.ndarray, mode: str, lr: fl
         run=run,
         state_bytes=lambda: mlx_state_bytes(model.parameters(), optimizer.state),
         active=bc.active_params(sizes, cfg.n_routed_experts, cfg.num_experts_per_tok),
+        info={"cpu_streams": parts},
     )
 
 
@@ -180,6 +190,7 @@ def build_systems(
     plan = [
         (mlx_system, OURS, "eager"),
         (mlx_system, OURS, "compiled"),
+        (mlx_system, OURS, "compiled-onestream"),
         (mlx_system, OURS, "compiled-logits"),
         (mlx_system, OURS, "compiled-stdce"),
         (mlx_system, OURS, "compiled-mlxcache"),

@@ -31,6 +31,7 @@ from customllm.metrics import EVAL_RECORD_KEYS, TRAIN_RECORD_KEYS, read_metrics
 from customllm.runs import CheckpointError, TrainingError, resolve_resume
 from customllm.tokenizer import load_tokenizer
 from customllm.training import NonFiniteLossError, TrainConfig, lr_at
+from customllm_mlx import cpu_streams
 from customllm_mlx import model as model_mod
 from customllm_mlx import train as train_mod
 from customllm_mlx.cli import main as cli
@@ -234,6 +235,53 @@ def test_compiled_step_equals_eager_step():
     for key in w_e:
         np.testing.assert_allclose(np.array(w_c[key]), np.array(w_e[key]), atol=1e-6, err_msg=key)
     assert any(np.any(np.array(w_e[k]) != 0) for k in w_e if k.endswith("expert_bias"))
+
+
+def test_step_split_over_cpu_streams_equals_unsplit_step():
+    """Each micro-batch in 2 slices on 2 CPU streams (cpu_streams.py, the default on a
+    multi-core Linux CPU) gives the unsplit step's loss, norm, loads and weights."""
+    cfg = TrainConfig(**options(Path("unused"), grad_accum=2, max_grad_norm=0.01))
+    world = mx.distributed.init()
+    ids = mx.array(np.random.default_rng(1).integers(0, 49152, (2, 4, 33)), dtype=mx.int32)
+    results = []
+    for parts in (1, 2):
+        mx.random.seed(0)
+        model = CustomLLM(ModelConfig.from_preset("tiny"))
+        mx.eval(model.parameters())
+        optimizer = train_mod.make_optimizer(cfg, model)
+        optimizer.learning_rate = lr_at(0, cfg)
+        step = train_mod.make_train_step(model, optimizer, cfg, world, parts=parts)
+        with cpu_streams.blas_threads_per_part(parts):
+            acc = step(ids[0], None, False)
+            acc = step(ids[1], acc, True)
+            mx.eval(acc, model.state)
+        results.append((acc, dict(tree_flatten(model.parameters()))))
+    (acc_1, w_1), (acc_2, w_2) = results
+    assert acc_2["loss"].item() == pytest.approx(acc_1["loss"].item(), rel=1e-6)
+    assert acc_2["grad_norm"].item() == pytest.approx(acc_1["grad_norm"].item(), rel=1e-5)
+    assert np.array_equal(np.array(acc_2["load"]), np.array(acc_1["load"]))
+    assert acc_2["load"].sum().item() == 2 * 4 * 32 * 2 * 2  # micro x B x T x top-k x layers
+    for key in w_1:
+        np.testing.assert_allclose(np.array(w_2[key]), np.array(w_1[key]), atol=1e-6, err_msg=key)
+
+
+def test_cpu_stream_parts(monkeypatch):
+    monkeypatch.delenv(cpu_streams.ENV, raising=False)
+    threads = customllm_mlx._blas.threads()
+    auto = 2 if threads and threads >= 2 and mx.default_device() == mx.cpu else 1
+    assert cpu_streams.stream_parts(8) == auto
+    assert cpu_streams.stream_parts(7) == 1  # an odd batch is not split
+    assert cpu_streams.stream_parts(8, world_size=2) == 1  # ranks share the cores
+    monkeypatch.setenv(cpu_streams.ENV, "4")
+    assert cpu_streams.stream_parts(8) == 4
+    for bad in ("3", "0", "two"):
+        monkeypatch.setenv(cpu_streams.ENV, bad)
+        with pytest.raises(ValueError, match=cpu_streams.ENV):
+            cpu_streams.stream_parts(8)
+    if threads:
+        with cpu_streams.blas_threads_per_part(2):
+            assert customllm_mlx._blas.threads() == max(1, threads // 2)
+        assert customllm_mlx._blas.threads() == threads
 
 
 # Checkpoints ------------------------------------------------------------------------------------

@@ -1,0 +1,104 @@
+"""Data parallel over MLX CPU streams, inside one process, for MLX's Linux CPU backend.
+
+MLX runs every CPU op on its stream's one thread; only the matmuls (OpenBLAS) use more cores.
+On the 2-core test machine an OpenBLAS thread therefore spins idle through the ~30% of a
+training step that is elementwise work, gathers and small matmuls (perf: small preset). The
+training step can instead split each micro-batch into `parts` equal slices, run each slice's
+forward and backward on its own CPU stream (its own thread) with OpenBLAS at cores / parts
+threads, and average the gradients: the same update to float32 rounding, every core busy.
+
+MLX orders an evaluation breadth-first only up to `MLX_BFS_MAX_WIDTH` (20) arrays wide, then
+depth-first, and keeps at most 10 tasks in flight: at 20 the slices' ops reach the streams one
+slice after the other and the split step ran at 0.62x (small preset). `import customllm_mlx`
+therefore sets MLX_BFS_MAX_WIDTH (unless set) where it loads OpenBLAS, before MLX reads it, and
+the split is used only there. Same-process A/Bs of the compiled step, batch 8 x 256 (one-off
+scripts; `scripts/bench_train.py` has the row `compiled-onestream`): tiny 1.08-1.24x, small
+1.04-1.14x faster, and steadier (the one-stream step swings by ~20% from run to run here);
+peak memory +0.1 GB.
+
+`CUSTOMLLM_CPU_STREAMS=N` forces N slices (1: no split); by default 2 where OpenBLAS was loaded
+with 2 threads or more, on the CPU device, in a single-process run, with an even batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+
+import mlx.core as mx
+from mlx.utils import tree_map
+
+from customllm_mlx import _blas
+
+ENV = "CUSTOMLLM_CPU_STREAMS"
+
+
+def breadth_first() -> bool:
+    """Whether MLX will order evaluations breadth-first (see the module docstring)."""
+    return int(os.environ.get(_blas.BFS_ENV, "20") or 20) >= _blas.BFS_WIDTH
+
+
+def stream_parts(batch_size: int, world_size: int = 1) -> int:
+    """Slices per micro-batch: $CUSTOMLLM_CPU_STREAMS, else 2 where the split pays (module
+    docstring), else 1."""
+    wanted = os.environ.get(ENV, "").strip()
+    if wanted:
+        try:
+            parts = int(wanted)
+        except ValueError as err:
+            raise ValueError(f"{ENV} must be a whole number, got {wanted!r}") from err
+        if parts < 1 or batch_size % parts:
+            raise ValueError(f"{ENV}={parts} must be >= 1 and divide the batch size ({batch_size})")
+        return parts
+    blas_threads = _blas.threads() or 1
+    usable = (
+        mx.default_device() == mx.cpu
+        and blas_threads >= 2
+        and breadth_first()
+        and world_size == 1
+        and batch_size % 2 == 0
+    )
+    return 2 if usable else 1
+
+
+def split_value_and_grad(loss_and_grad: Callable, parts: int) -> Callable:
+    """`loss_and_grad(model, inputs, targets) -> ((loss, (lm_loss, load)), grads)` over `parts`
+    equal slices of the batch, each on its own CPU stream: the slices' mean loss, LM loss and
+    gradients, their summed expert load. The mean over slices is the batch's mean for a loss
+    that is a mean over sequences of equal length (every position counted: packed batches)."""
+    if parts == 1:
+        return loss_and_grad
+    streams = [mx.default_stream(mx.cpu)] + [mx.new_stream(mx.cpu) for _ in range(parts - 1)]
+
+    def split(model, inputs, targets):
+        xs, ys = mx.split(inputs, parts), mx.split(targets, parts)
+        losses, lm_losses, loads, grads = [], [], [], []
+        for i, stream in enumerate(streams):
+            with mx.stream(stream):
+                (loss, (lm_loss, load)), grad = loss_and_grad(model, xs[i], ys[i])
+            for kept, value in ((losses, loss), (lm_losses, lm_loss), (loads, load), (grads, grad)):
+                kept.append(value)
+        return (_mean(losses), (_mean(lm_losses), sum(loads[1:], loads[0]))), tree_map(
+            lambda *g: _mean(g), *grads
+        )
+
+    return split
+
+
+def _mean(values) -> mx.array:
+    return sum(values[1:], values[0]) / len(values)
+
+
+@contextlib.contextmanager
+def blas_threads_per_part(parts: int) -> Iterator[None]:
+    """OpenBLAS at (its threads) // parts threads inside, restored after."""
+    full = _blas.threads()
+    if parts == 1 or full is None:
+        yield
+        return
+    _blas.set_threads(max(1, full // parts))
+    try:
+        yield
+    finally:
+        _blas.set_threads(full)
