@@ -9,7 +9,9 @@ for comparison: the peers' MoE layers (mlx_lm's DeepseekV3MoE, transformers'
 DeepseekV3MoE) and, in MLX, dispatch variants of ours (the model is untouched): one row per
 gather_mm entry (`sorted_experts`, the GPU path) instead of the CPU's blocks, `gather_mm`
 without the `sorted_indices` flag, and one plain matmul per expert over its contiguous
-sorted slice.
+sorted slice. The MLX rows run as `customllm-mlx train` runs its layers: on a multi-core Linux
+CPU the batch in two slices on two CPU streams (`--cpu-streams 1`: one stream, OpenBLAS on
+all cores; the definition before the eighth session).
 
     python scripts/bench_moe.py --preset tiny --json bench_moe.json
 """
@@ -143,23 +145,50 @@ def mlx_layers(cfg: ModelConfig) -> dict[str, tuple[nn.Module, bool]]:
     return layers
 
 
-def mlx_fns(module: nn.Module, x: mx.array, cot: mx.array, compiled: bool, input_grad: bool):
+def mlx_fns(
+    module: nn.Module, x: mx.array, cot: mx.array, compiled: bool, input_grad: bool, parts: int
+):
+    """fwd and fwd+bwd of `module` on x. `parts` > 1: the batch in that many slices, each on
+    its own CPU stream with OpenBLAS at 1 / parts of its threads, as `customllm-mlx train`
+    runs its layers on a multi-core Linux CPU (customllm_mlx/cpu_streams.py)."""
+    from customllm_mlx.cpu_streams import blas_threads_per_part
+
+    streams = [mx.default_stream(mx.cpu)] + [mx.new_stream(mx.cpu) for _ in range(parts - 1)]
+
     def output(module, x):
         y = module(x)
         return y[0] if isinstance(y, tuple) else y
 
-    def loss(params, x):
+    def loss(params, x, cot):
         module.update(params)
         return (output(module, x) * cot).sum()
 
     grad = mx.value_and_grad(loss, argnums=(0, 1) if input_grad else 0)
-    fwd = lambda x: output(module, x)  # noqa: E731
-    bwd = lambda x: grad(module.trainable_parameters(), x)  # noqa: E731
+
+    def fwd(x):
+        outs = []
+        for stream, part in zip(streams, mx.split(x, parts), strict=True):
+            with mx.stream(stream):
+                outs.append(output(module, part))
+        return mx.concatenate(outs) if parts > 1 else outs[0]
+
+    def bwd(x):
+        results = []
+        for stream, part, c in zip(streams, mx.split(x, parts), mx.split(cot, parts), strict=True):
+            with mx.stream(stream):
+                results.append(grad(module.trainable_parameters(), part, c))
+        return results  # the slices' values and gradients (evaluated, not summed)
+
     if compiled:  # outputs too: value_and_grad leaves its traced parameters in the module
         state = module.state
         fwd = mx.compile(fwd, inputs=state, outputs=state)
         bwd = mx.compile(bwd, inputs=state, outputs=state)
-    return (lambda: mx.eval(fwd(x))), (lambda: mx.eval(bwd(x)))
+
+    def run(fn):
+        with blas_threads_per_part(parts):
+            mx.eval(fn(x))
+
+    return (lambda: run(fwd)), (lambda: run(bwd))
 
 
 def torch_layers(cfg: ModelConfig) -> dict[str, torch.nn.Module]:
@@ -220,6 +249,7 @@ def measure(args, cfg: ModelConfig, frameworks: set[str]) -> dict:
                         mx.array(cot_np),
                         mode == "compiled",
                         args.input_grad,
+                        args.cpu_streams,
                     )
                     fns[key + "/fwd"], fns[key + "/bwd"] = fwd, bwd
                     meta[key] = (name, "mlx", mode)
@@ -284,9 +314,22 @@ def main(argv: list[str] | None = None) -> dict:
         help="backward forms the weight gradients only (before the seventh session: the "
         "default then); by default it forms the input gradient too, as in a model",
     )
+    parser.add_argument(
+        "--cpu-streams",
+        type=int,
+        default=None,
+        help="MLX rows: the batch in N slices on N CPU streams (default: as customllm-mlx "
+        "train splits its batch here, customllm_mlx/cpu_streams.py; 1: one stream)",
+    )
     parser.add_argument("--json", default=None)
     bc.add_process_args(parser)
     args = parser.parse_args(argv)
+    if args.cpu_streams is None:
+        from customllm_mlx.cpu_streams import stream_parts
+
+        args.cpu_streams = stream_parts(args.batch)
+    if args.cpu_streams < 1 or args.batch % args.cpu_streams:
+        parser.error(f"--cpu-streams {args.cpu_streams} must be >= 1 and divide --batch")
 
     cfg = bc.make_config(args)
     measured = bc.measure_per_process(args, argv, __file__, lambda fw: measure(args, cfg, fw))
@@ -318,7 +361,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print(
         f"\n## MoE layer vs dense SwiGLU: preset {args.preset}, {tokens} tokens "
-        f"(batch {args.batch} x seq {args.seq_len}), median of {args.repeats} interleaved\n"
+        f"(batch {args.batch} x seq {args.seq_len}), median of {args.repeats} interleaved; "
+        f"MLX on {args.cpu_streams} CPU stream(s)\n"
     )
     print(table)
     for r in rows:
