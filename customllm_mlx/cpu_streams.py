@@ -17,7 +17,7 @@ scripts; `scripts/bench_train.py` has the row `compiled-onestream`): tiny 1.08-1
 peak memory +0.1 GB.
 
 `CUSTOMLLM_CPU_STREAMS=N` forces N slices (1: no split); by default 2 where OpenBLAS was loaded
-with 2 threads or more, on the CPU device, in a single-process run, with an even batch.
+with 2 threads or more, in a single-process run, with an even batch. CPU device only.
 """
 
 from __future__ import annotations
@@ -36,12 +36,17 @@ ENV = "CUSTOMLLM_CPU_STREAMS"
 
 def breadth_first() -> bool:
     """Whether MLX will order evaluations breadth-first (see the module docstring)."""
-    return int(os.environ.get(_blas.BFS_ENV, "20") or 20) >= _blas.BFS_WIDTH
+    try:
+        return int(os.environ.get(_blas.BFS_ENV, "") or 20) >= _blas.BFS_WIDTH
+    except ValueError:
+        return False
 
 
 def stream_parts(batch_size: int, world_size: int = 1) -> int:
-    """Slices per micro-batch: $CUSTOMLLM_CPU_STREAMS, else 2 where the split pays (module
-    docstring), else 1."""
+    """Slices per micro-batch on the CPU device: $CUSTOMLLM_CPU_STREAMS, else 2 where the
+    split pays (module docstring), else 1. Always 1 on a GPU."""
+    if mx.default_device() != mx.cpu:
+        return 1
     wanted = os.environ.get(ENV, "").strip()
     if wanted:
         try:
@@ -51,15 +56,8 @@ def stream_parts(batch_size: int, world_size: int = 1) -> int:
         if parts < 1 or batch_size % parts:
             raise ValueError(f"{ENV}={parts} must be >= 1 and divide the batch size ({batch_size})")
         return parts
-    blas_threads = _blas.threads() or 1
-    usable = (
-        mx.default_device() == mx.cpu
-        and blas_threads >= 2
-        and breadth_first()
-        and world_size == 1
-        and batch_size % 2 == 0
-    )
-    return 2 if usable else 1
+    usable = (_blas.threads() or 1) >= 2 and breadth_first() and world_size == 1
+    return 2 if usable and batch_size % 2 == 0 else 1
 
 
 def split_value_and_grad(loss_and_grad: Callable, parts: int) -> Callable:

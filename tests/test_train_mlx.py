@@ -268,7 +268,7 @@ def test_step_split_over_cpu_streams_equals_unsplit_step():
 def test_cpu_stream_parts(monkeypatch):
     monkeypatch.delenv(cpu_streams.ENV, raising=False)
     threads = customllm_mlx._blas.threads()
-    auto = 2 if threads and threads >= 2 and mx.default_device() == mx.cpu else 1
+    auto = 2 if threads and threads >= 2 and cpu_streams.breadth_first() else 1
     assert cpu_streams.stream_parts(8) == auto
     assert cpu_streams.stream_parts(7) == 1  # an odd batch is not split
     assert cpu_streams.stream_parts(8, world_size=2) == 1  # ranks share the cores
@@ -278,6 +278,13 @@ def test_cpu_stream_parts(monkeypatch):
         monkeypatch.setenv(cpu_streams.ENV, bad)
         with pytest.raises(ValueError, match=cpu_streams.ENV):
             cpu_streams.stream_parts(8)
+    monkeypatch.setenv(cpu_streams.ENV, "4")
+    with monkeypatch.context() as patch:  # a GPU's streams are not split, whatever is asked
+        patch.setattr(cpu_streams.mx, "default_device", lambda: mx.gpu)
+        assert cpu_streams.stream_parts(8) == 1
+    monkeypatch.delenv(cpu_streams.ENV)
+    monkeypatch.setenv("MLX_BFS_MAX_WIDTH", "20")  # depth-first: the split would serialize
+    assert cpu_streams.stream_parts(8) == 1
     if threads:
         with cpu_streams.blas_threads_per_part(2):
             assert customllm_mlx._blas.threads() == max(1, threads // 2)
