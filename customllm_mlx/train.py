@@ -57,7 +57,7 @@ from customllm.training import (
     train_options,
 )
 from customllm_mlx.allocator import use_full_cpu_cache
-from customllm_mlx.cpu_streams import blas_threads_per_part, split_value_and_grad, stream_parts
+from customllm_mlx.cpu_streams import blas_threads_per_part, sliced_value_and_grad, stream_parts
 from customllm_mlx.generate import generate
 from customllm_mlx.io import load, save
 from customllm_mlx.loss import cross_entropy
@@ -121,15 +121,15 @@ def make_train_step(
     """`step(ids, acc, update) -> acc`: one micro-batch's forward/backward, summed into `acc`
     (None before the first). With `update`, the optimizer step: returns {"loss", "grad_norm",
     "load"} of the whole global batch. Set `optimizer.learning_rate` before the last micro-step.
-    `parts` > 1: each micro-batch in that many slices, each on its own CPU stream
-    (cpu_streams.py; run the step inside `blas_threads_per_part(parts)`)."""
-    loss_and_grad = split_value_and_grad(nn.value_and_grad(model, training_loss), parts)
+    `parts` > 1: each micro-batch in that many slices, each on its own CPU stream and compiled
+    on its own (cpu_streams.py; run the step inside `blas_threads_per_part(parts)`)."""
+    loss_and_grad = nn.value_and_grad(model, training_loss)
+    grads_of = sliced_value_and_grad(model, loss_and_grad, parts, compiled)
 
     def all_sum(x: mx.array) -> mx.array:
         return mx.distributed.all_sum(x, group=world) if world.size() > 1 else x
 
-    def step(ids: mx.array, acc: dict | None, update: bool) -> dict:
-        (_, (lm_loss, load)), grads = loss_and_grad(model, ids[:, :-1], ids[:, 1:])
+    def accumulate(lm_loss, load, grads, acc: dict | None, update: bool) -> dict:
         acc_new = {"grads": grads, "load": load, "loss": lm_loss}
         if acc is not None:
             acc_new = tree_map(mx.add, acc, acc_new)
@@ -144,9 +144,16 @@ def make_train_step(
         loss = all_sum(acc_new["loss"]) / (cfg.grad_accum * world.size())
         return {"loss": loss, "grad_norm": grad_norm, "load": load}
 
-    if not compiled:
-        return step
     state = [model.state, optimizer.state, mx.random.state]
+    if compiled and parts > 1:  # the slices are compiled apart (cpu_streams.py): the rest too
+        accumulate = mx.compile(accumulate, inputs=state, outputs=state)
+
+    def step(ids: mx.array, acc: dict | None, update: bool) -> dict:
+        (_, (lm_loss, load)), grads = grads_of(ids[:, :-1], ids[:, 1:])
+        return accumulate(lm_loss, load, grads, acc, update)
+
+    if not compiled or parts > 1:
+        return step
     return mx.compile(step, inputs=state, outputs=state)
 
 

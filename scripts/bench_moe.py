@@ -165,24 +165,31 @@ def mlx_fns(
 
     grad = mx.value_and_grad(loss, argnums=(0, 1) if input_grad else 0)
 
-    def fwd(x):
-        outs = []
-        for stream, part in zip(streams, mx.split(x, parts), strict=True):
+    def on_stream(fn, stream):
+        def run(x, cot):
             with mx.stream(stream):
-                outs.append(output(module, part))
+                return fn(x, cot)
+
+        # each slice compiled on its own, as customllm-mlx train does (cpu_streams.py)
+        # outputs too: value_and_grad leaves its traced parameters in the module
+        state = module.state
+        return mx.compile(run, inputs=state, outputs=state) if compiled else run
+
+    fwd_slices = [on_stream(lambda x, cot: output(module, x), s) for s in streams]
+    bwd_slices = [
+        on_stream(lambda x, cot: grad(module.trainable_parameters(), x, cot), s) for s in streams
+    ]
+
+    def sliced(fns, x):
+        xs, cots = (mx.split(a, parts) if parts > 1 else [a] for a in (x, cot))
+        return [fn(*args) for fn, *args in zip(fns, xs, cots, strict=True)]
+
+    def fwd(x):
+        outs = sliced(fwd_slices, x)
         return mx.concatenate(outs) if parts > 1 else outs[0]
 
-    def bwd(x):
-        results = []
-        for stream, part, c in zip(streams, mx.split(x, parts), mx.split(cot, parts), strict=True):
-            with mx.stream(stream):
-                results.append(grad(module.trainable_parameters(), part, c))
-        return results  # the slices' values and gradients (evaluated, not summed)
-
-    if compiled:  # outputs too: value_and_grad leaves its traced parameters in the module
-        state = module.state
-        fwd = mx.compile(fwd, inputs=state, outputs=state)
-        bwd = mx.compile(bwd, inputs=state, outputs=state)
+    def bwd(x):  # the slices' values and gradients (evaluated, not summed)
+        return sliced(bwd_slices, x)
 
     def run(fn):
         with blas_threads_per_part(parts):

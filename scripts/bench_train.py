@@ -59,7 +59,7 @@ def mlx_system(system: str, cfg: ModelConfig, ids: np.ndarray, mode: str, lr: fl
     32 MiB CPU buffer cache during its steps (the process has the full one, allocator.py).
     Our compiled rows split the batch over CPU streams as `customllm-mlx train` does
     (cpu_streams.py; 2 on a multi-core Linux CPU), except "-onestream"; eager rows do not."""
-    from customllm_mlx.cpu_streams import blas_threads_per_part, split_value_and_grad, stream_parts
+    from customllm_mlx.cpu_streams import blas_threads_per_part, sliced_value_and_grad, stream_parts
 
     inputs = mx.array(ids)
     variant = mode.partition("-")[2]
@@ -94,19 +94,26 @@ def mlx_system(system: str, cfg: ModelConfig, ids: np.ndarray, mode: str, lr: fl
     model.train()
     optimizer = optim.AdamW(learning_rate=lr)
     optimizer.init(model.trainable_parameters())
-    loss_and_grad = split_value_and_grad(nn.value_and_grad(model, loss_fn), parts)
+    compiled = mode.startswith("compiled")
+    grads_of = sliced_value_and_grad(model, nn.value_and_grad(model, loss_fn), parts, compiled)
     last = mx.full((inputs.shape[0], 1), -100, inputs.dtype)  # all 256 positions, as
     labels = mx.concatenate([inputs[:, 1:], last], 1)  # the peer computes
 
-    def step(inputs, labels):
-        (loss, (_, load)), grads = loss_and_grad(model, inputs, labels)
+    def apply(loss, load, grads):
         optimizer.update(model, grads)
         if load is not None:
             model.update_expert_bias(load)
         return loss
 
-    if mode.startswith("compiled"):
-        state = [model.state, optimizer.state, mx.random.state]
+    state = [model.state, optimizer.state, mx.random.state]
+    if compiled and parts > 1:  # as customllm-mlx train: the slices compiled apart, then the rest
+        apply = mx.compile(apply, inputs=state, outputs=state)
+
+    def step(inputs, labels):
+        (loss, (_, load)), grads = grads_of(inputs, labels)
+        return apply(loss, load, grads)
+
+    if compiled and parts == 1:
         step = mx.compile(step, inputs=state, outputs=state)
 
     def run():
