@@ -316,7 +316,7 @@ def run_training(cfg: TrainConfig, stream=None) -> Path | None:
             resume_step=step if state else None,
             enabled=rank == 0,
         )
-        _announce(metrics, cfg, model, world_size, resume, state)
+        _announce(metrics, cfg, model, world_size, resume, state, parts)
 
         last_loss = last_eval_loss = None
         tokens_per_step = cfg.tokens_per_step(world_size)
@@ -401,11 +401,12 @@ def run_training(cfg: TrainConfig, stream=None) -> Path | None:
     return last
 
 
-def _announce(metrics, cfg, model, world_size, resume, state) -> None:
+def _announce(metrics, cfg, model, world_size, resume, state, parts) -> None:
     where = f"resuming from {resume} (step {state['step']})" if resume else "new run"
+    streams = f" in {parts} slices on {parts} CPU streams" if parts > 1 else ""
     metrics.print(
         f"{where}: {model.model_config.num_parameters() / 1e6:.2f}M parameters on "
-        f"{mx.default_device()} ({cfg.dtype}), {world_size} rank(s), "
+        f"{mx.default_device()}{streams} ({cfg.dtype}), {world_size} rank(s), "
         f"{cfg.tokens_per_step(world_size):,} tokens/step, data {cfg.train_data()}, out {cfg.out}"
     )
     if state:
