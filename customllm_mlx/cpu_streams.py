@@ -11,10 +11,10 @@ MLX orders an evaluation breadth-first only up to `MLX_BFS_MAX_WIDTH` (20) array
 depth-first, and keeps at most 10 tasks in flight: at 20 the slices' ops reach the streams one
 slice after the other and the split step ran at 0.62x (small preset). `import customllm_mlx`
 therefore sets MLX_BFS_MAX_WIDTH (unless set) where it loads OpenBLAS, before MLX reads it, and
-the split is used only there. Same-process A/Bs of the compiled step, batch 8 x 256 (one-off
-scripts; `scripts/bench_train.py` has the row `compiled-onestream`): tiny 1.08-1.24x, small
-1.04-1.14x faster, and steadier (the one-stream step swings by ~20% from run to run here);
-peak memory +0.1 GB.
+the split is used only there. `python scripts/bench_train.py --preset tiny|small` (rows
+compiled and compiled-onestream): tiny 3,539 against 2,590 tokens/s (1.37x), small 875 against
+775 (1.13x), and steadier (the one-stream step swings by ~20% from run to run here); peak
+memory +0.07 GiB (tiny).
 
 `CUSTOMLLM_CPU_STREAMS=N` forces N slices (1: no split); by default 2 where OpenBLAS was loaded
 with 2 threads or more, in a single-process run, with an even batch. CPU device only.
