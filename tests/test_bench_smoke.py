@@ -84,6 +84,13 @@ def finish(runs, name: str) -> tuple[str, dict]:
     return stdout, json.loads(path.read_text())
 
 
+def product_streams(batch: int) -> int:
+    """The CPU streams `customllm-mlx train` splits a batch over on this machine."""
+    from customllm_mlx.cpu_streams import stream_parts
+
+    return stream_parts(batch)
+
+
 def test_bench_train(runs):
     stdout, result = finish(runs, "train")
     assert HEADERS["train"] in stdout
@@ -91,6 +98,7 @@ def test_bench_train(runs):
     for name in (
         "customllm/mlx/eager",
         "customllm/mlx/compiled",
+        "customllm/mlx/compiled-onestream",
         "customllm/torch/eager",
         "mlx_lm deepseek_v3/mlx/eager",
         "hf DeepseekV3/torch/eager",
@@ -106,6 +114,10 @@ def test_bench_train(runs):
         if row["system"] == "customllm":
             assert row["ratio_to_peer"] > 0
     assert all(v > 0 for v in result["gemm_peak_flops"].values())
+    streams = {
+        r["mode"]: r["cpu_streams"] for r in result["rows"] if r["name"].startswith("customllm/mlx")
+    }
+    assert streams["compiled"] == product_streams(2) and streams["compiled-onestream"] == 1
     if not openblas:
         assert "MLX ran on its reference BLAS" in stdout
 
@@ -126,6 +138,7 @@ def test_bench_moe(runs):
     stdout, result = finish(runs, "moe")
     assert HEADERS["moe"] in stdout and "dispatch overhead ratio" in stdout
     assert result["args"]["input_grad"]  # the backward of a layer in a model
+    assert result["args"]["cpu_streams"] == product_streams(2)  # as customllm-mlx train runs
     for row in result["rows"]:
         assert row["tokens_per_s"] > 0 and row["fwd_ms"] > 0
     ours = [r for r in result["rows"] if r["layer"] == "customllm MoE" and r["framework"] == "mlx"]
