@@ -76,16 +76,12 @@ def sliced_value_and_grad(model, loss_and_grad: Callable, parts: int, compiled: 
     the slices compiled apart (same-process A/B, one-off)."""
     if parts == 1:
         return lambda inputs, targets: loss_and_grad(model, inputs, targets)
-    state = [model.state, mx.random.state]
-    slices = []
-    for i in range(parts):
-        stream = mx.default_stream(mx.cpu) if i == 0 else mx.new_stream(mx.cpu)
-
-        def on_stream(inputs, targets, stream=stream):
-            with mx.stream(stream):
-                return loss_and_grad(model, inputs, targets)
-
-        slices.append(mx.compile(on_stream, inputs=state, outputs=state) if compiled else on_stream)
+    slices = on_streams(
+        lambda inputs, targets: loss_and_grad(model, inputs, targets),
+        parts,
+        [model.state, mx.random.state],
+        compiled,
+    )
 
     def sliced(inputs, targets):
         xs, ys = mx.split(inputs, parts), mx.split(targets, parts)
@@ -99,6 +95,24 @@ def sliced_value_and_grad(model, loss_and_grad: Callable, parts: int, compiled: 
         )
 
     return sliced
+
+
+def on_streams(fn: Callable, parts: int, state: list, compiled: bool) -> list[Callable]:
+    """`fn` once per CPU stream (the first: the default one), each run inside its stream and,
+    with `compiled`, compiled on its own with `state` as its implicit inputs and outputs (see
+    `sliced_value_and_grad` for why apart)."""
+    functions = []
+    for i in range(parts):
+        stream = mx.default_stream(mx.cpu) if i == 0 else mx.new_stream(mx.cpu)
+
+        def on_stream(*args, stream=stream):
+            with mx.stream(stream):
+                return fn(*args)
+
+        functions.append(
+            mx.compile(on_stream, inputs=state, outputs=state) if compiled else on_stream
+        )
+    return functions
 
 
 def _mean(values) -> mx.array:

@@ -151,9 +151,7 @@ def mlx_fns(
     """fwd and fwd+bwd of `module` on x. `parts` > 1: the batch in that many slices, each on
     its own CPU stream with OpenBLAS at 1 / parts of its threads, as `customllm-mlx train`
     runs its layers on a multi-core Linux CPU (customllm_mlx/cpu_streams.py)."""
-    from customllm_mlx.cpu_streams import blas_threads_per_part
-
-    streams = [mx.default_stream(mx.cpu)] + [mx.new_stream(mx.cpu) for _ in range(parts - 1)]
+    from customllm_mlx.cpu_streams import blas_threads_per_part, on_streams
 
     def output(module, x):
         y = module(x)
@@ -165,20 +163,13 @@ def mlx_fns(
 
     grad = mx.value_and_grad(loss, argnums=(0, 1) if input_grad else 0)
 
-    def on_stream(fn, stream):
-        def run(x, cot):
-            with mx.stream(stream):
-                return fn(x, cot)
-
-        # each slice compiled on its own, as customllm-mlx train does (cpu_streams.py)
-        # outputs too: value_and_grad leaves its traced parameters in the module
-        state = module.state
-        return mx.compile(run, inputs=state, outputs=state) if compiled else run
-
-    fwd_slices = [on_stream(lambda x, cot: output(module, x), s) for s in streams]
-    bwd_slices = [
-        on_stream(lambda x, cot: grad(module.trainable_parameters(), x, cot), s) for s in streams
-    ]
+    # each slice on its stream and compiled on its own, as customllm-mlx train runs them;
+    # outputs too: value_and_grad leaves its traced parameters in the module
+    state = module.state
+    fwd_slices = on_streams(lambda x, cot: output(module, x), parts, state, compiled)
+    bwd_slices = on_streams(
+        lambda x, cot: grad(module.trainable_parameters(), x, cot), parts, state, compiled
+    )
 
     def sliced(fns, x):
         xs, cots = (mx.split(a, parts) if parts > 1 else [a] for a in (x, cot))
