@@ -209,24 +209,28 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path):
             np.testing.assert_allclose(wb[key], wa[key], atol=2e-5, rtol=0, err_msg=key)
 
 
-def test_compiled_step_equals_eager_step():
-    """One optimizer step (2 micro-batches) through mx.compile and eagerly: same results."""
+def one_update(seed: int, compiled: bool = True, parts: int = 1):
+    """One optimizer step of 2 micro-batches (batch 4, seq 32) from the tiny preset's seed-0
+    weights: the step's result and the weights after it."""
     cfg = TrainConfig(**options(Path("unused"), grad_accum=2, max_grad_norm=0.01))
+    ids = mx.array(np.random.default_rng(seed).integers(0, 49152, (2, 4, 33)), dtype=mx.int32)
+    mx.random.seed(0)
+    model = CustomLLM(ModelConfig.from_preset("tiny"))
+    mx.eval(model.parameters())
+    optimizer = train_mod.make_optimizer(cfg, model)
+    optimizer.learning_rate = lr_at(0, cfg)
     world = mx.distributed.init()
-    ids = mx.array(np.random.default_rng(0).integers(0, 49152, (2, 4, 33)), dtype=mx.int32)
-    results = []
-    for compiled in (True, False):
-        mx.random.seed(0)
-        model = CustomLLM(ModelConfig.from_preset("tiny"))
-        mx.eval(model.parameters())
-        optimizer = train_mod.make_optimizer(cfg, model)
-        optimizer.learning_rate = lr_at(0, cfg)
-        step = train_mod.make_train_step(model, optimizer, cfg, world, compiled=compiled)
+    step = train_mod.make_train_step(model, optimizer, cfg, world, compiled=compiled, parts=parts)
+    with cpu_streams.blas_threads_per_part(parts):
         acc = step(ids[0], None, False)
         acc = step(ids[1], acc, True)
         mx.eval(acc, model.state)
-        results.append((acc, dict(tree_flatten(model.parameters()))))
-    (acc_c, w_c), (acc_e, w_e) = results
+    return acc, dict(tree_flatten(model.parameters()))
+
+
+def test_compiled_step_equals_eager_step():
+    """One optimizer step (2 micro-batches) through mx.compile and eagerly: same results."""
+    (acc_c, w_c), (acc_e, w_e) = one_update(0, compiled=True), one_update(0, compiled=False)
     assert acc_c["loss"].item() == pytest.approx(acc_e["loss"].item(), abs=1e-6)
     assert acc_c["grad_norm"].item() == pytest.approx(acc_e["grad_norm"].item(), rel=1e-5)
     assert acc_c["grad_norm"].item() > 0.01  # the reported norm is the one before clipping
@@ -240,23 +244,7 @@ def test_compiled_step_equals_eager_step():
 def test_step_split_over_cpu_streams_equals_unsplit_step():
     """Each micro-batch in 2 slices on 2 CPU streams (cpu_streams.py, the default on a
     multi-core Linux CPU) gives the unsplit step's loss, norm, loads and weights."""
-    cfg = TrainConfig(**options(Path("unused"), grad_accum=2, max_grad_norm=0.01))
-    world = mx.distributed.init()
-    ids = mx.array(np.random.default_rng(1).integers(0, 49152, (2, 4, 33)), dtype=mx.int32)
-    results = []
-    for parts in (1, 2):
-        mx.random.seed(0)
-        model = CustomLLM(ModelConfig.from_preset("tiny"))
-        mx.eval(model.parameters())
-        optimizer = train_mod.make_optimizer(cfg, model)
-        optimizer.learning_rate = lr_at(0, cfg)
-        step = train_mod.make_train_step(model, optimizer, cfg, world, parts=parts)
-        with cpu_streams.blas_threads_per_part(parts):
-            acc = step(ids[0], None, False)
-            acc = step(ids[1], acc, True)
-            mx.eval(acc, model.state)
-        results.append((acc, dict(tree_flatten(model.parameters()))))
-    (acc_1, w_1), (acc_2, w_2) = results
+    (acc_1, w_1), (acc_2, w_2) = one_update(1, parts=1), one_update(1, parts=2)
     assert acc_2["loss"].item() == pytest.approx(acc_1["loss"].item(), rel=1e-6)
     assert acc_2["grad_norm"].item() == pytest.approx(acc_1["grad_norm"].item(), rel=1e-5)
     assert np.array_equal(np.array(acc_2["load"]), np.array(acc_1["load"]))
