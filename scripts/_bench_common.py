@@ -1,7 +1,7 @@
 """Shared helpers of the benchmark scripts: interleaved timing, memory, GEMM peak, FLOPs, peers.
 
 Import this module before `mlx.core` (it imports `customllm_mlx`, which loads OpenBLAS for
-MLX's CPU matmuls). Every timing is a median over repeats taken round-robin across the systems
+MLX's CPU matmuls; on a machine without MLX, a CUDA box, the torch rows run alone). Every timing is a median over repeats taken round-robin across the systems
 being compared, so the noise of a busy machine hits every system alike.
 """
 
@@ -11,6 +11,7 @@ import argparse
 import ctypes
 import gc
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -24,8 +25,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import customllm_mlx  # noqa: F401  (must precede the first `import mlx.core`)
 from customllm.config import ModelConfig
+
+HAVE_MLX = importlib.util.find_spec("mlx") is not None
+if HAVE_MLX:
+    import customllm_mlx  # noqa: F401  (must precede the first `import mlx.core`)
 
 # --- timing ----------------------------------------------------------------------------------
 
@@ -121,19 +125,26 @@ def fmt_bytes(n: float) -> str:
 # --- GEMM peak -------------------------------------------------------------------------------
 
 
-def gemm_peak_flops(framework: str, n: int = 2048, repeats: int = 5) -> float:
-    """Best float32 FLOP/s of a square matmul in `framework` ("mlx" or "torch"), over the sizes
-    n, n/2 and n/4: a BLAS is not always fastest at the largest size (MLX's reference BLAS ran
-    a model's small matmuls faster per FLOP than a 256-wide GEMM, and MFU came out above 1)."""
+def gemm_peak_flops(
+    framework: str,
+    n: int = 2048,
+    repeats: int = 5,
+    dtype: str = "float32",
+    device: str | None = None,
+) -> float:
+    """Best FLOP/s of a square `dtype` matmul in `framework` ("mlx" or "torch", on `device`:
+    torch's, default cpu; MLX's default device), over the sizes n, n/2 and n/4: a BLAS is not
+    always fastest at the largest size (MLX's reference BLAS ran a model's small matmuls faster
+    per FLOP than a 256-wide GEMM, and MFU came out above 1)."""
     sizes = sorted({max(64, n >> shift) for shift in (0, 1, 2)})
-    return max(_gemm_flops(framework, size, repeats) for size in sizes)
+    return max(_gemm_flops(framework, size, repeats, dtype, device) for size in sizes)
 
 
-def _gemm_flops(framework: str, n: int, repeats: int) -> float:
+def _gemm_flops(framework: str, n: int, repeats: int, dtype: str, device: str | None) -> float:
     if framework == "mlx":
         import mlx.core as mx
 
-        a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
+        a, b = (mx.random.normal((n, n)).astype(getattr(mx, dtype)) for _ in range(2))
         mx.eval(a, b)
 
         def run():
@@ -141,10 +152,15 @@ def _gemm_flops(framework: str, n: int, repeats: int) -> float:
     else:
         import torch
 
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        where = torch.device(device or "cpu")
+        a, b = (torch.randn(n, n, device=where, dtype=getattr(torch, dtype)) for _ in range(2))
 
         def run():
             torch.mm(a, b)
+            if where.type == "cuda":
+                torch.cuda.synchronize(where)
+            elif where.type == "mps":
+                torch.mps.synchronize()
 
     run()
     repeats = max(repeats, int(2e9 / (2 * n**3)))  # small n: enough calls to catch a quiet one
@@ -315,9 +331,13 @@ def machine_info() -> dict[str, Any]:
             info[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             info[package] = None
-    info["openblas_for_mlx"] = customllm_mlx._blas.loaded
+    info["openblas_for_mlx"] = HAVE_MLX and customllm_mlx._blas.loaded
     if "torch" in sys.modules:
-        info["torch_threads"] = sys.modules["torch"].get_num_threads()
+        torch = sys.modules["torch"]
+        info["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["cuda_device"] = torch.cuda.get_device_name()
+            info["cuda_version"] = torch.version.cuda
     return info
 
 
@@ -350,27 +370,48 @@ def add_process_args(parser) -> None:
         help="keep MLX's 32 MiB CPU buffer cache (default: the full cache our CLIs set, for "
         "every MLX row alike: the allocator is per process)",
     )
+    parser.add_argument(
+        "--frameworks",
+        default=None,
+        help="comma-separated: mlx, torch (default: both; torch alone where MLX is not installed)",
+    )
     parser.add_argument("--framework-only", choices=("mlx", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--child-json", help=argparse.SUPPRESS)
+
+
+def wanted_frameworks(args) -> set[str]:
+    """--frameworks as a set: both by default, torch alone where MLX is not installed."""
+    if args.frameworks is None:
+        return {"mlx", "torch"} if HAVE_MLX else {"torch"}
+    wanted = {name.strip() for name in args.frameworks.split(",") if name.strip()}
+    unknown = wanted - {"mlx", "torch"}
+    if unknown or not wanted:
+        raise SystemExit(f"--frameworks: expected mlx and/or torch, got {args.frameworks!r}")
+    if "mlx" in wanted and not HAVE_MLX:
+        raise SystemExit("--frameworks mlx: MLX is not installed here (pip install 'mlx[cpu]')")
+    return wanted
 
 
 def measure_per_process(
     args, argv: list[str] | None, script: str, measure: Callable[[set[str]], dict]
 ) -> dict | None:
-    """`measure(frameworks)` for this process's frameworks, then, unless --torch-in-process,
-    `script` run again in a child for its torch rows alone (CUSTOMLLM_NO_OPENBLAS=1), merged
-    in (lists extended, dicts updated). In that child: writes what it measured for the parent
-    and returns None (the parent prints)."""
-    measured = measure(_setup_process(args))
+    """`measure(frameworks)` for this process's frameworks, then, where torch is wanted and
+    this process loaded OpenBLAS for MLX (unless --torch-in-process), `script` run again in a
+    child for its torch rows alone (CUSTOMLLM_NO_OPENBLAS=1), merged in (lists extended, dicts
+    updated). In that child: writes what it measured for the parent and returns None (the
+    parent prints)."""
+    here = _setup_process(args)
+    measured = measure(here)
     if args.child_json:
         measured.setdefault("processes", {})[args.framework_only] = process_info(
             times_mlx=args.framework_only == "mlx"
         )
         Path(args.child_json).write_text(json.dumps(measured))
         return None
-    here = "mlx+torch" if args.torch_in_process else "mlx"
-    measured.setdefault("processes", {})[here] = process_info(times_mlx=True)
-    if args.torch_in_process:
+    measured.setdefault("processes", {})["+".join(sorted(here)) or "none"] = process_info(
+        times_mlx="mlx" in here
+    )
+    if "torch" not in wanted_frameworks(args) or "torch" in here:
         return measured
     argv = sys.argv[1:] if argv is None else list(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -388,13 +429,16 @@ def measure_per_process(
 
 
 def _setup_process(args) -> set[str]:
-    """The frameworks this process times; gives MLX the buffer cache of our CLIs unless
+    """The frameworks this process times (torch too with --torch-in-process, or where MLX is
+    not installed, so nothing loaded OpenBLAS); gives MLX the buffer cache of our CLIs unless
     --mlx-default-cache (customllm_mlx/allocator.py)."""
     global mlx_cache_limit
     if args.framework_only:
         frameworks = {args.framework_only}
     else:
-        frameworks = {"mlx", "torch"} if args.torch_in_process else {"mlx"}
+        frameworks = wanted_frameworks(args)
+        if HAVE_MLX and not args.torch_in_process:
+            frameworks -= {"torch"}
     if "mlx" in frameworks and not args.mlx_default_cache:
         from customllm_mlx.allocator import use_full_cpu_cache
 
@@ -402,10 +446,18 @@ def _setup_process(args) -> set[str]:
     return frameworks
 
 
+def mlx_openblas(measured: dict) -> bool | None:
+    """Whether the process that timed the MLX rows had OpenBLAS; None if none did."""
+    for name, info in measured.get("processes", {}).items():
+        if "mlx" in name.split("+"):
+            return info["openblas_loaded"]
+    return None
+
+
 def process_info(times_mlx: bool) -> dict[str, Any]:
     """What this process's timings depend on: OpenBLAS loaded (its path) or not, torch's
     threads, MLX's CPU buffer cache."""
-    info: dict[str, Any] = {"openblas_loaded": customllm_mlx._blas.loaded}
+    info: dict[str, Any] = {"openblas_loaded": HAVE_MLX and customllm_mlx._blas.loaded}
     if times_mlx:
         info["mlx_cpu_cache_limit"] = mlx_cache_limit or "MLX's default"
     if "torch" in sys.modules:

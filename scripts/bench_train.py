@@ -2,15 +2,23 @@
 
 One step = forward + backward + AdamW update (+ our expert-bias update) on random tokens.
 Rows: tokens/s, median ms/step over --steps interleaved repeats, peak memory (params and
-optimizer state, counted, plus the step's peak resident growth), and MFU against the float32
-GEMM peak of the same framework measured in the same run (see `train_flops_per_token`).
+optimizer state, counted, plus the step's peak growth: resident memory, or CUDA's allocator
+on a CUDA device), and MFU against the GEMM peak of the same framework, dtype and device
+measured in the same run (see `train_flops_per_token`).
 
     python scripts/bench_train.py --preset tiny --json bench_train.json
+
+On a CUDA machine (MLX not needed; `scripts/gpu_bench.sh` is the prepared run), the torch
+rows in bfloat16 autocast with float32 weights, as `customllm-torch train --dtype bfloat16`:
+
+    python scripts/bench_train.py --preset 973m --frameworks torch --device cuda \
+        --dtype bfloat16 --gemm-n 8192
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,15 +27,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_common as bc  # noqa: E402  (imports customllm_mlx before mlx.core)
-import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
-import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
 
 from customllm.config import ModelConfig  # noqa: E402
-from customllm_mlx.allocator import MLX_CPU_DEFAULT  # noqa: E402
 
 OURS, MLX_PEER, TORCH_PEER = "customllm", "mlx_lm deepseek_v3", "hf DeepseekV3"
 HEADERS = ["system", "framework", "mode", "tokens/s", "ms/step", "peak mem", "MFU", "vs peer"]
@@ -43,22 +46,36 @@ class System:
     state_bytes: Any  # () -> bytes of parameters + optimizer state
     active: int  # active parameters per token
     info: dict[str, Any] = field(default_factory=dict)
+    step_peak: Any = None  # () -> bytes a step adds at its peak; default: resident memory
+
+    def step_peak_bytes(self) -> int:
+        return self.step_peak() if self.step_peak else bc.step_peak_bytes(self.run)
 
 
 # --- MLX -------------------------------------------------------------------------------------
 
 
 def mlx_state_bytes(*trees) -> int:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
     return sum(v.nbytes for tree in trees for _, v in tree_flatten(tree) if isinstance(v, mx.array))
 
 
-def mlx_system(system: str, cfg: ModelConfig, ids: np.ndarray, mode: str, lr: float) -> System:
+def mlx_system(system: str, cfg: ModelConfig, ids: np.ndarray, mode: str, args) -> System:
     """`mode`: eager | compiled; ours trains with the fused lm_head + loss as `customllm-mlx
     train` does, or with a suffix on the logits: "-logits" our `cross_entropy`, "-stdce"
     mlx.nn.losses.cross_entropy; "-mlxcache": as `customllm-mlx train` but with MLX's own
     32 MiB CPU buffer cache during its steps (the process has the full one, allocator.py).
     Our compiled rows split the batch over CPU streams as `customllm-mlx train` does
-    (cpu_streams.py; 2 on a multi-core Linux CPU), except "-onestream"; eager rows do not."""
+    (cpu_streams.py; 2 on a multi-core Linux CPU), except "-onestream"; eager rows do not.
+    MLX runs on its default device (the GPU with mlx[cuda] or on a Mac); --dtype bfloat16
+    casts the weights, as `customllm-mlx train --dtype bfloat16` does."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    from customllm_mlx.allocator import MLX_CPU_DEFAULT
     from customllm_mlx.cpu_streams import blas_threads_per_part, sliced_value_and_grad, stream_parts
 
     inputs = mx.array(ids)
@@ -91,8 +108,10 @@ def mlx_system(system: str, cfg: ModelConfig, ids: np.ndarray, mode: str, lr: fl
             loss = nn.losses.cross_entropy(logits, inputs[:, 1:]).mean()
             return loss, (loss, None)
 
+    if args.dtype == "bfloat16":
+        model.set_dtype(mx.bfloat16)
     model.train()
-    optimizer = optim.AdamW(learning_rate=lr)
+    optimizer = optim.AdamW(learning_rate=args.lr)
     optimizer.init(model.trainable_parameters())
     compiled = mode.startswith("compiled")
     grads_of = sliced_value_and_grad(model, nn.value_and_grad(model, loss_fn), parts, compiled)
@@ -134,40 +153,62 @@ def mlx_system(system: str, cfg: ModelConfig, ids: np.ndarray, mode: str, lr: fl
         run=run,
         state_bytes=lambda: mlx_state_bytes(model.parameters(), optimizer.state),
         active=bc.active_params(sizes, cfg.n_routed_experts, cfg.num_experts_per_tok),
-        info={"cpu_streams": parts},
+        info={"cpu_streams": parts, "device": str(mx.default_device())},
     )
 
 
 # --- torch -----------------------------------------------------------------------------------
 
 
-def torch_system(system: str, cfg: ModelConfig, ids: np.ndarray, mode: str, lr: float) -> System:
-    inputs = torch.from_numpy(ids).long()
+def torch_sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so a step's time is its own."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def cuda_step_peak(run, device: torch.device) -> int:
+    """Bytes CUDA's allocator holds above the state at the peak of one `run()`."""
+    torch_sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    run()
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def torch_system(system: str, cfg: ModelConfig, ids: np.ndarray, mode: str, args) -> System:
+    """On --device, float32 weights; --dtype bfloat16 runs forward and loss under bfloat16
+    autocast, as the Trainer's `bf16=True` (`customllm-torch train --dtype bfloat16`)."""
+    device = torch.device(args.device)
+    inputs = torch.from_numpy(ids).long().to(device)
     if system == OURS:
         from customllm_torch.model import CustomLLM
 
         model = CustomLLM(cfg)
     else:
         model = bc.build_torch_peer(cfg)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     forward = torch.compile(model) if mode == "compiled" else model
     # ours trains with the fused lm_head + loss, as the Trainer runs it; "-logits": unfused
     extra = {"return_logits": True} if mode.endswith("-logits") else {}
 
+    def autocast():
+        if args.dtype == "bfloat16":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def run():
-        out = forward(inputs, labels=inputs, **extra)
+        with autocast():
+            out = forward(inputs, labels=inputs, **extra)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if system == OURS:
             model.update_expert_bias(out.expert_load)
+        torch_sync(device)
 
-    info: dict[str, Any] = {}
-    if mode == "compiled":  # compile now, so the warm-up is not charged the compile time
-        tic = time.perf_counter()
-        run()
-        info["compile_s"] = round(time.perf_counter() - tic, 1)
     sizes = bc.named_sizes_torch(model)
 
     def state_bytes():
@@ -184,7 +225,8 @@ def torch_system(system: str, cfg: ModelConfig, ids: np.ndarray, mode: str, lr: 
         run=run,
         state_bytes=state_bytes,
         active=bc.active_params(sizes, cfg.n_routed_experts, cfg.num_experts_per_tok),
-        info=info,
+        info={"device": str(device)},
+        step_peak=(lambda: cuda_step_peak(run, device)) if device.type == "cuda" else None,
     )
 
 
@@ -218,13 +260,34 @@ def build_systems(
         if mode.endswith("-mlxcache") and args.mlx_default_cache:
             continue  # the same as "compiled" then
         try:
-            mx.random.seed(0)
+            if framework == "mlx":
+                import mlx.core as mx
+
+                mx.random.seed(0)
             torch.manual_seed(0)
-            systems.append(make(system, cfg, ids, mode, args.lr))
+            made = make(system, cfg, ids, mode, args)
+            tic = time.perf_counter()  # a first step: compiles, and shows the system runs
+            made.run()
+            made.info["first_step_s"] = round(time.perf_counter() - tic, 2)
+            systems.append(made)
         except Exception as err:  # a peer or compiler that fails here is reported, not fatal
+            # (mlx_lm's model in bfloat16 on MLX's CPU: gather_mm takes float32 only)
             skipped.append({"name": name, "reason": f"{type(err).__name__}: {err}"[:300]})
             print(f"skipped {name}: {skipped[-1]['reason']}", file=sys.stderr)
     return systems, skipped
+
+
+def mlx_on_cpu(rows: list[dict]) -> bool:
+    return any(r["framework"] == "mlx" and "cpu" in r["device"] for r in rows)
+
+
+def check_device(device: str) -> None:
+    """A clear error for a torch device this machine does not have."""
+    kind = torch.device(device).type
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: torch sees no CUDA device here")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"--device {device}: MPS is not available here")
 
 
 def peer_of(row: dict, rows: list[dict]) -> dict | None:
@@ -244,9 +307,12 @@ def measure(args, cfg: ModelConfig, frameworks: set[str]) -> dict:
     times = bc.interleaved_times(
         {s.name: s.run for s in systems}, args.warmup, args.steps, group_of=bc.framework_of
     )
-    peaks = {s.name: bc.step_peak_bytes(s.run) for s in systems}
+    peaks = {s.name: s.step_peak_bytes() for s in systems}
     gemm = {
-        fw: bc.gemm_peak_flops(fw, args.gemm_n) for fw in sorted({s.framework for s in systems})
+        fw: bc.gemm_peak_flops(
+            fw, args.gemm_n, dtype=args.dtype, device=args.device if fw == "torch" else None
+        )
+        for fw in sorted({s.framework for s in systems})
     }
 
     rows = []
@@ -282,7 +348,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per system (>= 10)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--gemm-n", type=int, default=2048, help="GEMM peak matrix size")
+    parser.add_argument(
+        "--gemm-n", type=int, default=2048, help="GEMM peak matrix size (8192 on a GPU)"
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="torch rows: cpu | cuda | mps (MLX rows run on MLX's default device)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="bfloat16: torch under autocast (float32 weights), MLX with bfloat16 weights",
+    )
     parser.add_argument("--only", default=None, help="comma-separated name substrings")
     parser.add_argument(
         "--torch-compile",
@@ -294,6 +373,7 @@ def main(argv: list[str] | None = None) -> dict:
     bc.add_process_args(parser)
     args = parser.parse_args(argv)
 
+    check_device(args.device)
     cfg = bc.make_config(args, max_position_embeddings=max(1024, args.seq_len))
     measured = bc.measure_per_process(args, argv, __file__, lambda fw: measure(args, cfg, fw))
     if measured is None:  # the torch child: the parent prints
@@ -322,13 +402,16 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print(
         f"\n## Training: preset {args.preset}, batch {args.batch} x seq {args.seq_len}, "
+        f"{args.dtype}{f', torch on {args.device}' if args.device != 'cpu' else ''}, "
         f"median of {args.steps} interleaved steps after {args.warmup} warm-up\n"
     )
     print(table)
     print(
-        "\nfloat32 GEMM peak: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in gemm.items())
+        f"\n{args.dtype} GEMM peak: "
+        + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in gemm.items())
+        + (f" (torch on {args.device})" if args.device != "cpu" else "")
     )
-    if "mlx" in gemm and not measured["processes"]["mlx"]["openblas_loaded"]:
+    if "mlx" in gemm and bc.mlx_openblas(measured) is False and mlx_on_cpu(rows):
         print("warning: MLX ran on its reference BLAS (no OpenBLAS found): slow, MFU meaningless")
     for fw in sorted({r["framework"] for r in rows if r["mfu"] >= 1}):
         print(f"warning: {fw} rows ran faster than the {fw} GEMM peak measured here")

@@ -1,12 +1,14 @@
 """The benchmark scripts run end to end on a minimal size and write sane tables and JSON.
 
 The three model scripts start together as subprocesses (most of each run is importing torch, MLX
-and transformers), with the tiny preset, a 512-token vocabulary, seq 32, batch 2 and 2 repeats.
+and transformers), with the tiny preset, a 512-token vocabulary, seq 32, batch 2 and 2 repeats;
+with them bench_train's torch rows as on a CUDA machine without MLX (in bfloat16, on the CPU).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +46,11 @@ RUNS = {
     ],
     "moe": ["--seq-len", "32", "--batch", "2", "--repeats", "2", "--warmup", "1"],
 }
+# bench_train where `import mlx` fails (the GPU machine's image has torch, not MLX)
+NO_MLX = "import runpy, sys; sys.modules['mlx'] = None; sys.argv[0] = {script!r}; " + (
+    "runpy.run_path({script!r}, run_name='__main__')"
+)
+TORCH_BF16 = ["--dtype", "bfloat16", "--device", "cpu", "--only", "eager"]
 HEADERS = {
     "train": "| system | framework | mode | tokens/s | ms/step | peak mem | MFU | vs peer |",
     "generate": "| system | framework | context | prefill tok/s | decode tok/s |",
@@ -55,16 +62,13 @@ HEADERS = {
 def runs(tmp_path_factory) -> dict[str, tuple[subprocess.Popen, Path]]:
     out = tmp_path_factory.mktemp("bench")
     procs = {}
-    for name, extra in RUNS.items():
+    commands = {name: [str(REPO_DIR / "scripts" / f"bench_{name}.py")] for name in RUNS}
+    script = str(REPO_DIR / "scripts" / "bench_train.py")
+    commands["train_no_mlx"] = ["-c", NO_MLX.format(script=script)]
+    for name, start in commands.items():
         path = out / f"{name}.json"
-        cmd = [
-            sys.executable,
-            str(REPO_DIR / "scripts" / f"bench_{name}.py"),
-            *SMALL,
-            *extra,
-            "--json",
-            str(path),
-        ]
+        extra = RUNS[name] if name in RUNS else [*RUNS["train"], *TORCH_BF16]
+        cmd = [sys.executable, *start, *SMALL, *extra, "--json", str(path)]
         procs[name] = (
             subprocess.Popen(
                 cmd, cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -122,6 +126,51 @@ def test_bench_train(runs):
         assert "MLX ran on its reference BLAS" in stdout
 
 
+def test_bench_train_torch_alone_without_mlx(runs):
+    """What scripts/gpu_bench.sh runs on a CUDA machine: no MLX there, torch rows alone, timed
+    in this one process, bfloat16 autocast, MFU against the bfloat16 GEMM peak."""
+    stdout, result = finish(runs, "train_no_mlx")
+    assert "bfloat16, median of" in stdout and "bfloat16 GEMM peak: torch" in stdout
+    assert {r["name"] for r in result["rows"]} == {
+        "customllm/torch/eager",
+        "customllm/torch/eager-logits",
+        "hf DeepseekV3/torch/eager",
+    }, result["skipped"]
+    assert set(result["processes"]) == {"torch"}  # no child process, no OpenBLAS
+    assert result["processes"]["torch"]["openblas_loaded"] is False
+    assert result["machine"]["mlx"] is None or result["machine"]["openblas_for_mlx"] is False
+    assert list(result["gemm_peak_flops"]) == ["torch"]
+    for row in result["rows"]:
+        assert row["device"] == "cpu" and 0 < row["mfu"] < 1 and row["first_step_s"] > 0
+        if row["system"] == "customllm":
+            assert row["ratio_to_peer"] > 0
+
+
+def test_bench_train_rejects_what_it_cannot_run():
+    script = str(REPO_DIR / "scripts" / "bench_train.py")
+    for args, message in (
+        (["--frameworks", "jax"], "--frameworks: expected mlx and/or torch, got 'jax'"),
+        (["--device", "cuda"] if not torch_cuda() else ["--device", "mps"], "--device"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, script, *args], capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_MLX.format(script=script), "--frameworks", "mlx"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0 and "MLX is not installed here" in proc.stderr
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def test_bench_generate(runs):
     stdout, result = finish(runs, "generate")
     assert HEADERS["generate"] in stdout
@@ -164,3 +213,44 @@ def test_bench_loss(tmp_path):
     }
     for row in rows:
         assert row["unfused_ms"] > 0 and row["fused_ms"] > 0 and row["chunk_rows"] >= 32
+
+
+@pytest.mark.slow
+def test_gpu_bench_script_on_cpu(tmp_path):
+    """scripts/gpu_bench.sh, the prepared run for a lent CUDA machine, end to end on the CPU at
+    a minimal size: every step writes its table, JSON and log (about 2 minutes here)."""
+    env = {
+        **os.environ,
+        "DEVICE": "cpu",
+        "PRESET": "tiny",
+        "BATCH": "2",
+        "SEQ": "32",
+        "STEPS": "2",
+        "TRAIN_STEPS": "2",
+        "GEMM_N": "256",
+        "PYTHON": sys.executable,
+        "TOKENIZER": str(REPO_DIR.parent / "shared" / "tokenizers" / "cosmo2"),
+    }
+    proc = subprocess.run(
+        ["bash", str(REPO_DIR / "scripts" / "gpu_bench.sh"), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    names = {
+        "train_torch_eager": {"customllm/torch/eager", "hf DeepseekV3/torch/eager"},
+        "train_torch_compiled": {"customllm/torch/compiled", "hf DeepseekV3/torch/compiled"},
+        "train_mlx": {"customllm/mlx/compiled"},  # mlx_lm's peer: no bfloat16 gather_mm on CPU
+    }
+    for step, wanted in names.items():
+        result = json.loads((tmp_path / f"{step}.json").read_text())
+        assert result["args"]["dtype"] == "bfloat16"
+        rows = {r["name"]: r for r in result["rows"]}
+        assert wanted <= set(rows), (step, result["skipped"])
+        assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in rows.values())
+        assert (tmp_path / f"{step}.log").read_text().count("GEMM peak") == 1
+    log = (tmp_path / "product_torch_train.log").read_text()
+    assert "step 2/2" in log and "(bfloat16)" in log
+    assert (tmp_path / "run_torch" / "checkpoint-2" / "model.safetensors").exists()

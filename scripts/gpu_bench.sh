@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The prepared GPU run of the benchmarks (issue 6): on a lent CUDA machine, in one command,
+#   1. bench_train.py, torch rows (ours and transformers' DeepseekV3), 973m, bfloat16 autocast
+#      with float32 weights (as `customllm-torch train --dtype bfloat16`), batch 8 x 256 (the
+#      issue's configuration), MFU against the bf16 GEMM peak measured in the same run;
+#   2. the same with torch.compile;
+#   3. `customllm-torch train` itself for a few steps on that device (tokens/s from its log);
+#   4. the MLX rows on the GPU where `import mlx.core` works there (mlx[cuda] installed).
+# Each step writes its JSON and log to OUT before the next starts, so a run cut short keeps
+# what it finished. Needs torch and transformers (the CUDA image has both), not MLX.
+#
+#   bash scripts/gpu_bench.sh OUT                     # on the GPU machine, from the repo root
+#   DEVICE=cpu PRESET=tiny BATCH=2 SEQ=32 STEPS=2 TRAIN_STEPS=3 GEMM_N=256 \
+#       bash scripts/gpu_bench.sh /tmp/gpu_bench      # the same script, checked on a CPU
+#
+# The tokenizer for step 3: TOKENIZER (default ../shared/tokenizers/cosmo2, else .gpu/tokenizer:
+# copy it there and carry .gpu where ../shared does not travel). mlx[cuda] for step 4: its
+# mlx-cuda-13 wheel (90 MB) is larger than what one device call carries (64 MiB).
+set -uo pipefail
+
+OUT=${1:-gpu_bench_out}
+DEVICE=${DEVICE:-cuda}
+PRESET=${PRESET:-973m}
+BATCH=${BATCH:-8}
+SEQ=${SEQ:-256}
+STEPS=${STEPS:-10}
+TRAIN_STEPS=${TRAIN_STEPS:-30}
+GEMM_N=${GEMM_N:-8192}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+status=0
+
+step() {  # step NAME COMMAND...: run, keep its log, remember a failure, go on
+    local name=$1
+    shift
+    echo "== $name: $*"
+    "$@" 2>&1 | tee "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 0 ] || { echo "== $name failed (rc $rc)"; status=1; }
+}
+
+"$PYTHON" - <<'EOF' | tee "$OUT/environment.log"
+import torch, transformers
+print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", p.name, f"{p.total_memory / 2**30:.0f} GiB", p.multi_processor_count, "SMs")
+EOF
+
+bench=(scripts/bench_train.py --preset "$PRESET" --batch "$BATCH" --seq-len "$SEQ"
+       --steps "$STEPS" --gemm-n "$GEMM_N" --dtype bfloat16)
+step train_torch_eager "$PYTHON" "${bench[@]}" --frameworks torch --device "$DEVICE" \
+    --only eager --json "$OUT/train_torch_eager.json"
+step train_torch_compiled "$PYTHON" "${bench[@]}" --frameworks torch --device "$DEVICE" \
+    --only /compiled --torch-compile --json "$OUT/train_torch_compiled.json"
+
+TOKENIZER=${TOKENIZER:-../shared/tokenizers/cosmo2}
+[ -d "$TOKENIZER" ] || TOKENIZER=.gpu/tokenizer
+if [ -d "$TOKENIZER" ]; then
+    step product_torch_train "$PYTHON" -m customllm_torch.cli train --device "$DEVICE" \
+        --preset "$PRESET" --dtype bfloat16 --data builtin --tokenizer "$TOKENIZER" \
+        --seq-len "$SEQ" --batch-size "$BATCH" --steps "$TRAIN_STEPS" --warmup-steps 5 \
+        --eval-every 0 --save-every 0 --sample-every 0 --log-every 5 --out "$OUT/run_torch"
+else
+    echo "== product_torch_train skipped: no tokenizer folder (TOKENIZER, .gpu/tokenizer)"
+fi
+
+if "$PYTHON" -c "import mlx.core" 2>/dev/null; then
+    step train_mlx "$PYTHON" "${bench[@]}" --frameworks mlx --only customllm/mlx/compiled,deepseek_v3/mlx/compiled \
+        --json "$OUT/train_mlx.json"
+else
+    echo "== train_mlx skipped: MLX is not installed here"
+fi
+exit $status
