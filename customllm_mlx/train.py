@@ -409,6 +409,12 @@ def _announce(metrics, cfg, model, world_size, resume, state, parts) -> None:
         f"{mx.default_device()}{streams} ({cfg.dtype}), {world_size} rank(s), "
         f"{cfg.tokens_per_step(world_size):,} tokens/step, data {cfg.train_data()}, out {cfg.out}"
     )
+    if cfg.dtype == "bfloat16" and mx.default_device() == mx.cpu:
+        metrics.print(
+            "warning: bfloat16 on MLX's CPU backend: its bfloat16 matmuls use no BLAS (6 GFLOP/s "
+            "against 207 in float32 on a 2-core test machine, a tiny-preset step 7x slower); "
+            "float32 trains faster here"
+        )
     if state:
         for line in config_differences(state["train_config"], cfg):
             metrics.print(f"warning: option changed since the checkpoint: {line}")

@@ -8,12 +8,14 @@ runs call `run_training` in-process except where a real process is needed (SIGTE
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -401,8 +403,16 @@ def test_bfloat16_model_keeps_bias_float32(tmp_path):
     model = train_mod.build_model(cfg, None, load_tokenizer(COSMO2_DIR))
     assert model.lm_head.weight.dtype == mx.bfloat16 and model.training
     assert all(layer.mlp.expert_bias.dtype == mx.float32 for layer in model.layers)
-    last = train_mod.run_training(cfg)  # on the CPU the experts' gather_mm runs in float32
+    console = io.StringIO()
+    last = train_mod.run_training(cfg, stream=console)  # CPU gather_mm: float32 inside
     assert all(math.isfinite(v) for v in losses(tmp_path / "run").values())
+    slow = "warning: bfloat16 on MLX's CPU backend"
+    assert (slow in console.getvalue()) == (mx.default_device() == mx.cpu)
+    said = types.SimpleNamespace(lines=[])
+    said.print = said.lines.append
+    float32 = TrainConfig(**options(tmp_path / "f32"))
+    train_mod._announce(said, float32, model, 1, None, None, 1)
+    assert said.lines and not any(slow in line for line in said.lines)
     model, _ = load(last)
     assert model.lm_head.weight.dtype == mx.bfloat16
     assert all(layer.mlp.expert_bias.dtype == mx.float32 for layer in model.layers)
