@@ -317,12 +317,24 @@ class DecoderLayer(nn.Module):
         return x + self.mlp_dropout(mlp_out), aux_loss, load
 
 
+# transformers' outputs name the cache `cache` since 5.2x, `past_key_values` before (5.17 on
+# the CUDA image of our GPU runs); generation reads it under that name
+CACHE_FIELD = (
+    "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+)
+
+
 @dataclass
 class CustomLLMOutput(MoeCausalLMOutputWithPast):
-    """Adds the per-layer expert loads (num_layers, n_routed_experts) and the pure LM loss."""
+    """Adds the per-layer expert loads (num_layers, n_routed_experts) and the pure LM loss;
+    `.cache` is the latent cache whatever transformers calls the field."""
 
     expert_load: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
+
+
+if CACHE_FIELD != "cache":
+    CustomLLMOutput.cache = property(lambda self: getattr(self, CACHE_FIELD))
 
 
 class CustomLLM(PreTrainedModel, GenerationMixin):
@@ -422,8 +434,8 @@ class CustomLLM(PreTrainedModel, GenerationMixin):
             lm_loss=lm_loss,
             aux_loss=aux_loss,
             logits=logits,
-            cache=cache,
             expert_load=torch.stack(loads),
+            **{CACHE_FIELD: cache},
         )
 
     @torch.no_grad()
@@ -439,6 +451,7 @@ class CustomLLM(PreTrainedModel, GenerationMixin):
             layer.mlp.expert_bias.add_(step.to(layer.mlp.expert_bias))
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, **kwargs):
+        cache = kwargs.get("past_key_values") if cache is None else cache  # transformers < 5.2x
         if cache is not None and cache.offset:
             input_ids = input_ids[:, cache.offset :]
         return {"input_ids": input_ids, "cache": cache, "use_cache": True}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 
@@ -117,7 +118,10 @@ class Runner:
             return np.array(token)
         with torch.inference_mode():
             inputs = torch.from_numpy(ids).long()
-            kwargs = {"cache": self.cache, "use_cache": True, "logits_to_keep": 1}
+            # transformers' models take `past_key_values` before 5.2x, `cache` since
+            params = inspect.signature(self.model.forward).parameters
+            name = "cache" if "cache" in params else "past_key_values"
+            kwargs = {name: self.cache, "use_cache": True, "logits_to_keep": 1}
             logits = self.model(inputs, **kwargs).logits
             return logits[:, -1].argmax(-1).numpy()
 
