@@ -27,7 +27,15 @@ from typing import Any
 
 from customllm.config import ModelConfig
 
-HAVE_MLX = importlib.util.find_spec("mlx") is not None
+
+def _have_mlx() -> bool:
+    try:
+        return importlib.util.find_spec("mlx.core") is not None
+    except ImportError:  # no mlx package, or one left empty by an uninstall
+        return False
+
+
+HAVE_MLX = _have_mlx()
 if HAVE_MLX:
     import customllm_mlx  # noqa: F401  (must precede the first `import mlx.core`)
 
