@@ -8,17 +8,27 @@ bash scripts/setup.sh all
 . .venv/bin/activate
 python -c "import customllm_mlx._blas as b; print('MLX BLAS:', b.loaded or 'reference (slow)')" || true
 if [ "${1:-}" = --compat ]; then
+    # The oldest versions pyproject.toml accepts, each installed beside the venv's own (with
+    # its dependencies of its day) and first on the path, must pass too: transformers' API
+    # moves (5.2x renamed the outputs' past_key_values to cache) and MLX before 0.32.3
+    # miscompiles a bit view inside mx.compile on the CPU (customllm_mlx.loss.exp: inf).
     shift
-    # transformers' API moves between releases (5.2x renamed the outputs' past_key_values to
-    # cache): the floor in pyproject.toml, installed beside the venv's own, must pass too
-    floor=$(grep -o '"transformers>=[0-9.]*' pyproject.toml | head -1 | cut -d= -f2)
-    target=.venv/compat-transformers-$floor
-    # with its own dependencies (huggingface-hub, tokenizers of its day), first on the path
-    [ -d "$target" ] || pip install -q --target "$target" "transformers==$floor"
-    PYTHONPATH="$PWD/$target" python -c "import transformers as t; print('transformers', t.__version__)"
-    PYTHONPATH="$PWD/$target" exec python -m pytest -q tests/test_model_torch.py \
-        tests/test_loss_torch.py tests/test_train_torch.py tests/test_generate.py \
-        tests/test_parity.py "$@"
+    floor() { grep -o "\"$1>=[0-9.]*" pyproject.toml | head -1 | cut -d= -f2; }
+    overlay() {  # overlay DIR REQUIREMENT...: install once, print the folder
+        [ -d "$1" ] || pip install -q --target "$@" >&2
+        echo "$PWD/$1"
+    }
+    tf=$(overlay ".venv/compat/transformers-$(floor transformers)" \
+        "transformers==$(floor transformers)")
+    PYTHONPATH="$tf" python -c "import transformers as t; print('transformers', t.__version__)"
+    PYTHONPATH="$tf" python -m pytest -q tests/test_model_torch.py tests/test_loss_torch.py \
+        tests/test_train_torch.py tests/test_generate.py tests/test_parity.py "$@"
+    mlx=$(floor 'mlx\[cpu\]')
+    lm=$(overlay ".venv/compat/mlx-$mlx" --no-deps "mlx==$mlx" "mlx-cpu==$mlx" \
+        "mlx-lm==$(floor mlx-lm)")
+    PYTHONPATH="$lm" python -c "import mlx.core as mx, mlx_lm; print('mlx', mx.__version__, 'mlx-lm', mlx_lm.__version__)"
+    PYTHONPATH="$lm" exec python -m pytest -q tests/test_model_mlx.py tests/test_loss_mlx.py \
+        tests/test_train_mlx.py tests/test_generate.py tests/test_parity.py "$@"
 fi
 if [ "${1:-}" = --slow ]; then
     shift

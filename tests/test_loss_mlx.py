@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 mx = pytest.importorskip("mlx.core")
@@ -204,3 +206,17 @@ def test_model_training_loss_equals_the_logits_loss_and_its_gradients(tiny_confi
     assert abs(a.item() - b.item()) < 1e-5
     for (name, x), (_, y) in zip(tree_flatten(ga), tree_flatten(gb), strict=True):
         assert mx.allclose(x, y, rtol=1e-4, atol=1e-7).item(), name
+
+
+def test_older_mlx_is_refused_with_a_clear_error():
+    """MLX before 0.32.3 miscompiles the bit view `exp` is built on (checked at 0.32.2)."""
+    import customllm_mlx
+
+    customllm_mlx.check_mlx_version("0.32.3")
+    customllm_mlx.check_mlx_version("0.33.0.dev20261101")
+    for old in ("0.32.2", "0.29.2", "0.22.0"):
+        with pytest.raises(ImportError, match=f"needs mlx>=0.32.3, found {old}"):
+            customllm_mlx.check_mlx_version(old)
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    wanted = ".".join(map(str, customllm_mlx.MIN_MLX))
+    assert f"mlx>={wanted};" in pyproject and f"mlx[cpu]>={wanted};" in pyproject
