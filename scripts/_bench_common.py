@@ -1,8 +1,9 @@
 """Shared helpers of the benchmark scripts: interleaved timing, memory, GEMM peak, FLOPs, peers.
 
 Import this module before `mlx.core` (it imports `customllm_mlx`, which loads OpenBLAS for
-MLX's CPU matmuls; on a machine without MLX, a CUDA box, the torch rows run alone). Every timing is a median over repeats taken round-robin across the systems
-being compared, so the noise of a busy machine hits every system alike.
+MLX's CPU matmuls; on a machine without MLX, a CUDA box, the torch rows run alone). Every
+timing is a median over repeats taken round-robin across the systems being compared, so the
+noise of a busy machine hits every system alike.
 """
 
 from __future__ import annotations

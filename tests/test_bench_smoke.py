@@ -249,7 +249,9 @@ def test_gpu_bench_script_on_cpu(tmp_path):
         assert result["args"]["dtype"] == "bfloat16"
         rows = {r["name"]: r for r in result["rows"]}
         assert wanted <= set(rows), (step, result["skipped"])
-        assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in rows.values())
+        assert all(r["tokens_per_s"] > 0 and r["mfu"] > 0 for r in rows.values())
+        # (MLX's CPU bfloat16 GEMM runs without BLAS: its rows can beat that "peak")
+        assert all(r["mfu"] < 1 for r in rows.values() if r["framework"] == "torch")
         assert (tmp_path / f"{step}.log").read_text().count("GEMM peak") == 1
     log = (tmp_path / "product_torch_train.log").read_text()
     assert "step 2/2" in log and "(bfloat16)" in log
