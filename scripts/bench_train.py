@@ -182,12 +182,13 @@ def torch_system(system: str, cfg: ModelConfig, ids: np.ndarray, mode: str, args
     autocast, as the Trainer's `bf16=True` (`customllm-torch train --dtype bfloat16`)."""
     device = torch.device(args.device)
     inputs = torch.from_numpy(ids).long().to(device)
-    if system == OURS:
-        from customllm_torch.model import CustomLLM
+    with device:  # initialised where it trains: 973M weights drawn on the GPU, not copied there
+        if system == OURS:
+            from customllm_torch.model import CustomLLM
 
-        model = CustomLLM(cfg)
-    else:
-        model = bc.build_torch_peer(cfg)
+            model = CustomLLM(cfg)
+        else:
+            model = bc.build_torch_peer(cfg)
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     forward = torch.compile(model) if mode == "compiled" else model
