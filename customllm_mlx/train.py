@@ -57,10 +57,15 @@ from customllm.training import (
     train_options,
 )
 from customllm_mlx.allocator import use_full_cpu_cache
-from customllm_mlx.cpu_streams import blas_threads_per_part, sliced_value_and_grad, stream_parts
+from customllm_mlx.cpu_streams import (
+    blas_threads_per_part,
+    on_streams,
+    sliced_value_and_grad,
+    stream_parts,
+)
 from customllm_mlx.generate import generate
 from customllm_mlx.io import load, save
-from customllm_mlx.loss import cross_entropy
+from customllm_mlx.loss import cross_entropy, linear_nll_sum
 from customllm_mlx.model import CustomLLM
 
 OPTIMIZER_NAME = "optimizer.safetensors"
@@ -158,20 +163,47 @@ def make_train_step(
 
 
 # Evaluation and samples -------------------------------------------------------------------------
-def evaluate_loss(model: CustomLLM, batches: list[np.ndarray], world) -> float:
-    """Token-weighted mean next-token loss over the fixed eval batches (all ranks together)."""
+def heldout_slices(model: CustomLLM, parts: int) -> list:
+    """The held-out loss of a batch slice, `(inputs, targets) -> (loss sum, tokens)`, once per
+    CPU stream and compiled, as the training step's slices (`cpu_streams.on_streams`); lm_head
+    and the loss fused per chunk of rows (`linear_nll_sum`). Built once per run."""
+
+    def sums(inputs, targets):
+        return linear_nll_sum(model.hidden_states(inputs)[0], *_head(model), targets)
+
+    return on_streams(sums, parts, [model.state], compiled=True)
+
+
+def evaluate_loss(model: CustomLLM, batches: list[np.ndarray], world, slices=None) -> float:
+    """Token-weighted mean next-token loss over the fixed eval batches (all ranks together),
+    each batch in `len(slices)` slices (`heldout_slices`; default: one, uncompiled)."""
+    if slices is None:
+        slices = [lambda x, t: linear_nll_sum(model.hidden_states(x)[0], *_head(model), t)]
     model.eval()
     loss_sum, tokens = 0.0, 0
-    for batch in batches:
-        ids = mx.array(batch)
-        targets = ids[:, 1:]
-        loss_sum += next_token_loss(model(ids[:, :-1]), targets).item() * targets.size
-        tokens += targets.size
-    model.train()
+    try:
+        for batch in batches:
+            ids = mx.array(batch)
+            parts = len(slices) if len(batch) % len(slices) == 0 else 1  # a short last batch
+            pieces = zip(
+                slices, mx.split(ids[:, :-1], parts), mx.split(ids[:, 1:], parts), strict=False
+            )
+            with blas_threads_per_part(parts):
+                sums = [fn(inputs, targets) for fn, inputs, targets in pieces]
+                mx.eval(sums)
+                loss_sum += sum(total.item() for total, _ in sums)
+                tokens += sum(count.item() for _, count in sums)
+    finally:
+        model.train()
     if world.size() > 1:
         total = mx.distributed.all_sum(mx.array([loss_sum, tokens]), group=world, stream=mx.cpu)
         loss_sum, tokens = total.tolist()
     return loss_sum / max(tokens, 1)
+
+
+def _head(model: CustomLLM) -> tuple[mx.array, mx.array | None]:
+    head = model.lm_head
+    return head.weight, head["bias"] if "bias" in head else None
 
 
 def sample_text(model: CustomLLM, tokenizer, prompt: str, max_tokens: int) -> str:
@@ -308,6 +340,7 @@ def run_training(cfg: TrainConfig, stream=None) -> Path | None:
             step, tokens_seen = state["step"], state.get("tokens_seen", 0)
         parts = stream_parts(cfg.batch_size, world_size)
         train_step = make_train_step(model, optimizer, cfg, world, parts=parts)
+        heldout = heldout_slices(model, parts) if eval_set else None
         metrics = MetricsLogger(
             out,
             total_steps=cfg.steps,
@@ -348,7 +381,7 @@ def run_training(cfg: TrainConfig, stream=None) -> Path | None:
                 final = step >= cfg.steps
                 evaluated = False
                 if eval_set and cfg.eval_every and (step % cfg.eval_every == 0 or final):
-                    last_eval_loss = evaluate_loss(model, eval_set, world)
+                    last_eval_loss = evaluate_loss(model, eval_set, world, heldout)
                     metrics.log_eval(step, last_eval_loss)
                     evaluated = True
                 every = cfg.sample_every

@@ -18,6 +18,7 @@ from customllm_mlx.loss import (  # noqa: E402
     cross_entropy,
     exp,
     linear_cross_entropy,
+    linear_nll_sum,
     softmax,
 )
 from customllm_mlx.model import causal_lm_loss  # noqa: E402
@@ -158,6 +159,22 @@ def test_linear_cross_entropy_equals_unfused_values_and_gradients(bias, chunk_ro
             assert mx.all(a == 0).item()  # no bias: nothing flows into the zeros
             continue
         assert mx.allclose(a, r, rtol=1e-5, atol=1e-7).item(), name
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("chunk_rows", [None, 1, 16, 37])
+def test_linear_nll_sum_is_the_unfused_loss_sum_and_count(bias, chunk_rows):
+    """The evaluation's loss (no gradient formed): sum and count of the counted labels."""
+    h, w, b, labels = linear_leaves()
+    total, count = linear_nll_sum(h, w, b if bias else None, labels, chunk_rows)
+    valid = labels != -100
+    assert 0 < valid.sum().item() < labels.size  # some labels ignored
+    assert count.item() == valid.sum().item()
+    reference = masked_reference(h, w, b if bias else mx.zeros_like(b), labels) * valid.sum()
+    assert total.dtype == mx.float32
+    assert total.item() == pytest.approx(reference.item(), rel=1e-5)
+    compiled = mx.compile(lambda h: linear_nll_sum(h, w, None, labels, 16)[0])(h)
+    assert compiled.item() == pytest.approx(linear_nll_sum(h, w, None, labels)[0].item(), 1e-5)
 
 
 def test_linear_cross_entropy_compiles_and_handles_bfloat16_and_all_ignored():

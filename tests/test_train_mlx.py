@@ -418,12 +418,35 @@ def test_bfloat16_model_keeps_bias_float32(tmp_path):
     assert all(layer.mlp.expert_bias.dtype == mx.float32 for layer in model.layers)
 
 
+def test_heldout_loss_on_cpu_streams_equals_the_loss_of_the_logits():
+    """evaluate_loss (lm_head fused into the loss per chunk, each batch in 2 slices on 2 CPU
+    streams, compiled; a short last batch in one) equals the token-weighted mean cross entropy
+    of the model's logits; the model is back in training mode after it."""
+    mx.random.seed(0)
+    model = CustomLLM(ModelConfig.from_preset("tiny", vocab_size=512))
+    mx.eval(model.parameters())
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 512, (rows, 33)) for rows in (4, 4, 3)]
+    model.eval()
+    expected = sum(
+        train_mod.next_token_loss(model(mx.array(b[:, :-1])), mx.array(b[:, 1:])).item()
+        * b[:, 1:].size
+        for b in batches
+    ) / sum(b[:, 1:].size for b in batches)
+    model.train()
+    world = mx.distributed.init()
+    for slices in (None, train_mod.heldout_slices(model, 2)):
+        for _ in range(2):  # the compiled slices again, traced once
+            loss = train_mod.evaluate_loss(model, batches, world, slices)
+            assert loss == pytest.approx(expected, rel=1e-5) and model.training
+
+
 def test_model_is_in_train_mode_for_steps_and_eval_mode_for_eval(tmp_path, monkeypatch):
     seen = {}
     real_evaluate, real_sample = train_mod.evaluate_loss, train_mod.sample_text
 
-    def evaluate(model, batches, world):
-        loss = real_evaluate(model, batches, world)
+    def evaluate(model, batches, world, slices):
+        loss = real_evaluate(model, batches, world, slices)
         seen["after_eval"] = model.training
         return loss
 
