@@ -163,7 +163,7 @@ def make_train_step(
 
 
 # Evaluation and samples -------------------------------------------------------------------------
-def heldout_slices(model: CustomLLM, parts: int) -> list:
+def heldout_slices(model: CustomLLM, parts: int, compiled: bool = True) -> list:
     """The held-out loss of a batch slice, `(inputs, targets) -> (loss sum, tokens)`, once per
     CPU stream and compiled, as the training step's slices (`cpu_streams.on_streams`); lm_head
     and the loss fused per chunk of rows (`linear_nll_sum`). Built once per run."""
@@ -171,14 +171,13 @@ def heldout_slices(model: CustomLLM, parts: int) -> list:
     def sums(inputs, targets):
         return linear_nll_sum(model.hidden_states(inputs)[0], *_head(model), targets)
 
-    return on_streams(sums, parts, [model.state], compiled=True)
+    return on_streams(sums, parts, [model.state], compiled)
 
 
 def evaluate_loss(model: CustomLLM, batches: list[np.ndarray], world, slices=None) -> float:
     """Token-weighted mean next-token loss over the fixed eval batches (all ranks together),
     each batch in `len(slices)` slices (`heldout_slices`; default: one, uncompiled)."""
-    if slices is None:
-        slices = [lambda x, t: linear_nll_sum(model.hidden_states(x)[0], *_head(model), t)]
+    slices = slices or heldout_slices(model, 1, compiled=False)
     model.eval()
     loss_sum, tokens = 0.0, 0
     try:
