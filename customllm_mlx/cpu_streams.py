@@ -97,15 +97,27 @@ def sliced_value_and_grad(model, loss_and_grad: Callable, parts: int, compiled: 
     return sliced
 
 
+_streams: list = []  # the extra CPU streams of slices 1, 2, ...: each a thread, shared by all
+
+
+def _slice_stream(i: int):
+    """Slice i's stream: None for slice 0 (the default device's own stream), else an extra
+    CPU stream, made once (MLX keeps a stream's thread for the whole process)."""
+    while len(_streams) < i:
+        _streams.append(mx.new_stream(mx.cpu))
+    return _streams[i - 1] if i else None
+
+
 def on_streams(fn: Callable, parts: int, state: list, compiled: bool) -> list[Callable]:
-    """`fn` once per CPU stream (the first: the default one), each run inside its stream and,
-    with `compiled`, compiled on its own with `state` as its implicit inputs and outputs (see
-    `sliced_value_and_grad` for why apart)."""
+    """`fn` once per slice, slice 0 on the default stream and the others each on its own CPU
+    stream, each compiled on its own with `compiled` (`state` its implicit inputs and
+    outputs; see `sliced_value_and_grad` for why apart)."""
     functions = []
     for i in range(parts):
-        stream = mx.default_stream(mx.cpu) if i == 0 else mx.new_stream(mx.cpu)
 
-        def on_stream(*args, stream=stream):
+        def on_stream(*args, stream=_slice_stream(i)):
+            if stream is None:
+                return fn(*args)
             with mx.stream(stream):
                 return fn(*args)
 

@@ -255,6 +255,20 @@ def test_step_split_over_cpu_streams_equals_unsplit_step():
         np.testing.assert_allclose(np.array(w_2[key]), np.array(w_1[key]), atol=1e-6, err_msg=key)
 
 
+def test_on_streams_slice_0_stays_on_the_default_stream_and_extra_streams_are_shared():
+    """Slice 0 runs where the caller's ops run (on a GPU: the GPU); the others on CPU streams
+    made once per process, shared by the training step, evaluation and the benches."""
+
+    def stream_inside():
+        return mx.default_stream(mx.default_device())
+
+    first = [fn() for fn in cpu_streams.on_streams(stream_inside, 2, [], compiled=False)]
+    again = [fn() for fn in cpu_streams.on_streams(stream_inside, 3, [], compiled=False)]
+    assert first[0] == again[0] == stream_inside()
+    assert first[1] == again[1] != first[0] and again[2] not in (again[0], again[1])
+    assert first[1].device == again[2].device == mx.cpu
+
+
 def test_cpu_stream_parts(monkeypatch):
     monkeypatch.delenv(cpu_streams.ENV, raising=False)
     threads = customllm_mlx._blas.threads()
