@@ -166,15 +166,22 @@ def _gemm_flops(framework: str, n: int, repeats: int, dtype: str, device: str | 
 
         def run():
             torch.mm(a, b)
-            if where.type == "cuda":
-                torch.cuda.synchronize(where)
-            elif where.type == "mps":
-                torch.mps.synchronize()
+            torch_sync(where)
 
     run()
     repeats = max(repeats, int(2e9 / (2 * n**3)))  # small n: enough calls to catch a quiet one
     best = min(_timed(run) for _ in range(repeats))
     return 2 * n**3 / best
+
+
+def torch_sync(device) -> None:
+    """Wait for a torch device's queued work, so a timed call's time is its own."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def _timed(fn: Callable[[], Any]) -> float:

@@ -160,17 +160,9 @@ def mlx_system(system: str, cfg: ModelConfig, ids: np.ndarray, mode: str, args) 
 # --- torch -----------------------------------------------------------------------------------
 
 
-def torch_sync(device: torch.device) -> None:
-    """Wait for the device's queued work, so a step's time is its own."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 def cuda_step_peak(run, device: torch.device) -> int:
     """Bytes CUDA's allocator holds above the state at the peak of one `run()`."""
-    torch_sync(device)
+    bc.torch_sync(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
     run()
@@ -208,7 +200,7 @@ def torch_system(system: str, cfg: ModelConfig, ids: np.ndarray, mode: str, args
         optimizer.zero_grad(set_to_none=True)
         if system == OURS:
             model.update_expert_bias(out.expert_load)
-        torch_sync(device)
+        bc.torch_sync(device)
 
     sizes = bc.named_sizes_torch(model)
 
