@@ -322,7 +322,7 @@ class LlamaMLP(nn.Module):
         first = end - padded  # each expert's padded rows: [first, end)
         shift = first - (mx.cumsum(counts) - counts)  # per expert
         row = (shift[sorted_expert] + mx.arange(P)).astype(mx.uint32)  # padded row of each pair
-        rows = -(-(P + E * (g - 1)) // g) * g
+        rows = (P + E * (g - 1)) // g * g  # each expert pads < g rows: whole blocks fit
         pair_row = mx.zeros((P,), mx.uint32)  # padded row of each pair, in pair order
         pair_row[order] = row
         pair_of_row = mx.full((rows,), P, mx.uint32)  # and back; padding: P

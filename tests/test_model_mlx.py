@@ -425,8 +425,25 @@ def test_blocked_dispatch_sends_whole_blocks_of_one_expert(
     model(random_ids(tiny_config, B=28, T=64))
     assert len(calls) == 3 * tiny_config.num_hidden_layers
     for (blocks, rows, _), expert in calls:
-        assert rows == g and blocks * g <= N * k + E * g  # padding: under one block per expert
+        assert rows == g and blocks == (N * k + E * (g - 1)) // g  # < g padding per expert
         assert expert.shape == (blocks,) and np.all(np.diff(expert) >= 0)
+
+
+def test_blocked_dispatch_fits_the_most_padding(tiny_config, monkeypatch):
+    """Six experts one row past a whole block, the seventh two: 216 padding rows, E * (g - 1)
+    less one, which fills the static row bound exactly (a row past it would be lost)."""
+    g, E = 32, tiny_config.n_routed_experts
+    monkeypatch.setattr(mlx_model, "cpu_block_rows", lambda *args: g)
+    mlp = build(tiny_config).decoder_layers[0].mlp
+    counts = np.array([g + 1] * 6 + [2 * g + 2])  # 328 pairs, 164 tokens
+    P = int(counts.sum())
+    assert (-counts % g).sum() == E * (g - 1) - 1 and (P + E * (g - 1)) // g * g == P + 216
+    flat_expert = mx.array(np.random.default_rng(0).permutation(np.repeat(np.arange(E), counts)))
+    x_flat = mx.random.normal((P // 2, tiny_config.hidden_size), key=mx.random.key(3))
+    order = mx.argsort(flat_expert)
+    blocked = mlp.blocked_experts(x_flat, flat_expert, order, mx.array(counts))
+    rows = mlp.sorted_experts(x_flat, flat_expert, order)
+    np.testing.assert_allclose(np.array(blocked), np.array(rows), atol=1e-7, rtol=1e-5)
 
 
 def test_routing_bias_changes_choice_not_weights(tiny_config):
