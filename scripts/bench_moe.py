@@ -95,6 +95,19 @@ def dispatch_expert_slices(mlp, x_flat, idx, weights, load):
     return _unsort(mlp, mx.concatenate(outs), order, idx, weights)
 
 
+def dispatch_no_expert_gemms(mlp, x_flat, idx, weights, load):
+    """Ours (the CPU's blocked layout, at any size) with the routed experts' GEMMs and
+    activation replaced by a scaling of the block rows: its time less `dispatch_none`'s is what
+    the sort, the padded-row bookkeeping, the gathers and the weighted sum cost."""
+    order = mx.stop_gradient(mx.argsort(idx.flatten()))
+    out = mlp.blocked_experts(x_flat, idx.flatten(), order, load)
+    return (out.reshape(*idx.shape, -1) * weights[..., None]).sum(axis=1)
+
+
+def _scaled_rows(experts, x, block_expert, segments):
+    return x * experts.down_proj.weight[0, :, 0]  # keeps a weight gradient, no GEMM
+
+
 def dispatch_none(mlp, x_flat, idx, weights, load):
     """No routed experts: what is left is the router, top-k, aux loss and the shared expert
     (the routing weights still get a gradient). Its time plus two `dense SwiGLU (I)` chains
@@ -106,10 +119,12 @@ def dispatch_none(mlp, x_flat, idx, weights, load):
 # --- layers ----------------------------------------------------------------------------------
 
 
-def mlx_layers(cfg: ModelConfig) -> dict[str, tuple[nn.Module, bool]]:
-    """name -> (module, compilable); every module maps (B, T, D) -> y (or (y, ...))."""
+def mlx_layers(cfg: ModelConfig, tokens: int) -> dict[str, tuple[nn.Module, bool]]:
+    """name -> (module, compilable); every module maps (B, T, D) -> y (or (y, ...)). `tokens`:
+    per call (CPU stream slice); "no routed GEMMs" only where ours takes the blocked layout."""
     from mlx_lm.models import deepseek_v3
 
+    from customllm_mlx.experts import CPU_BLOCK_ROWS
     from customllm_mlx.model import DeepSeekExpertLayer, LlamaMLP
 
     D, inter = cfg.hidden_size, cfg.intermediate_size
@@ -122,10 +137,17 @@ def mlx_layers(cfg: ModelConfig) -> dict[str, tuple[nn.Module, bool]]:
         ("sorted rows", dispatch_sorted_rows),
         ("gather_mm unflagged", dispatch_gather_unflagged),
         ("per-expert slices", dispatch_expert_slices),
+        ("no routed GEMMs", dispatch_no_expert_gemms),
         ("router + shared only", dispatch_none),
     ):
+        pairs = tokens * cfg.num_experts_per_tok
+        blocked = mx.default_device() == mx.cpu and pairs >= cfg.n_routed_experts * CPU_BLOCK_ROWS
+        if fn is dispatch_no_expert_gemms and not blocked:
+            continue
         mlp = LlamaMLP(cfg)
         mlp.dispatch = types.MethodType(fn, mlp)
+        if fn is dispatch_no_expert_gemms:
+            mlp.routed_experts.blocks = types.MethodType(_scaled_rows, mlp.routed_experts)
         layers[f"customllm MoE ({label})"] = (mlp, fn is not dispatch_expert_slices)
     peer = deepseek_v3.DeepseekV3MoE(deepseek_v3.ModelArgs(**bc.peer_kwargs(cfg)))
     peer.gate.weight = cfg.initializer_range * mx.random.normal(peer.gate.weight.shape)
@@ -237,7 +259,8 @@ def measure(args, cfg: ModelConfig, frameworks: set[str]) -> dict:
     torch.manual_seed(0)
     fns, meta = {}, {}
     if "mlx" in frameworks:
-        for name, (module, compilable) in mlx_layers(cfg).items():
+        tokens = args.batch * args.seq_len // args.cpu_streams
+        for name, (module, compilable) in mlx_layers(cfg, tokens).items():
             for mode in ("eager", "compiled") if compilable else ("eager",):
                 key = f"{name}/mlx/{mode}"
                 if bc.wants(key, args.only):
@@ -297,12 +320,34 @@ def dispatch_floor(by_key: dict, framework: str, mode: str) -> float | None:
     return (rest + 2 * one_chain) / dense
 
 
+def breakdown(by_key: dict, framework: str, mode: str) -> dict | None:
+    """Our layer's fwd+bwd ms in three parts: the router and shared expert (`dispatch_none`),
+    the dispatch without the expert GEMMs (`dispatch_no_expert_gemms` less that), and the
+    routed experts' GEMMs and activation (the rest); None without the rows (MLX only)."""
+    rows = [
+        by_key.get((layer, framework, mode))
+        for layer in (
+            "customllm MoE",
+            "customllm MoE (no routed GEMMs)",
+            "customllm MoE (router + shared only)",
+        )
+    ]
+    if None in rows:
+        return None
+    full, no_gemms, rest = (r["fwd_bwd_ms"] for r in rows)
+    return {
+        "router_shared_ms": rest,
+        "dispatch_ms": no_gemms - rest,
+        "routed_experts_ms": full - no_gemms,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     bc.add_model_args(parser)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=30)  # ratios move ~10% at 10
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--only", default=None, help="comma-separated name substrings")
     parser.add_argument(
@@ -375,6 +420,16 @@ def main(argv: list[str] | None = None) -> dict:
                 print(
                     f"  floor (router + shared only, plus 2 x dense SwiGLU (I)): fwd+bwd "
                     f"{bc.fmt_ratio(floor)}"
+                )
+            parts = breakdown(by_key, r["framework"], r["mode"])
+            if parts:
+                r["fwd_bwd_parts_ms"] = parts
+                one_chain = by_key.get(("dense SwiGLU (I)", r["framework"], r["mode"]))
+                chains = f" (2 x dense SwiGLU (I): {2 * one_chain['fwd_bwd_ms']:.2f})"
+                print(
+                    f"  fwd+bwd ms: router + shared {parts['router_shared_ms']:.2f}, sort / "
+                    f"gather / weighted sum {parts['dispatch_ms']:.2f}, routed experts "
+                    f"{parts['routed_experts_ms']:.2f}" + (chains if one_chain else "")
                 )
     result = {
         "benchmark": "moe",

@@ -44,7 +44,8 @@ RUNS = {
         "--e2e-repeats",
         "1",
     ],
-    "moe": ["--seq-len", "32", "--batch", "2", "--repeats", "2", "--warmup", "1"],
+    # 128 tokens per CPU stream: the blocked CPU dispatch (and its breakdown) at the smallest
+    "moe": ["--seq-len", "128", "--batch", "2", "--repeats", "2", "--warmup", "1"],
 }
 # bench_train where `import mlx` fails (the GPU machine's image has torch, not MLX)
 NO_MLX = "import runpy, sys; sys.modules['mlx'] = None; sys.argv[0] = {script!r}; " + (
@@ -193,6 +194,49 @@ def test_bench_moe(runs):
     ours = [r for r in result["rows"] if r["layer"] == "customllm MoE" and r["framework"] == "mlx"]
     assert ours and all(r["fwd_bwd_floor_vs_dense"] > 0 for r in ours)
     assert "floor (router + shared only" in stdout
+    assert all(set(r["fwd_bwd_parts_ms"]) == set(PARTS) for r in ours)
+    assert "sort / gather / weighted sum" in stdout
+
+
+PARTS = ("router_shared_ms", "dispatch_ms", "routed_experts_ms")
+
+
+def test_bench_moe_no_gemm_variant_routes_rows_back():
+    """The breakdown's "no routed GEMMs" layer runs our blocked bookkeeping with each block row
+    scaled by s: every token must come back as x * s * (sum of its routing weights)."""
+    import types
+
+    import mlx.core as mx
+
+    sys.path.insert(0, str(REPO_DIR / "scripts"))
+    import bench_moe
+
+    from customllm.config import ModelConfig
+    from customllm_mlx.model import LlamaMLP
+
+    mlp = LlamaMLP(ModelConfig.from_preset("tiny"))
+    mlp.routed_experts.blocks = types.MethodType(bench_moe._scaled_rows, mlp.routed_experts)
+    mlp.routed_experts.down_proj.weight = mx.random.normal(
+        mlp.routed_experts.down_proj.weight.shape
+    )
+    x = mx.random.normal((200, 64))
+    _, idx, weights = mlp.route(x)
+    load = (idx[..., None] == mx.arange(mlp.num_experts)).sum(axis=(0, 1))
+    out = bench_moe.dispatch_no_expert_gemms(mlp, x, idx, weights, load)
+    s = mlp.routed_experts.down_proj.weight[0, :, 0]
+    expected = x * s * weights.sum(-1, keepdims=True)
+    assert mx.allclose(out, expected, rtol=1e-5, atol=1e-6).item()
+    rows = {
+        (layer, "mlx", "compiled"): {"fwd_bwd_ms": ms}
+        for layer, ms in (
+            ("customllm MoE", 10.0),
+            ("customllm MoE (no routed GEMMs)", 4.5),
+            ("customllm MoE (router + shared only)", 3.0),
+        )
+    }
+    parts = bench_moe.breakdown(rows, "mlx", "compiled")
+    assert parts == dict(zip(PARTS, (3.0, 1.5, 5.5), strict=True))
+    assert bench_moe.breakdown(rows, "torch", "eager") is None
 
 
 def test_bench_loss(tmp_path):
