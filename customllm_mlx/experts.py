@@ -85,6 +85,7 @@ class StackedExpertLinear(nn.Module):
 
 
 SMALL_BLOCK_GEMM = 100**3  # multiply-adds of a block GEMM that OpenBLAS runs unpacked, at most
+CHUNK_COLUMNS = 16  # output columns of a chunked block GEMM: a multiple of this (AVX-512 floats)
 
 
 def small_block_gemm(rows: int, d_in: int, d_out: int) -> bool:
@@ -92,41 +93,86 @@ def small_block_gemm(rows: int, d_in: int, d_out: int) -> bool:
     return rows * d_in * d_out <= SMALL_BLOCK_GEMM
 
 
+def chunk_columns(rows: int, d_in: int, d_out: int) -> int | None:
+    """Output columns per GEMM that bring a 32-row (rows, d_in) @ (d_in, d_out) block GEMM,
+    too large for OpenBLAS's small-matrix kernel, under it: the widest multiple of
+    CHUNK_COLUMNS that divides d_out and fits; None where the block fits whole, no chunk
+    does, or the blocks have more rows.
+    A packed GEMM repacks its weight operand on every call, once per block here: a copy as
+    large against the block's work as the block has few rows. The chunks' operands are read
+    unpacked. Same-process A/Bs, one projection over 2,240 rows in 32-row blocks, one thread
+    (one-off): forward and input gradient 8.3 -> 7.1 and 7.6 -> 7.1 ms (small preset, gate),
+    8.0 -> 6.8 and 8.0 -> 7.0 (small, down); 973m 74 -> 62 and 66 -> 72 (gate), 71 -> 61 and
+    69 -> 69 (down); over 4,480 rows, 973m gate: 135 -> 114 and 129 -> 124. 64-row blocks
+    (`cpu_block_rows`) amortise the packing, and there the chunks, 16 columns at 973m, were
+    no faster: 119 -> 121 and 117 -> 117 (gate), 118 -> 119 and 119 -> 134 (down)."""
+    if rows > CPU_BLOCK_ROWS or small_block_gemm(rows, d_in, d_out):
+        return None
+    fits = [
+        c
+        for c in range(CHUNK_COLUMNS, d_out, CHUNK_COLUMNS)
+        if d_out % c == 0 and small_block_gemm(rows, d_in, c)
+    ]
+    return max(fits, default=None)
+
+
 def cpu_block_rows(hidden_size: int, intermediate_size: int, pairs: int, num_experts: int) -> int:
     """Rows per block of the blocked CPU dispatch of `pairs` token-expert pairs: 32, or 64
     where OpenBLAS packs the block GEMMs (they are too large for its small-matrix kernel) and
     the padding that 64-row blocks add (half a block per expert, on average) is at most 1/16
     of the pairs: a packed GEMM pays a fixed cost per call, a padded row a row's work.
-    Measured (same-process A/Bs, one-off): the compiled layer's fwd+bwd at 4,096 pairs, small
-    preset 115 -> 110 ms with 64 rows (115 with 128), 973m 832 -> 797 ms (808); tiny (small
-    kernel) 15.0 -> 15.2 ms; a forward alone (prefill, small) at 256 / 512 / 1,024 / 2,048
-    pairs 7% / 4% slower, equal, equal with 64 rows."""
+    Measured (same-process A/Bs, one-off, before `chunk_columns`): the compiled layer's
+    fwd+bwd at 4,096 pairs, small preset 115 -> 110 ms with 64 rows (115 with 128), 973m
+    832 -> 797 ms (808); tiny (small kernel) 15.0 -> 15.2 ms; a forward alone (prefill,
+    small) at 256 / 512 / 1,024 / 2,048 pairs 7% / 4% slower, equal, equal with 64 rows."""
     packed = not small_block_gemm(CPU_BLOCK_ROWS, hidden_size, intermediate_size)
     padding = num_experts * CPU_BLOCK_ROWS_PACKED // 2
     return CPU_BLOCK_ROWS_PACKED if packed and 16 * padding <= pairs else CPU_BLOCK_ROWS
+
+
+def _block_gemm(x: mx.array, weight: mx.array, block_expert: mx.array, forward: bool):
+    """x (blocks, rows, K) times each block's expert: x @ weight[e].T (`forward`, K = in)
+    or x @ weight[e] (the input gradient, K = out); weight (E, out, in) -> (blocks, rows, N).
+    A block too large for OpenBLAS's small-matrix kernel goes in column chunks where it can
+    (`chunk_columns`): the weight copied once per call into (E * chunks, K, columns), one
+    small GEMM per block and chunk, the output put back in order (a copy of it)."""
+    E, d_out, d_in = weight.shape
+    blocks, rows, K = x.shape
+    N = d_out if forward else d_in
+    columns = chunk_columns(rows, K, N)
+    if columns is None:
+        w = weight.swapaxes(-1, -2) if forward else weight  # (E, K, N)
+        if forward and small_block_gemm(rows, K, N):
+            # untransposed operands: the small-matrix kernel runs them without packing (the
+            # 135 blocks of a tiny-preset projection: 0.75 ms against 1.04, one-off); packed
+            # blocks would only pay for the copy (small preset: the layer ~3% slower)
+            w = mx.contiguous(w)
+        return mx.gather_mm(x, w, rhs_indices=block_expert, sorted_indices=True)
+    chunks = N // columns
+    if forward:  # (E, chunks, columns, in) -> (E, chunks, in, columns)
+        w = weight.reshape(E, chunks, columns, d_in).swapaxes(-1, -2)
+    else:  # (E, out, chunks, columns) -> (E, chunks, out, columns)
+        w = weight.reshape(E, d_out, chunks, columns).transpose(0, 2, 1, 3)
+    w = mx.contiguous(w).reshape(E * chunks, K, columns)
+    block = mx.broadcast_to(mx.arange(blocks, dtype=mx.uint32)[:, None], (blocks, chunks))
+    chunk = block_expert.astype(mx.uint32)[:, None] * chunks + mx.arange(chunks, dtype=mx.uint32)
+    out = mx.gather_mm(x, w, lhs_indices=block, rhs_indices=chunk)  # (blocks, chunks, rows, c)
+    return out.transpose(0, 2, 1, 3).reshape(blocks, rows, N)
 
 
 @mx.custom_function
 def block_matmul(x, weight, block_expert, segments):
     """x (blocks, rows, in) @ weight[block_expert].T -> (blocks, rows, out), weight (E, out, in),
     for the blocked CPU dispatch: block_expert sorted, segments (E, 2) the [start, end) rows of
-    each expert in x flattened to (blocks * rows, in). The weight gradient is one GEMM per
-    expert (`segmented_mm`). Small blocks take the weight transposed once per call, so that
-    both GEMMs of a block have untransposed operands, which OpenBLAS's small-matrix kernel
-    runs without packing (the 135 blocks of a tiny-preset projection: 0.75 ms against 1.04,
-    one-off); larger blocks are packed either way, and there the copy only costs (small
-    preset: the layer ~3% slower with it in `scripts/bench_moe.py`-style A/B runs)."""
-    rows, d_in = x.shape[-2:]
-    w_t = weight.swapaxes(-1, -2)
-    if small_block_gemm(rows, d_in, weight.shape[1]):
-        w_t = mx.contiguous(w_t)
-    return mx.gather_mm(x, w_t, rhs_indices=block_expert, sorted_indices=True)
+    each expert in x flattened to (blocks * rows, in). The block GEMMs as `_block_gemm` lays
+    them out; the weight gradient is one GEMM per expert (`segmented_mm`)."""
+    return _block_gemm(x, weight, block_expert, forward=True)
 
 
 @block_matmul.vjp
 def _block_matmul_vjp(primals, cotangent, output):
     x, weight, block_expert, segments = primals
-    dx = mx.gather_mm(cotangent, weight, rhs_indices=block_expert, sorted_indices=True)
+    dx = _block_gemm(cotangent, weight, block_expert, forward=False)
     rows_out = cotangent.reshape(-1, cotangent.shape[-1])
     dw = mx.segmented_mm(rows_out.T, x.reshape(-1, x.shape[-1]), segments)  # (E, out, in)
     return dx, dw, mx.zeros_like(block_expert), mx.zeros_like(segments)

@@ -336,17 +336,25 @@ def test_gather_mm_dispatch_equals_naive_per_token_loop(tiny_config, T):
     assert abs(aux.item() - aux_ref) <= 1e-5 * aux_ref
 
 
-@pytest.mark.parametrize("weight_copied, block_rows", [(True, 32), (False, 32), (False, 64)])
+@pytest.mark.parametrize(
+    "block_gemm, block_rows", [("small", 32), ("packed", 32), ("packed", 64), ("chunked", 32)]
+)
 def test_blocked_cpu_dispatch_equals_sorted_rows_values_and_gradients(
-    tiny_config, weight_copied, block_rows, monkeypatch
+    tiny_config, block_gemm, block_rows, monkeypatch
 ):
     """Enough tokens for the blocked layout (N * k >= E * block rows), uneven loads: one
     expert in every top-2, one never chosen, the rest partly filling their last block. Both
     gather_mm paths against plain matmuls (every expert on every token, then selected); the
-    blocked one with the weight transposed into a copy (small blocks) and as a view, in
-    blocks of 32 and 64 rows."""
-    if not weight_copied:
+    blocked one with its block GEMMs whole on untransposed operands (small blocks), whole on
+    the weight's transposed view (packed), and in column chunks (the tiny preset's blocks
+    made too large for the small-matrix kernel: 64 -> 128 in chunks of 64 columns, 128 -> 64
+    of 32), in blocks of 32 and 64 rows."""
+    if block_gemm == "packed":
         monkeypatch.setattr(mlx_experts, "SMALL_BLOCK_GEMM", 0)
+    if block_gemm == "chunked":
+        monkeypatch.setattr(mlx_experts, "SMALL_BLOCK_GEMM", 32 * 64 * 64)
+        assert mlx_experts.chunk_columns(32, 64, 128) == 64
+        assert mlx_experts.chunk_columns(32, 128, 64) == 32
     monkeypatch.setattr(mlx_model, "cpu_block_rows", lambda *args: block_rows)
     model = build(tiny_config, bias_std=0.0)
     mlp = model.decoder_layers[0].mlp
@@ -401,7 +409,7 @@ def test_cpu_block_rows_64_only_for_packed_gemms_and_many_pairs():
     """64-row blocks where OpenBLAS packs the block GEMMs and there are >= 16 x the padding's
     expectation of pairs (7 experts: 3,584), else 32."""
     assert CPU_BLOCK_ROWS == 32 and CPU_BLOCK_ROWS_PACKED == 64
-    tiny, small, big = (64, 128), (256, 512), (1024, 1536)
+    tiny, small, big = (64, 128), (256, 512), (768, 1536)
     assert mlx_experts.cpu_block_rows(*tiny, 100_000, 7) == 32  # small-matrix kernel
     for shape in (small, big):
         assert mlx_experts.cpu_block_rows(*shape, 4096, 7) == 64  # batch 8 x 256, top-2
@@ -427,6 +435,19 @@ def test_blocked_dispatch_sends_whole_blocks_of_one_expert(
     for (blocks, rows, _), expert in calls:
         assert rows == g and blocks == (N * k + E * (g - 1)) // g  # < g padding per expert
         assert expert.shape == (blocks,) and np.all(np.diff(expert) >= 0)
+
+
+def test_chunk_columns_bring_block_gemms_under_the_small_kernel():
+    """32-row blocks: the widest multiple of 16 that divides the output width and fits
+    OpenBLAS's small kernel (rows x in x columns <= 100**3); None for blocks that fit whole,
+    fit no chunk, or have 64 rows (their packing amortised)."""
+    chunk = mlx_experts.chunk_columns
+    assert chunk(32, 64, 128) is None  # tiny: whole
+    assert chunk(32, 256, 512) == 64 and chunk(32, 512, 256) == 32  # small
+    assert chunk(32, 768, 1536) == 32 and chunk(32, 1536, 768) == 16  # 973m
+    assert chunk(32, 4096, 8192) is None  # 16 columns too many
+    assert chunk(64, 256, 512) is None  # 64-row blocks
+    assert chunk(32, 256, 528) == 48  # 64 would fit, but does not divide 528
 
 
 def test_blocked_dispatch_fits_the_most_padding(tiny_config, monkeypatch):
