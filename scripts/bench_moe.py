@@ -8,8 +8,10 @@ weights and of the input, as in a model (`--no-input-grad`: the weights' only). 
 for comparison: the peers' MoE layers (mlx_lm's DeepseekV3MoE, transformers'
 DeepseekV3MoE) and, in MLX, dispatch variants of ours (the model is untouched): one row per
 gather_mm entry (`sorted_experts`, the GPU path) instead of the CPU's blocks, `gather_mm`
-without the `sorted_indices` flag, and one plain matmul per expert over its contiguous
-sorted slice. The MLX rows run as `customllm-mlx train` runs its layers: on a multi-core Linux
+without the `sorted_indices` flag, one plain matmul per expert over its contiguous
+sorted slice, the blocks' GEMMs whole where ours runs them in column chunks (small, 973m), the
+layer without its routed GEMMs and without any routed experts (a breakdown of our time, and
+the floor of the ratio). The MLX rows run as `customllm-mlx train` runs its layers: on a multi-core Linux
 CPU the batch in two slices on two CPU streams (`--cpu-streams 1`: one stream, OpenBLAS on
 all cores; the definition before the eighth session).
 
@@ -108,6 +110,24 @@ def _scaled_rows(experts, x, block_expert, segments):
     return x * experts.down_proj.weight[0, :, 0]  # keeps a weight gradient, no GEMM
 
 
+WHOLE = "customllm MoE (block GEMMs whole)"
+
+
+def whole_block_gemms(fn):
+    """`fn` with the blocked dispatch's column chunks off (`experts.chunk_columns`), the
+    block GEMMs whole as before them: its traces (a compiled row: the first call) see that."""
+    from customllm_mlx import experts
+
+    def run():
+        chunk_columns, experts.chunk_columns = experts.chunk_columns, lambda *args: None
+        try:
+            return fn()
+        finally:
+            experts.chunk_columns = chunk_columns
+
+    return run
+
+
 def dispatch_none(mlp, x_flat, idx, weights, load):
     """No routed experts: what is left is the router, top-k, aux loss and the shared expert
     (the routing weights still get a gradient). Its time plus two `dense SwiGLU (I)` chains
@@ -124,7 +144,7 @@ def mlx_layers(cfg: ModelConfig, tokens: int) -> dict[str, tuple[nn.Module, bool
     per call (CPU stream slice); "no routed GEMMs" only where ours takes the blocked layout."""
     from mlx_lm.models import deepseek_v3
 
-    from customllm_mlx.experts import CPU_BLOCK_ROWS
+    from customllm_mlx.experts import CPU_BLOCK_ROWS, chunk_columns
     from customllm_mlx.model import DeepSeekExpertLayer, LlamaMLP
 
     D, inter = cfg.hidden_size, cfg.intermediate_size
@@ -133,6 +153,11 @@ def mlx_layers(cfg: ModelConfig, tokens: int) -> dict[str, tuple[nn.Module, bool
         "dense SwiGLU (I)": (DeepSeekExpertLayer(D, inter), True),
     }
     layers["customllm MoE"] = (LlamaMLP(cfg), True)
+    pairs = tokens * cfg.num_experts_per_tok
+    blocked = mx.default_device() == mx.cpu and pairs >= cfg.n_routed_experts * CPU_BLOCK_ROWS
+    g = LlamaMLP.block_rows(layers["customllm MoE"][0], pairs)
+    if blocked and (chunk_columns(g, D, inter) or chunk_columns(g, inter, D)):
+        layers[WHOLE] = (LlamaMLP(cfg), True)  # the same layer, timed by `whole_block_gemms`
     for label, fn in (
         ("sorted rows", dispatch_sorted_rows),
         ("gather_mm unflagged", dispatch_gather_unflagged),
@@ -140,8 +165,6 @@ def mlx_layers(cfg: ModelConfig, tokens: int) -> dict[str, tuple[nn.Module, bool
         ("no routed GEMMs", dispatch_no_expert_gemms),
         ("router + shared only", dispatch_none),
     ):
-        pairs = tokens * cfg.num_experts_per_tok
-        blocked = mx.default_device() == mx.cpu and pairs >= cfg.n_routed_experts * CPU_BLOCK_ROWS
         if fn is dispatch_no_expert_gemms and not blocked:
             continue
         mlp = LlamaMLP(cfg)
@@ -272,6 +295,8 @@ def measure(args, cfg: ModelConfig, frameworks: set[str]) -> dict:
                         args.input_grad,
                         args.cpu_streams,
                     )
+                    if name == WHOLE:
+                        fwd, bwd = whole_block_gemms(fwd), whole_block_gemms(bwd)
                     fns[key + "/fwd"], fns[key + "/bwd"] = fwd, bwd
                     meta[key] = (name, "mlx", mode)
     if "torch" in frameworks:

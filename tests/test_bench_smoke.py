@@ -237,6 +237,11 @@ def test_bench_moe_no_gemm_variant_routes_rows_back():
     parts = bench_moe.breakdown(rows, "mlx", "compiled")
     assert parts == dict(zip(PARTS, (3.0, 1.5, 5.5), strict=True))
     assert bench_moe.breakdown(rows, "torch", "eager") is None
+    # the "block GEMMs whole" row: chunks off while it runs (and traces), on again after
+    from customllm_mlx import experts
+
+    whole = bench_moe.whole_block_gemms(lambda: experts.chunk_columns(32, 256, 512))
+    assert whole() is None and experts.chunk_columns(32, 256, 512) == 64
 
 
 def test_bench_loss(tmp_path):
