@@ -446,9 +446,12 @@ class CustomLLM(nn.Module):
         (`linear_cross_entropy`: no logits stored, gradients formed in the forward pass).
         Position t predicts shift_labels[:, t]; -100 is ignored."""
         x, aux_loss, load = self.hidden_states(inputs)
+        return linear_cross_entropy(x, *self.lm_head_params(), shift_labels), aux_loss, load
+
+    def lm_head_params(self) -> tuple[mx.array, mx.array | None]:
+        """lm_head's weight and bias (None without one, `lm_head_bias`: False)."""
         head = self.lm_head
-        bias = head["bias"] if "bias" in head else None
-        return linear_cross_entropy(x, head.weight, bias, shift_labels), aux_loss, load
+        return head.weight, head["bias"] if "bias" in head else None
 
     def hidden_states(self, inputs, cache=None, absorb=None):
         """The last decoder layer's output (B, T, hidden), the aux loss and the expert loads."""

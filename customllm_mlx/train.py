@@ -169,7 +169,7 @@ def heldout_slices(model: CustomLLM, parts: int, compiled: bool = True) -> list:
     and the loss fused per chunk of rows (`linear_nll_sum`). Built once per run."""
 
     def sums(inputs, targets):
-        return linear_nll_sum(model.hidden_states(inputs)[0], *_head(model), targets)
+        return linear_nll_sum(model.hidden_states(inputs)[0], *model.lm_head_params(), targets)
 
     return on_streams(sums, parts, [model.state], compiled)
 
@@ -198,11 +198,6 @@ def evaluate_loss(model: CustomLLM, batches: list[np.ndarray], world, slices=Non
         total = mx.distributed.all_sum(mx.array([loss_sum, tokens]), group=world, stream=mx.cpu)
         loss_sum, tokens = total.tolist()
     return loss_sum / max(tokens, 1)
-
-
-def _head(model: CustomLLM) -> tuple[mx.array, mx.array | None]:
-    head = model.lm_head
-    return head.weight, head["bias"] if "bias" in head else None
 
 
 def sample_text(model: CustomLLM, tokenizer, prompt: str, max_tokens: int) -> str:
