@@ -12,6 +12,7 @@ from customllm_mlx.loss import exp
 # rows per GEMM of the blocked CPU dispatch (LlamaMLP.blocked_experts), see `cpu_block_rows`
 CPU_BLOCK_ROWS = 32  # the default, and the fewest pairs per expert for the blocked layout
 CPU_BLOCK_ROWS_PACKED = 64  # blocks OpenBLAS packs, in large batches
+CPU_BLOCK_ROWS_CHUNKED = 16  # blocks too large for the small kernel at 32 rows: column chunks
 SORT_MIN_PAIRS = 64  # fewer token-expert pairs (decoding) skip the sort, as mlx_lm's SwitchGLU
 
 
@@ -94,18 +95,19 @@ def small_block_gemm(rows: int, d_in: int, d_out: int) -> bool:
 
 
 def chunk_columns(rows: int, d_in: int, d_out: int) -> int | None:
-    """Output columns per GEMM that bring a 32-row (rows, d_in) @ (d_in, d_out) block GEMM,
-    too large for OpenBLAS's small-matrix kernel, under it: the widest multiple of
+    """Output columns per GEMM that bring a (rows, d_in) @ (d_in, d_out) block GEMM of at most
+    32 rows, too large for OpenBLAS's small-matrix kernel, under it: the widest multiple of
     CHUNK_COLUMNS that divides d_out and fits; None where the block fits whole, no chunk
     does, or the blocks have more rows.
     A packed GEMM repacks its weight operand on every call, once per block here: a copy as
     large against the block's work as the block has few rows. The chunks' operands are read
-    unpacked. Same-process A/Bs, one projection over 2,240 rows in 32-row blocks, one thread
-    (one-off): forward and input gradient 8.3 -> 7.1 and 7.6 -> 7.1 ms (small preset, gate),
-    8.0 -> 6.8 and 8.0 -> 7.0 (small, down); 973m 74 -> 62 and 66 -> 72 (gate), 71 -> 61 and
-    69 -> 69 (down); over 4,480 rows, 973m gate: 135 -> 114 and 129 -> 124. 64-row blocks
-    (`cpu_block_rows`) amortise the packing, and there the chunks, 16 columns at 973m, were
-    no faster: 119 -> 121 and 117 -> 117 (gate), 118 -> 119 and 119 -> 134 (down)."""
+    unpacked. Same-process A/Bs, one projection over 2,240 rows, one thread (one-off),
+    forward and input gradient, whole -> chunked: 32-row blocks, small preset 8.3 -> 7.1 and
+    7.6 -> 7.1 ms (gate), 8.0 -> 6.8 and 8.0 -> 7.0 (down); 973m 74 -> 62 and 66 -> 72
+    (gate, 16-column chunks in the input gradient), 71 -> 61 and 69 -> 69 (down). 973m in
+    16-row blocks (chunks twice as wide): 60 and 64 (gate), 64 and 58 (down). 64-row blocks
+    amortise the packing, and there 16-column chunks were no faster (973m: 119 -> 121 and
+    117 -> 117, 118 -> 119 and 119 -> 134)."""
     if rows > CPU_BLOCK_ROWS or small_block_gemm(rows, d_in, d_out):
         return None
     fits = [
@@ -116,18 +118,33 @@ def chunk_columns(rows: int, d_in: int, d_out: int) -> int | None:
     return max(fits, default=None)
 
 
+def small_kernel_fits(rows: int, d_in: int, d_out: int) -> bool:
+    """Whether OpenBLAS's small-matrix kernel takes a block GEMM whole or in column chunks."""
+    return small_block_gemm(rows, d_in, d_out) or chunk_columns(rows, d_in, d_out) is not None
+
+
 def cpu_block_rows(hidden_size: int, intermediate_size: int, pairs: int, num_experts: int) -> int:
-    """Rows per block of the blocked CPU dispatch of `pairs` token-expert pairs: 32, or 64
-    where OpenBLAS packs the block GEMMs (they are too large for its small-matrix kernel) and
-    the padding that 64-row blocks add (half a block per expert, on average) is at most 1/16
-    of the pairs: a packed GEMM pays a fixed cost per call, a padded row a row's work.
-    Measured (same-process A/Bs, one-off, before `chunk_columns`): the compiled layer's
-    fwd+bwd at 4,096 pairs, small preset 115 -> 110 ms with 64 rows (115 with 128), 973m
-    832 -> 797 ms (808); tiny (small kernel) 15.0 -> 15.2 ms; a forward alone (prefill,
-    small) at 256 / 512 / 1,024 / 2,048 pairs 7% / 4% slower, equal, equal with 64 rows."""
-    packed = not small_block_gemm(CPU_BLOCK_ROWS, hidden_size, intermediate_size)
+    """Rows per block of the blocked CPU dispatch of `pairs` token-expert pairs:
+    - 32 where OpenBLAS's small-matrix kernel takes the block GEMMs whole (tiny);
+    - 16 where it takes 16-row blocks in column chunks (`chunk_columns`; small, 973m): the
+      chunks twice as wide as at 32 rows, and half the padding;
+    - else 64 where the padding that 64-row blocks add (half a block per expert, on
+      average) is at most 1/16 of the pairs (a packed GEMM pays a fixed cost per call, a
+      padded row a row's work), or 32.
+    Measured (same-process A/Bs of the compiled layer's fwd+bwd, 2 CPU streams, one-off):
+    16-row chunked blocks against this session's 32-row ones at 2,048 pairs per stream,
+    973m 809 -> 754 ms, small 101.6 -> 101.4; against 64-row whole blocks at 4,096 pairs,
+    973m 1,549 -> 1,417, small 195.6 -> 186.4. Before the chunks: 64 against 32 rows at
+    4,096 pairs, small 115 -> 110 ms, 973m 832 -> 797; tiny (small kernel) 15.0 -> 15.2 ms
+    with 64; a forward alone (prefill, small) at 256 / 512 / 1,024 / 2,048 pairs 7% / 4%
+    slower, equal, equal with 64 rows."""
+    if small_block_gemm(CPU_BLOCK_ROWS, hidden_size, intermediate_size):
+        return CPU_BLOCK_ROWS
+    shapes = ((hidden_size, intermediate_size), (intermediate_size, hidden_size))
+    if all(small_kernel_fits(CPU_BLOCK_ROWS_CHUNKED, *shape) for shape in shapes):
+        return CPU_BLOCK_ROWS_CHUNKED
     padding = num_experts * CPU_BLOCK_ROWS_PACKED // 2
-    return CPU_BLOCK_ROWS_PACKED if packed and 16 * padding <= pairs else CPU_BLOCK_ROWS
+    return CPU_BLOCK_ROWS_PACKED if 16 * padding <= pairs else CPU_BLOCK_ROWS
 
 
 def _block_gemm(x: mx.array, weight: mx.array, block_expert: mx.array, forward: bool):

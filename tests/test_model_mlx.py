@@ -25,7 +25,7 @@ from customllm.config import ModelConfig
 from customllm_mlx import experts as mlx_experts
 from customllm_mlx import model as mlx_model
 from customllm_mlx.cli import main as cli_main
-from customllm_mlx.experts import CPU_BLOCK_ROWS, CPU_BLOCK_ROWS_PACKED
+from customllm_mlx.experts import CPU_BLOCK_ROWS, CPU_BLOCK_ROWS_CHUNKED, CPU_BLOCK_ROWS_PACKED
 from customllm_mlx.model import (
     CustomLLM,
     LatentKVCache,
@@ -337,7 +337,8 @@ def test_gather_mm_dispatch_equals_naive_per_token_loop(tiny_config, T):
 
 
 @pytest.mark.parametrize(
-    "block_gemm, block_rows", [("small", 32), ("packed", 32), ("packed", 64), ("chunked", 32)]
+    "block_gemm, block_rows",
+    [("small", 32), ("packed", 32), ("packed", 64), ("chunked", 32), ("chunked", 16)],
 )
 def test_blocked_cpu_dispatch_equals_sorted_rows_values_and_gradients(
     tiny_config, block_gemm, block_rows, monkeypatch
@@ -348,13 +349,13 @@ def test_blocked_cpu_dispatch_equals_sorted_rows_values_and_gradients(
     blocked one with its block GEMMs whole on untransposed operands (small blocks), whole on
     the weight's transposed view (packed), and in column chunks (the tiny preset's blocks
     made too large for the small-matrix kernel: 64 -> 128 in chunks of 64 columns, 128 -> 64
-    of 32), in blocks of 32 and 64 rows."""
+    of 32), in blocks of 16, 32 and 64 rows."""
     if block_gemm == "packed":
         monkeypatch.setattr(mlx_experts, "SMALL_BLOCK_GEMM", 0)
     if block_gemm == "chunked":
-        monkeypatch.setattr(mlx_experts, "SMALL_BLOCK_GEMM", 32 * 64 * 64)
-        assert mlx_experts.chunk_columns(32, 64, 128) == 64
-        assert mlx_experts.chunk_columns(32, 128, 64) == 32
+        monkeypatch.setattr(mlx_experts, "SMALL_BLOCK_GEMM", block_rows * 64 * 64)
+        assert mlx_experts.chunk_columns(block_rows, 64, 128) == 64
+        assert mlx_experts.chunk_columns(block_rows, 128, 64) == 32
     monkeypatch.setattr(mlx_model, "cpu_block_rows", lambda *args: block_rows)
     model = build(tiny_config, bias_std=0.0)
     mlp = model.decoder_layers[0].mlp
@@ -405,46 +406,58 @@ def test_blocked_cpu_dispatch_equals_sorted_rows_values_and_gradients(
     np.testing.assert_allclose(np.array(y), y_ref, atol=1e-5, rtol=1e-4)
 
 
-def test_cpu_block_rows_64_only_for_packed_gemms_and_many_pairs():
-    """64-row blocks where OpenBLAS packs the block GEMMs and there are >= 16 x the padding's
-    expectation of pairs (7 experts: 3,584), else 32."""
-    assert CPU_BLOCK_ROWS == 32 and CPU_BLOCK_ROWS_PACKED == 64
-    tiny, small, big = (64, 128), (256, 512), (768, 1536)
+def test_cpu_block_rows_by_what_openblas_runs_unpacked():
+    """32-row blocks where OpenBLAS's small-matrix kernel takes them whole (tiny); 16 where
+    it takes 16-row blocks in column chunks (small, 973m); otherwise 64 where there are
+    >= 16 x the padding's expectation of pairs (7 experts: 3,584), else 32."""
+    assert CPU_BLOCK_ROWS == 32 and CPU_BLOCK_ROWS_PACKED == 64 and CPU_BLOCK_ROWS_CHUNKED == 16
+    tiny, small, big, huge = (64, 128), (256, 512), (768, 1536), (4096, 8192)
     assert mlx_experts.cpu_block_rows(*tiny, 100_000, 7) == 32  # small-matrix kernel
     for shape in (small, big):
+        for pairs in (2048, 4096):
+            assert mlx_experts.cpu_block_rows(*shape, pairs, 7) == 16
+    for shape in (huge,):  # 16 x 4096 x 16 columns is past the small kernel
         assert mlx_experts.cpu_block_rows(*shape, 4096, 7) == 64  # batch 8 x 256, top-2
         assert mlx_experts.cpu_block_rows(*shape, 3584, 7) == 64
         assert mlx_experts.cpu_block_rows(*shape, 3583, 7) == 32
         assert mlx_experts.cpu_block_rows(*shape, 2048, 7) == 32  # a 1,024-token prefill
 
 
-@pytest.mark.parametrize("small_kernel", [True, False])
+@pytest.mark.parametrize("regime", ["small", "packed", "chunked"])
 def test_blocked_dispatch_sends_whole_blocks_of_one_expert(
-    tiny_config, gather_mm_calls, small_kernel, monkeypatch
+    tiny_config, gather_mm_calls, regime, monkeypatch
 ):
-    """32-row blocks where OpenBLAS's small-matrix kernel takes them, 64 where it packs
-    (and pairs are many: 28 x 64 tokens, top-2)."""
-    if not small_kernel:
-        monkeypatch.setattr(mlx_experts, "SMALL_BLOCK_GEMM", 0)
-    g = CPU_BLOCK_ROWS if small_kernel else CPU_BLOCK_ROWS_PACKED
+    """32-row blocks where OpenBLAS's small-matrix kernel takes them, 16 in column chunks
+    where it takes those (the kernel's bound lowered: 64 and 32 columns), 64 where it packs
+    either way (and pairs are many: 28 x 64 tokens, top-2)."""
+    bound = {"small": mlx_experts.SMALL_BLOCK_GEMM, "packed": 0, "chunked": 16 * 64 * 64}
+    monkeypatch.setattr(mlx_experts, "SMALL_BLOCK_GEMM", bound[regime])
+    g = {"small": CPU_BLOCK_ROWS, "packed": CPU_BLOCK_ROWS_PACKED}.get(regime, 16)
     calls = gather_mm_calls
     model = build(tiny_config)
     N, k, E = 28 * 64, 2, tiny_config.n_routed_experts
     model(random_ids(tiny_config, B=28, T=64))
     assert len(calls) == 3 * tiny_config.num_hidden_layers
-    for (blocks, rows, _), expert in calls:
+    for (blocks, rows, d_in), index in calls:
         assert rows == g and blocks == (N * k + E * (g - 1)) // g  # < g padding per expert
-        assert expert.shape == (blocks,) and np.all(np.diff(expert) >= 0)
+        if regime == "chunked":  # (blocks, chunks): expert * chunks + chunk
+            chunks = index.shape[1]
+            assert chunks == {64: 128 // 64, 128: 64 // 32}[d_in]
+            assert np.all(index % chunks == np.arange(chunks))
+            index = index[:, 0] // chunks
+        assert index.shape == (blocks,) and np.all(np.diff(index) >= 0)
 
 
 def test_chunk_columns_bring_block_gemms_under_the_small_kernel():
-    """32-row blocks: the widest multiple of 16 that divides the output width and fits
-    OpenBLAS's small kernel (rows x in x columns <= 100**3); None for blocks that fit whole,
-    fit no chunk, or have 64 rows (their packing amortised)."""
+    """Blocks of up to 32 rows: the widest multiple of 16 that divides the output width and
+    fits OpenBLAS's small kernel (rows x in x columns <= 100**3); None for blocks that fit
+    whole, fit no chunk, or have 64 rows (their packing amortised)."""
     chunk = mlx_experts.chunk_columns
     assert chunk(32, 64, 128) is None  # tiny: whole
     assert chunk(32, 256, 512) == 64 and chunk(32, 512, 256) == 32  # small
     assert chunk(32, 768, 1536) == 32 and chunk(32, 1536, 768) == 16  # 973m
+    assert chunk(16, 256, 512) == 128 and chunk(16, 512, 256) == 64  # small, 16 rows
+    assert chunk(16, 768, 1536) == 64 and chunk(16, 1536, 768) == 32  # 973m, 16 rows
     assert chunk(32, 4096, 8192) is None  # 16 columns too many
     assert chunk(64, 256, 512) is None  # 64-row blocks
     assert chunk(32, 256, 528) == 48  # 64 would fit, but does not divide 528
