@@ -55,9 +55,27 @@ def _bind(library: ctypes.CDLL) -> None:
     try:
         library.openblas_get_num_threads.restype = ctypes.c_int
         library.openblas_set_num_threads.argtypes = [ctypes.c_int]
+        library.openblas_get_corename.restype = ctypes.c_char_p
     except AttributeError:  # a BLAS without OpenBLAS's thread controls
         return
     _library = library
+
+
+# the cores whose OpenBLAS kernels include the small-matrix GEMM ("direct sgemm") path, which
+# runs small products on unpacked operands (OpenBLAS's kernel/x86_64 small-matrix sources)
+SMALL_GEMM_CORES = ("skylakex", "cooperlake", "sapphirerapids")
+
+
+def corename() -> str | None:
+    """The core OpenBLAS chose its kernels for ("Cooperlake", "Haswell", ...); None without it."""
+    return _library.openblas_get_corename().decode() if _library is not None else None
+
+
+def small_gemm_kernel(core: str | None = None) -> bool:
+    """Whether the BLAS that MLX's CPU backend calls runs small GEMMs unpacked: OpenBLAS on a
+    core with its small-matrix kernels (`core`, default: the loaded library's)."""
+    core = corename() if core is None else core
+    return core is not None and core.lower() in SMALL_GEMM_CORES
 
 
 def threads() -> int | None:

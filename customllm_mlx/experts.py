@@ -7,6 +7,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from customllm_mlx import _blas
 from customllm_mlx.loss import exp
 
 # rows per GEMM of the blocked CPU dispatch (LlamaMLP.blocked_experts), see `cpu_block_rows`
@@ -85,7 +86,10 @@ class StackedExpertLinear(nn.Module):
         return mx.gather_mm(x, weight, rhs_indices=expert, sorted_indices=sorted_indices)
 
 
-SMALL_BLOCK_GEMM = 100**3  # multiply-adds of a block GEMM that OpenBLAS runs unpacked, at most
+# multiply-adds of a block GEMM that OpenBLAS runs unpacked (its small-matrix kernel), at most;
+# 0 where the BLAS has no such kernel (another core, Accelerate, the reference BLAS): there
+# every block GEMM is packed, and the blocks take 32 or 64 rows, never column chunks
+SMALL_BLOCK_GEMM = 100**3 if _blas.small_gemm_kernel() else 0
 CHUNK_COLUMNS = 16  # output columns of a chunked block GEMM: a multiple of this (AVX-512 floats)
 
 

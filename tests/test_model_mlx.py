@@ -350,6 +350,7 @@ def test_blocked_cpu_dispatch_equals_sorted_rows_values_and_gradients(
     the weight's transposed view (packed), and in column chunks (the tiny preset's blocks
     made too large for the small-matrix kernel: 64 -> 128 in chunks of 64 columns, 128 -> 64
     of 32), in blocks of 16, 32 and 64 rows."""
+    monkeypatch.setattr(mlx_experts, "SMALL_BLOCK_GEMM", 100**3)  # OpenBLAS's, as here
     if block_gemm == "packed":
         monkeypatch.setattr(mlx_experts, "SMALL_BLOCK_GEMM", 0)
     if block_gemm == "chunked":
@@ -406,10 +407,11 @@ def test_blocked_cpu_dispatch_equals_sorted_rows_values_and_gradients(
     np.testing.assert_allclose(np.array(y), y_ref, atol=1e-5, rtol=1e-4)
 
 
-def test_cpu_block_rows_by_what_openblas_runs_unpacked():
+def test_cpu_block_rows_by_what_openblas_runs_unpacked(monkeypatch):
     """32-row blocks where OpenBLAS's small-matrix kernel takes them whole (tiny); 16 where
     it takes 16-row blocks in column chunks (small, 973m); otherwise 64 where there are
     >= 16 x the padding's expectation of pairs (7 experts: 3,584), else 32."""
+    monkeypatch.setattr(mlx_experts, "SMALL_BLOCK_GEMM", 100**3)
     assert CPU_BLOCK_ROWS == 32 and CPU_BLOCK_ROWS_PACKED == 64 and CPU_BLOCK_ROWS_CHUNKED == 16
     tiny, small, big, huge = (64, 128), (256, 512), (768, 1536), (4096, 8192)
     assert mlx_experts.cpu_block_rows(*tiny, 100_000, 7) == 32  # small-matrix kernel
@@ -421,6 +423,23 @@ def test_cpu_block_rows_by_what_openblas_runs_unpacked():
         assert mlx_experts.cpu_block_rows(*shape, 3584, 7) == 64
         assert mlx_experts.cpu_block_rows(*shape, 3583, 7) == 32
         assert mlx_experts.cpu_block_rows(*shape, 2048, 7) == 32  # a 1,024-token prefill
+    monkeypatch.setattr(mlx_experts, "SMALL_BLOCK_GEMM", 0)  # a BLAS without the kernel
+    for shape in (tiny, small, big):
+        assert mlx_experts.cpu_block_rows(*shape, 4096, 7) == 64
+        assert mlx_experts.cpu_block_rows(*shape, 2048, 7) == 32
+        assert mlx_experts.chunk_columns(16, *shape) is None
+
+
+def test_small_block_gemm_only_where_openblas_has_the_small_kernel():
+    """The small-matrix rules hold for OpenBLAS on the AVX-512 cores with that kernel; any
+    other BLAS packs every GEMM, and the bound is 0."""
+    from customllm_mlx import _blas
+
+    for core, small in (("Cooperlake", True), ("SkylakeX", True), ("Haswell", False)):
+        assert _blas.small_gemm_kernel(core) is small
+    if _blas.loaded is None:  # no OpenBLAS (CUSTOMLLM_NO_OPENBLAS, macOS): no core, no kernel
+        assert _blas.corename() is None and not _blas.small_gemm_kernel()
+    assert mlx_experts.SMALL_BLOCK_GEMM == (100**3 if _blas.small_gemm_kernel() else 0)
 
 
 @pytest.mark.parametrize("regime", ["small", "packed", "chunked"])
@@ -430,7 +449,7 @@ def test_blocked_dispatch_sends_whole_blocks_of_one_expert(
     """32-row blocks where OpenBLAS's small-matrix kernel takes them, 16 in column chunks
     where it takes those (the kernel's bound lowered: 64 and 32 columns), 64 where it packs
     either way (and pairs are many: 28 x 64 tokens, top-2)."""
-    bound = {"small": mlx_experts.SMALL_BLOCK_GEMM, "packed": 0, "chunked": 16 * 64 * 64}
+    bound = {"small": 100**3, "packed": 0, "chunked": 16 * 64 * 64}
     monkeypatch.setattr(mlx_experts, "SMALL_BLOCK_GEMM", bound[regime])
     g = {"small": CPU_BLOCK_ROWS, "packed": CPU_BLOCK_ROWS_PACKED}.get(regime, 16)
     calls = gather_mm_calls
@@ -448,10 +467,11 @@ def test_blocked_dispatch_sends_whole_blocks_of_one_expert(
         assert index.shape == (blocks,) and np.all(np.diff(index) >= 0)
 
 
-def test_chunk_columns_bring_block_gemms_under_the_small_kernel():
+def test_chunk_columns_bring_block_gemms_under_the_small_kernel(monkeypatch):
     """Blocks of up to 32 rows: the widest multiple of 16 that divides the output width and
     fits OpenBLAS's small kernel (rows x in x columns <= 100**3); None for blocks that fit
     whole, fit no chunk, or have 64 rows (their packing amortised)."""
+    monkeypatch.setattr(mlx_experts, "SMALL_BLOCK_GEMM", 100**3)
     chunk = mlx_experts.chunk_columns
     assert chunk(32, 64, 128) is None  # tiny: whole
     assert chunk(32, 256, 512) == 64 and chunk(32, 512, 256) == 32  # small
