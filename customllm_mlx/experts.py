@@ -136,7 +136,7 @@ def cpu_block_rows(hidden_size: int, intermediate_size: int, pairs: int, num_exp
       average) is at most 1/16 of the pairs (a packed GEMM pays a fixed cost per call, a
       padded row a row's work), or 32.
     Measured (same-process A/Bs of the compiled layer's fwd+bwd, 2 CPU streams, one-off):
-    16-row chunked blocks against this session's 32-row ones at 2,048 pairs per stream,
+    16-row chunked blocks against 32-row chunked ones at 2,048 pairs per stream,
     973m 809 -> 754 ms, small 101.6 -> 101.4; against 64-row whole blocks at 4,096 pairs,
     973m 1,549 -> 1,417, small 195.6 -> 186.4. Before the chunks: 64 against 32 rows at
     4,096 pairs, small 115 -> 110 ms, 973m 832 -> 797; tiny (small kernel) 15.0 -> 15.2 ms
