@@ -8,12 +8,12 @@ weights and of the input, as in a model (`--no-input-grad`: the weights' only). 
 for comparison: the peers' MoE layers (mlx_lm's DeepseekV3MoE, transformers'
 DeepseekV3MoE) and, in MLX, dispatch variants of ours (the model is untouched): one row per
 gather_mm entry (`sorted_experts`, the GPU path) instead of the CPU's blocks, `gather_mm`
-without the `sorted_indices` flag, one plain matmul per expert over its contiguous
-sorted slice, the blocks' GEMMs whole where ours runs them in column chunks (small, 973m), the
+without the `sorted_indices` flag, one plain matmul per expert over its contiguous sorted
+slice, the blocks' GEMMs whole where ours runs them in column chunks (small, 973m), and the
 layer without its routed GEMMs and without any routed experts (a breakdown of our time, and
-the floor of the ratio). The MLX rows run as `customllm-mlx train` runs its layers: on a multi-core Linux
-CPU the batch in two slices on two CPU streams (`--cpu-streams 1`: one stream, OpenBLAS on
-all cores; the definition before the eighth session).
+the floor of the ratio). The MLX rows run as `customllm-mlx train` runs its layers: on a
+multi-core Linux CPU the batch in two slices on two CPU streams (`--cpu-streams 1`: one
+stream, OpenBLAS on all cores; the definition before the eighth session).
 
     python scripts/bench_moe.py --preset tiny --json bench_moe.json
 """
