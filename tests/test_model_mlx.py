@@ -338,7 +338,14 @@ def test_gather_mm_dispatch_equals_naive_per_token_loop(tiny_config, T):
 
 @pytest.mark.parametrize(
     "block_gemm, block_rows",
-    [("small", 32), ("packed", 32), ("packed", 64), ("chunked", 32), ("chunked", 16)],
+    [
+        ("small", 32),
+        ("packed", 32),
+        ("packed", 64),
+        ("chunked", 32),
+        ("chunked", 16),
+        ("chunked view", 16),
+    ],
 )
 def test_blocked_cpu_dispatch_equals_sorted_rows_values_and_gradients(
     tiny_config, block_gemm, block_rows, monkeypatch
@@ -349,12 +356,15 @@ def test_blocked_cpu_dispatch_equals_sorted_rows_values_and_gradients(
     blocked one with its block GEMMs whole on untransposed operands (small blocks), whole on
     the weight's transposed view (packed), and in column chunks (the tiny preset's blocks
     made too large for the small-matrix kernel: 64 -> 128 in chunks of 64 columns, 128 -> 64
-    of 32), in blocks of 16, 32 and 64 rows."""
+    of 32; the forward's weight copied into the chunks, or read as a transposed view), in
+    blocks of 16, 32 and 64 rows."""
     monkeypatch.setattr(mlx_experts, "SMALL_BLOCK_GEMM", 100**3)  # OpenBLAS's, as here
     if block_gemm == "packed":
         monkeypatch.setattr(mlx_experts, "SMALL_BLOCK_GEMM", 0)
-    if block_gemm == "chunked":
+    if block_gemm.startswith("chunked"):
         monkeypatch.setattr(mlx_experts, "SMALL_BLOCK_GEMM", block_rows * 64 * 64)
+        # the forward's weight a transposed view (wide inputs), else copied into chunks
+        monkeypatch.setattr(mlx_experts, "CHUNK_VIEW_MIN_IN", 0 if "view" in block_gemm else 10**9)
         assert mlx_experts.chunk_columns(block_rows, 64, 128) == 64
         assert mlx_experts.chunk_columns(block_rows, 128, 64) == 32
     monkeypatch.setattr(mlx_model, "cpu_block_rows", lambda *args: block_rows)
