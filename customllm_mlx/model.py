@@ -291,7 +291,7 @@ class LlamaMLP(nn.Module):
             out = self.routed_experts(x_flat[:, None, None], idx, sorted_indices=False)
         else:
             order = mx.stop_gradient(mx.argsort(flat_expert))
-            if mx.default_device() == mx.cpu and order.size >= self.num_experts * CPU_BLOCK_ROWS:
+            if self.blocked_dispatch(order.size):
                 out = self.blocked_experts(x_flat, flat_expert, order, load)
             else:
                 out = self.sorted_experts(x_flat, flat_expert, order)
@@ -303,6 +303,10 @@ class LlamaMLP(nn.Module):
         # gather as (P, 1, D) directly: x[idx][:, None] sends CPU gather_mm down a slow path
         out = self.routed_experts(x_flat[(order // self.top_k)[:, None]], flat_expert[order])
         return out[:, 0][mx.argsort(order)]
+
+    def blocked_dispatch(self, pairs: int) -> bool:
+        """Whether `pairs` token-expert pairs (sorted) take the blocked CPU dispatch."""
+        return mx.default_device() == mx.cpu and pairs >= self.num_experts * CPU_BLOCK_ROWS
 
     def block_rows(self, pairs: int) -> int:
         """Rows per block of the blocked CPU dispatch (`experts.cpu_block_rows`)."""

@@ -97,17 +97,12 @@ def dispatch_expert_slices(mlp, x_flat, idx, weights, load):
     return _unsort(mlp, mx.concatenate(outs), order, idx, weights)
 
 
-def dispatch_no_expert_gemms(mlp, x_flat, idx, weights, load):
-    """Ours (the CPU's blocked layout, at any size) with the routed experts' GEMMs and
-    activation replaced by a scaling of the block rows: its time less `dispatch_none`'s is what
-    the sort, the padded-row bookkeeping, the gathers and the weighted sum cost."""
-    order = mx.stop_gradient(mx.argsort(idx.flatten()))
-    out = mlp.blocked_experts(x_flat, idx.flatten(), order, load)
-    return (out.reshape(*idx.shape, -1) * weights[..., None]).sum(axis=1)
-
-
 def _scaled_rows(experts, x, block_expert, segments):
-    return x * experts.down_proj.weight[0, :, 0]  # keeps a weight gradient, no GEMM
+    """`StackedExperts.blocks` without its GEMMs and activation: each block row scaled (a
+    weight gradient kept). Our layer with it, where it takes the blocked dispatch, costs the
+    router, the shared expert, the sort, the padded-row bookkeeping, the gathers and the
+    weighted sum; less `dispatch_none`'s time, the last four."""
+    return x * experts.down_proj.weight[0, :, 0]
 
 
 WHOLE = "customllm MoE (block GEMMs whole)"
@@ -144,7 +139,7 @@ def mlx_layers(cfg: ModelConfig, tokens: int) -> dict[str, tuple[nn.Module, bool
     per call (CPU stream slice); "no routed GEMMs" only where ours takes the blocked layout."""
     from mlx_lm.models import deepseek_v3
 
-    from customllm_mlx.experts import CPU_BLOCK_ROWS, chunk_columns
+    from customllm_mlx.experts import chunk_columns
     from customllm_mlx.model import DeepSeekExpertLayer, LlamaMLP
 
     D, inter = cfg.hidden_size, cfg.intermediate_size
@@ -152,25 +147,24 @@ def mlx_layers(cfg: ModelConfig, tokens: int) -> dict[str, tuple[nn.Module, bool
         "dense SwiGLU (3I)": (DeepSeekExpertLayer(D, 3 * inter), True),
         "dense SwiGLU (I)": (DeepSeekExpertLayer(D, inter), True),
     }
-    layers["customllm MoE"] = (LlamaMLP(cfg), True)
+    ours = LlamaMLP(cfg)
+    layers["customllm MoE"] = (ours, True)
     pairs = tokens * cfg.num_experts_per_tok
-    blocked = mx.default_device() == mx.cpu and pairs >= cfg.n_routed_experts * CPU_BLOCK_ROWS
-    g = LlamaMLP.block_rows(layers["customllm MoE"][0], pairs)
-    if blocked and (chunk_columns(g, D, inter) or chunk_columns(g, inter, D)):
-        layers[WHOLE] = (LlamaMLP(cfg), True)  # the same layer, timed by `whole_block_gemms`
+    if ours.blocked_dispatch(pairs):
+        g = ours.block_rows(pairs)
+        if chunk_columns(g, D, inter) or chunk_columns(g, inter, D):
+            layers[WHOLE] = (LlamaMLP(cfg), True)  # the same layer, timed by `whole_block_gemms`
+        mlp = LlamaMLP(cfg)
+        mlp.routed_experts.blocks = types.MethodType(_scaled_rows, mlp.routed_experts)
+        layers["customllm MoE (no routed GEMMs)"] = (mlp, True)
     for label, fn in (
         ("sorted rows", dispatch_sorted_rows),
         ("gather_mm unflagged", dispatch_gather_unflagged),
         ("per-expert slices", dispatch_expert_slices),
-        ("no routed GEMMs", dispatch_no_expert_gemms),
         ("router + shared only", dispatch_none),
     ):
-        if fn is dispatch_no_expert_gemms and not blocked:
-            continue
         mlp = LlamaMLP(cfg)
         mlp.dispatch = types.MethodType(fn, mlp)
-        if fn is dispatch_no_expert_gemms:
-            mlp.routed_experts.blocks = types.MethodType(_scaled_rows, mlp.routed_experts)
         layers[f"customllm MoE ({label})"] = (mlp, fn is not dispatch_expert_slices)
     peer = deepseek_v3.DeepseekV3MoE(deepseek_v3.ModelArgs(**bc.peer_kwargs(cfg)))
     peer.gate.weight = cfg.initializer_range * mx.random.normal(peer.gate.weight.shape)
@@ -331,35 +325,41 @@ def measure(args, cfg: ModelConfig, frameworks: set[str]) -> dict:
 def dispatch_floor(by_key: dict, framework: str, mode: str) -> float | None:
     """fwd+bwd ratio to the dense layer that a dispatch with routed GEMMs as fast per row as
     plain ones, and nothing else, would reach (see `dispatch_none`); None without the rows."""
-    parts = [
-        by_key.get((layer, framework, mode))
-        for layer in (
-            "customllm MoE (router + shared only)",
-            "dense SwiGLU (I)",
-            "dense SwiGLU (3I)",
-        )
-    ]
-    if None in parts:
+    times = _fwd_bwd_ms(
+        by_key,
+        framework,
+        mode,
+        ("customllm MoE (router + shared only)", "dense SwiGLU (I)", "dense SwiGLU (3I)"),
+    )
+    if times is None:
         return None
-    rest, one_chain, dense = (p["fwd_bwd_ms"] for p in parts)
+    rest, one_chain, dense = times
     return (rest + 2 * one_chain) / dense
+
+
+def _fwd_bwd_ms(by_key: dict, framework: str, mode: str, layers) -> list[float] | None:
+    """The fwd+bwd ms of `layers` in `framework` and `mode`; None if a row is missing."""
+    rows = [by_key.get((layer, framework, mode)) for layer in layers]
+    return None if None in rows else [r["fwd_bwd_ms"] for r in rows]
 
 
 def breakdown(by_key: dict, framework: str, mode: str) -> dict | None:
     """Our layer's fwd+bwd ms in three parts: the router and shared expert (`dispatch_none`),
-    the dispatch without the expert GEMMs (`dispatch_no_expert_gemms` less that), and the
+    the dispatch without the expert GEMMs (the `_scaled_rows` layer less that), and the
     routed experts' GEMMs and activation (the rest); None without the rows (MLX only)."""
-    rows = [
-        by_key.get((layer, framework, mode))
-        for layer in (
+    times = _fwd_bwd_ms(
+        by_key,
+        framework,
+        mode,
+        (
             "customllm MoE",
             "customllm MoE (no routed GEMMs)",
             "customllm MoE (router + shared only)",
-        )
-    ]
-    if None in rows:
+        ),
+    )
+    if times is None:
         return None
-    full, no_gemms, rest = (r["fwd_bwd_ms"] for r in rows)
+    full, no_gemms, rest = times
     return {
         "router_shared_ms": rest,
         "dispatch_ms": no_gemms - rest,
@@ -450,11 +450,11 @@ def main(argv: list[str] | None = None) -> dict:
             if parts:
                 r["fwd_bwd_parts_ms"] = parts
                 one_chain = by_key.get(("dense SwiGLU (I)", r["framework"], r["mode"]))
-                chains = f" (2 x dense SwiGLU (I): {2 * one_chain['fwd_bwd_ms']:.2f})"
+                chains = one_chain and f" (2 x dense SwiGLU (I): {2 * one_chain['fwd_bwd_ms']:.2f})"
                 print(
                     f"  fwd+bwd ms: router + shared {parts['router_shared_ms']:.2f}, sort / "
                     f"gather / weighted sum {parts['dispatch_ms']:.2f}, routed experts "
-                    f"{parts['routed_experts_ms']:.2f}" + (chains if one_chain else "")
+                    f"{parts['routed_experts_ms']:.2f}" + (chains or "")
                 )
     result = {
         "benchmark": "moe",
