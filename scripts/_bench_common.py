@@ -482,5 +482,13 @@ def process_info(times_mlx: bool) -> dict[str, Any]:
 
 
 def wants(name: str, only: str | None) -> bool:
-    """`--only` filter: comma-separated substrings of the system names; None keeps all."""
-    return only is None or any(part and part in name for part in only.split(","))
+    """`--only` filter: comma-separated substrings of the system names, a part ending in "$"
+    matching the name's end ("customllm/mlx/compiled$" keeps that row, not its "-logits"
+    variant); None keeps all."""
+    if only is None:
+        return True
+    return any(
+        name.endswith(part[:-1]) if part.endswith("$") else part in name
+        for part in only.split(",")
+        if part.strip("$")
+    )

@@ -15,7 +15,13 @@
 #
 # The tokenizer for step 3: TOKENIZER (default ../shared/tokenizers/cosmo2, else .gpu/tokenizer:
 # copy it there and carry .gpu where ../shared does not travel). mlx[cuda] for step 4: its
-# mlx-cuda-13 wheel (90 MB) is larger than what one device call carries (64 MiB).
+# mlx-cuda-13 wheel (90 MB) is larger than what one device call carries (64 MiB), so it travels
+# in two parts over two calls of a warm machine.
+#
+# STAGES picks and orders the steps (default: torch_eager mlx product torch_compiled, the one
+# most likely to run long last); DEADLINE (seconds, 0 = none) stops each step at what is left
+# of it, so a lease's limit cuts a step, not the whole run and its files; RUN_DIR is where
+# step 3 writes its 973m checkpoint (not OUT, whose files travel back).
 set -uo pipefail
 
 OUT=${1:-gpu_bench_out}
@@ -27,16 +33,24 @@ STEPS=${STEPS:-10}
 TRAIN_STEPS=${TRAIN_STEPS:-30}
 GEMM_N=${GEMM_N:-8192}
 PYTHON=${PYTHON:-python3}
+STAGES=${STAGES:-torch_eager mlx product torch_compiled}
+DEADLINE=${DEADLINE:-0}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+RUN_DIR=${RUN_DIR:-$(mktemp -d)/run_torch}
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 status=0
 
 step() {  # step NAME COMMAND...: run, keep its log, remember a failure, go on
-    local name=$1
+    local name=$1 limit=()
     shift
-    echo "== $name: $*"
-    "$@" 2>&1 | tee "$OUT/$name.log"
+    if [ "$DEADLINE" -gt 0 ]; then
+        local left=$((DEADLINE - SECONDS))
+        [ "$left" -gt 20 ] || { echo "== $name skipped: ${left}s left of DEADLINE"; status=1; return; }
+        limit=(timeout "$left")
+    fi
+    echo "== $name: $* ($SECONDS s in)"
+    "${limit[@]}" "$@" 2>&1 | tee "$OUT/$name.log"
     local rc=${PIPESTATUS[0]}
     [ "$rc" -eq 0 ] || { echo "== $name failed (rc $rc)"; status=1; }
 }
@@ -51,26 +65,34 @@ EOF
 
 bench=(scripts/bench_train.py --preset "$PRESET" --batch "$BATCH" --seq-len "$SEQ"
        --steps "$STEPS" --gemm-n "$GEMM_N" --dtype bfloat16)
-step train_torch_eager "$PYTHON" "${bench[@]}" --frameworks torch --device "$DEVICE" \
-    --only eager --json "$OUT/train_torch_eager.json"
-step train_torch_compiled "$PYTHON" "${bench[@]}" --frameworks torch --device "$DEVICE" \
-    --only /compiled --torch-compile --json "$OUT/train_torch_compiled.json"
-
 TOKENIZER=${TOKENIZER:-../shared/tokenizers/cosmo2}
 [ -d "$TOKENIZER" ] || TOKENIZER=.gpu/tokenizer
-if [ -d "$TOKENIZER" ]; then
-    step product_torch_train "$PYTHON" -m customllm_torch.cli train --device "$DEVICE" \
-        --preset "$PRESET" --dtype bfloat16 --data builtin --tokenizer "$TOKENIZER" \
-        --seq-len "$SEQ" --batch-size "$BATCH" --steps "$TRAIN_STEPS" --warmup-steps 5 \
-        --eval-every 0 --save-every 0 --sample-every 0 --log-every 5 --out "$OUT/run_torch"
-else
-    echo "== product_torch_train skipped: no tokenizer folder (TOKENIZER, .gpu/tokenizer)"
-fi
 
-if "$PYTHON" -c "import mlx.core" 2>/dev/null; then
-    step train_mlx "$PYTHON" "${bench[@]}" --frameworks mlx --only customllm/mlx/compiled,deepseek_v3/mlx/compiled \
-        --json "$OUT/train_mlx.json"
-else
-    echo "== train_mlx skipped: MLX is not installed here"
-fi
+for stage in $STAGES; do
+    case $stage in
+    torch_eager)
+        step train_torch_eager "$PYTHON" "${bench[@]}" --frameworks torch --device "$DEVICE" \
+            --only eager --json "$OUT/train_torch_eager.json" ;;
+    torch_compiled)
+        step train_torch_compiled "$PYTHON" "${bench[@]}" --frameworks torch --device "$DEVICE" \
+            --only /compiled --torch-compile --json "$OUT/train_torch_compiled.json" ;;
+    product)
+        if [ -d "$TOKENIZER" ]; then
+            step product_torch_train "$PYTHON" -m customllm_torch.cli train --device "$DEVICE" \
+                --preset "$PRESET" --dtype bfloat16 --data builtin --tokenizer "$TOKENIZER" \
+                --seq-len "$SEQ" --batch-size "$BATCH" --steps "$TRAIN_STEPS" --warmup-steps 5 \
+                --eval-every 0 --save-every 0 --sample-every 0 --log-every 5 --out "$RUN_DIR"
+        else
+            echo "== product_torch_train skipped: no tokenizer folder (TOKENIZER, .gpu/tokenizer)"
+        fi ;;
+    mlx)
+        if "$PYTHON" -c "import mlx.core" 2>/dev/null; then
+            step train_mlx "$PYTHON" "${bench[@]}" --frameworks mlx \
+                --only 'customllm/mlx/compiled$,deepseek_v3/mlx/compiled$' --json "$OUT/train_mlx.json"
+        else
+            echo "== train_mlx skipped: MLX is not installed here"
+        fi ;;
+    *) echo "unknown stage $stage (torch_eager, torch_compiled, product, mlx)"; exit 2 ;;
+    esac
+done
 exit $status

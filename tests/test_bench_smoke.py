@@ -280,6 +280,8 @@ def test_gpu_bench_script_on_cpu(tmp_path):
         "GEMM_N": "256",
         "PYTHON": sys.executable,
         "TOKENIZER": str(REPO_DIR.parent / "shared" / "tokenizers" / "cosmo2"),
+        "RUN_DIR": str(tmp_path / "run"),
+        "DEADLINE": "850",
     }
     proc = subprocess.run(
         ["bash", str(REPO_DIR / "scripts" / "gpu_bench.sh"), str(tmp_path)],
@@ -305,4 +307,17 @@ def test_gpu_bench_script_on_cpu(tmp_path):
         assert (tmp_path / f"{step}.log").read_text().count("GEMM peak") == 1
     log = (tmp_path / "product_torch_train.log").read_text()
     assert "step 2/2" in log and "(bfloat16)" in log
-    assert (tmp_path / "run_torch" / "checkpoint-2" / "model.safetensors").exists()
+    assert (tmp_path / "run" / "checkpoint-2" / "model.safetensors").exists()
+
+
+def test_only_filter_anchors_a_part_ending_in_dollar():
+    """`--only 'customllm/mlx/compiled$'` keeps that row and not its "-logits" variant (the GPU
+    run's MLX step); a plain part still matches anywhere in the name."""
+    sys.path.insert(0, str(REPO_DIR / "scripts"))
+    import _bench_common as bc
+
+    names = ["customllm/mlx/compiled", "customllm/mlx/compiled-logits", "deepseek_v3/mlx/compiled"]
+    kept = [n for n in names if bc.wants(n, "customllm/mlx/compiled$,deepseek_v3/mlx/compiled$")]
+    assert kept == ["customllm/mlx/compiled", "deepseek_v3/mlx/compiled"]
+    assert [n for n in names if bc.wants(n, "compiled")] == names
+    assert not bc.wants("customllm/mlx/compiled", "$") and bc.wants("anything", None)
