@@ -171,7 +171,8 @@ def cuda_step_peak(run, device: torch.device) -> int:
 
 def torch_system(system: str, cfg: ModelConfig, ids: np.ndarray, mode: str, args) -> System:
     """On --device, float32 weights; --dtype bfloat16 runs forward and loss under bfloat16
-    autocast, as the Trainer's `bf16=True` (`customllm-torch train --dtype bfloat16`)."""
+    autocast, as the Trainer's `bf16=True` (`customllm-torch train --dtype bfloat16`). Ours
+    "-loop" (on CUDA only): the routed experts one matmul chain each, not grouped GEMMs."""
     device = torch.device(args.device)
     inputs = torch.from_numpy(ids).long().to(device)
     with device:  # initialised where it trains: 973M weights drawn on the GPU, not copied there
@@ -182,6 +183,9 @@ def torch_system(system: str, cfg: ModelConfig, ids: np.ndarray, mode: str, args
         else:
             model = bc.build_torch_peer(cfg)
     model.to(device).train()
+    if mode.endswith("-loop"):  # our experts one matmul chain each, not grouped GEMMs
+        for layer in model.decoder_layers:
+            layer.mlp.grouped = False
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     forward = torch.compile(model) if mode == "compiled" else model
     # ours trains with the fused lm_head + loss, as the Trainer runs it; "-logits": unfused
@@ -242,6 +246,10 @@ def build_systems(
         (torch_system, OURS, "eager-logits"),
         (torch_system, TORCH_PEER, "eager"),
     ]
+    if args.device.startswith("cuda"):  # the per-expert loop, as before grouped GEMMs
+        plan.insert(
+            plan.index((torch_system, OURS, "eager-logits")), (torch_system, OURS, "eager-loop")
+        )
     if args.torch_compile:
         plan += [(torch_system, OURS, "compiled"), (torch_system, TORCH_PEER, "compiled")]
     systems, skipped = [], []
@@ -264,7 +272,13 @@ def build_systems(
             made.info["first_step_s"] = round(time.perf_counter() - tic, 2)
             systems.append(made)
         except Exception as err:  # a peer or compiler that fails here is reported, not fatal
-            # (mlx_lm's model in bfloat16 on MLX's CPU: gather_mm takes float32 only)
+            # (mlx_lm's model in bfloat16 on MLX's CPU: gather_mm takes float32 only; on
+            # CUDA, no VJP of its masked attention). An mx.compile that raises while tracing
+            # leaves its captured state holding tracers, MLX's global random key among them:
+            # every later system, and the GEMM peak, then failed with "eval an array without
+            # a primitive" (the first mlx[cuda] run lost our row so). Seeding replaces it.
+            if framework == "mlx":
+                mx.random.seed(0)
             skipped.append({"name": name, "reason": f"{type(err).__name__}: {err}"[:300]})
             print(f"skipped {name}: {skipped[-1]['reason']}", file=sys.stderr)
     return systems, skipped

@@ -21,7 +21,8 @@
 # STAGES picks and orders the steps (default: torch_eager mlx product torch_compiled, the one
 # most likely to run long last); DEADLINE (seconds, 0 = none) stops each step at what is left
 # of it, so a lease's limit cuts a step, not the whole run and its files; RUN_DIR is where
-# step 3 writes its 973m checkpoint (not OUT, whose files travel back).
+# step 3 writes its 973m checkpoint (not OUT, whose files travel back); TORCH_ONLY, the --only
+# of step 1 (default: every eager torch row).
 set -uo pipefail
 
 OUT=${1:-gpu_bench_out}
@@ -72,7 +73,7 @@ for stage in $STAGES; do
     case $stage in
     torch_eager)
         step train_torch_eager "$PYTHON" "${bench[@]}" --frameworks torch --device "$DEVICE" \
-            --only eager --json "$OUT/train_torch_eager.json" ;;
+            --only "${TORCH_ONLY:-eager}" --json "$OUT/train_torch_eager.json" ;;
     torch_compiled)
         step train_torch_compiled "$PYTHON" "${bench[@]}" --frameworks torch --device "$DEVICE" \
             --only /compiled --torch-compile --json "$OUT/train_torch_compiled.json" ;;
