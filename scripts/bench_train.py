@@ -270,6 +270,8 @@ def build_systems(
             tic = time.perf_counter()  # a first step: compiles, and shows the system runs
             made.run()
             made.info["first_step_s"] = round(time.perf_counter() - tic, 2)
+            # progress on stderr: a run cut at a deadline (gpu_bench.sh) still says how far it got
+            print(f"{name}: first step {made.info['first_step_s']} s", file=sys.stderr, flush=True)
             systems.append(made)
         except Exception as err:  # a peer or compiler that fails here is reported, not fatal
             # (mlx_lm's model in bfloat16 on MLX's CPU: gather_mm takes float32 only; on
