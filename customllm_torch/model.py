@@ -231,6 +231,12 @@ def expert_counts(idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     return counts.scatter_add_(-1, idx, torch.ones_like(idx))
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul of x runs in: autocast's where it is on for x's device, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 class LlamaMLP(nn.Module):
     """1 shared + n routed SwiGLU experts, top-k routing with the aux-loss-free bias.
 
@@ -309,6 +315,8 @@ class LlamaMLP(nn.Module):
             return self.grouped
         if not hasattr(F, "grouped_mm") or rows.device.type != "cuda":
             return False
+        if torch.compiler.is_compiling() and compute_dtype(rows) != torch.bfloat16:
+            return False  # torch.compile's shape function of grouped_mm takes bfloat16 alone
         widths = (rows.shape[-1], self.routed_experts[0].gate_proj.out_features)
         aligned = all(w % 8 == 0 for w in widths)
         return aligned and torch.cuda.get_device_capability(rows.device) >= (8, 0)
@@ -320,9 +328,7 @@ class LlamaMLP(nn.Module):
         loop's launches, not its FLOPs, set a 973m step's time). Under autocast, in its dtype
         (grouped_mm is not autocast-aware); the weights stay per-expert parameters."""
         experts = self.routed_experts
-        device = rows.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        dtype = dtype or rows.dtype
+        dtype = compute_dtype(rows)
         pairs = [w for e in experts for w in (e.gate_proj.weight, e.up_proj.weight)]
         gate_up = torch.stack(pairs).view(len(experts), -1, rows.shape[-1])  # (E, 2I, D)
         down = torch.stack([e.down_proj.weight for e in experts])  # (E, D, I)

@@ -369,6 +369,23 @@ def test_grouped_experts_equal_the_per_expert_loop(tiny_config, autocast, monkey
     assert all(gw1[n].abs().sum() == 0 for n in gw1 if ".3." in n)
 
 
+@needs_grouped_mm
+@pytest.mark.slow
+def test_grouped_experts_compile_under_bfloat16_autocast(tiny_config):
+    """torch.compile of the model on the grouped path (CUDA's default) under bfloat16 autocast,
+    as `customllm-torch train --dtype bfloat16` runs it: the loss equals eager's (~30 s here)."""
+    model = build(tiny_config).train()
+    for layer in model.decoder_layers:
+        layer.mlp.grouped = True
+    ids = random_ids(tiny_config, B=2, T=32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = model(ids, labels=ids).loss
+        compiled = torch.compile(model)(ids, labels=ids).loss
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    assert model.decoder_layers[0].mlp.routed_experts[0].gate_proj.weight.grad is not None
+
+
 def test_grouped_experts_only_by_default_on_cuda(tiny_config):
     mlp = make_mlp(tiny_config)
     assert mlp.grouped is None and not mlp.use_grouped(torch.zeros(4, tiny_config.hidden_size))
