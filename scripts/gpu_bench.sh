@@ -22,7 +22,9 @@
 # most likely to run long last); DEADLINE (seconds, 0 = none) stops each step at what is left
 # of it, so a lease's limit cuts a step, not the whole run and its files; RUN_DIR is where
 # step 3 writes its 973m checkpoint (not OUT, whose files travel back); TORCH_ONLY, the --only
-# of step 1 (default: every eager torch row).
+# of step 1 (default: every eager torch row); MLX_ONLY, step 4's (default: ours and mlx_lm's
+# compiled rows; on CUDA mlx_lm's fails: MLX has no VJP of its masked attention there).
+# scripts/gpu_prepare.sh readies the tokenizer and the mlx[cuda] wheel parts on this machine.
 set -uo pipefail
 
 OUT=${1:-gpu_bench_out}
@@ -89,7 +91,8 @@ for stage in $STAGES; do
     mlx)
         if "$PYTHON" -c "import mlx.core" 2>/dev/null; then
             step train_mlx "$PYTHON" "${bench[@]}" --frameworks mlx \
-                --only 'customllm/mlx/compiled$,deepseek_v3/mlx/compiled$' --json "$OUT/train_mlx.json"
+                --only "${MLX_ONLY:-customllm/mlx/compiled\$,deepseek_v3/mlx/compiled\$}" \
+                --json "$OUT/train_mlx.json"
         else
             echo "== train_mlx skipped: MLX is not installed here"
         fi ;;
