@@ -321,3 +321,45 @@ def test_only_filter_anchors_a_part_ending_in_dollar():
     assert kept == ["customllm/mlx/compiled", "deepseek_v3/mlx/compiled"]
     assert [n for n in names if bc.wants(n, "compiled")] == names
     assert not bc.wants("customllm/mlx/compiled", "$") and bc.wants("anything", None)
+
+
+def test_a_system_failing_while_compiling_spares_the_others(monkeypatch):
+    """mlx_lm's model made to fail while its compiled step traces (as MLX's CUDA attention has
+    no VJP with respect to a mask): it is skipped, and our compiled system built before it
+    still steps. Without the re-seed, MLX's random key held a tracer: "eval an array without a
+    primitive" (the first mlx[cuda] run)."""
+    mx = pytest.importorskip("mlx.core")
+    import types
+
+    import numpy as np
+    from mlx_lm.models import deepseek_v3
+
+    sys.path.insert(0, str(REPO_DIR / "scripts"))
+    import bench_train
+
+    from customllm.config import ModelConfig
+
+    @mx.custom_function
+    def no_vjp(q):
+        return q * 1
+
+    @no_vjp.vjp
+    def no_vjp_vjp(primals, cotangent, output):
+        raise ValueError("no VJP here (simulated)")
+
+    sdpa = deepseek_v3.scaled_dot_product_attention
+    monkeypatch.setattr(
+        deepseek_v3, "scaled_dot_product_attention", lambda q, *a, **k: sdpa(no_vjp(q), *a, **k)
+    )
+    args = types.SimpleNamespace(
+        device="cpu", torch_compile=False, mlx_default_cache=False, dtype="float32", lr=1e-3,
+        only="customllm/mlx/compiled$,deepseek_v3/mlx/compiled$",
+    )  # fmt: skip
+    cfg = ModelConfig.from_preset("tiny", vocab_size=512)
+    ids = np.random.default_rng(0).integers(0, 512, (2, 16))
+    systems, skipped = bench_train.build_systems(args, cfg, ids, {"mlx"})
+    assert [s["name"] for s in skipped] == ["mlx_lm deepseek_v3/mlx/compiled"]
+    assert "no VJP here" in skipped[0]["reason"]
+    assert [s.name for s in systems] == ["customllm/mlx/compiled"]
+    systems[0].run()  # raised "eval an array without a primitive" before the fix
+    mx.eval(mx.random.normal((2,)))
