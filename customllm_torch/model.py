@@ -300,11 +300,14 @@ class LlamaMLP(nn.Module):
         rows = x_flat.index_select(0, token_of_pair)
         if self.use_grouped(rows):
             out = self.grouped_experts(rows, load)
-        else:  # one matmul chain per expert over its slice: the sizes read on the host. An
-            # expert with no rows runs too, on none: its weights get a zero gradient, not None,
-            # as in the grouped GEMMs and in MLX (AdamW then treats it the same everywhere)
+        else:  # one matmul chain per expert over its slice: the sizes read on the host. In
+            # training an expert with no rows runs too, on none: its weights get a zero
+            # gradient, not None, as in the grouped GEMMs and in MLX (AdamW then treats it the
+            # same everywhere); decoding skips it
             parts = rows.split(load.tolist())
-            out = torch.cat([e(p) for e, p in zip(self.routed_experts, parts, strict=True)])
+            run_all = torch.is_grad_enabled()
+            experts = zip(self.routed_experts, parts, strict=True)
+            out = torch.cat([e(p) for e, p in experts if run_all or p.shape[0]])
         out = out * weights.flatten()[order, None]
         return torch.zeros_like(x_flat).index_add_(0, token_of_pair, out.to(x_flat.dtype))
 
