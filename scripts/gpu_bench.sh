@@ -22,7 +22,9 @@
 # most likely to run long last); DEADLINE (seconds, 0 = none) stops each step at what is left
 # of it, so a lease's limit cuts a step, not the whole run and its files; RUN_DIR is where
 # step 3 writes its 973m checkpoint (not OUT, whose files travel back); TORCH_ONLY, the --only
-# of step 1 (default: every eager torch row); MLX_ONLY, step 4's (default: ours and mlx_lm's
+# of step 1 (default: every eager torch row); TORCH_COMPILED_ONLY, step 2's (default: both;
+# transformers' compiled model ran out of 5 minutes on an H200: 'customllm/torch/compiled'
+# alone); MLX_ONLY, step 4's (default: ours and mlx_lm's
 # compiled rows; on CUDA mlx_lm's fails: MLX has no VJP of its masked attention there).
 # scripts/gpu_prepare.sh readies the tokenizer and the mlx[cuda] wheel parts on this machine.
 set -uo pipefail
@@ -78,7 +80,8 @@ for stage in $STAGES; do
             --only "${TORCH_ONLY:-eager}" --json "$OUT/train_torch_eager.json" ;;
     torch_compiled)
         step train_torch_compiled "$PYTHON" "${bench[@]}" --frameworks torch --device "$DEVICE" \
-            --only /compiled --torch-compile --json "$OUT/train_torch_compiled.json" ;;
+            --only "${TORCH_COMPILED_ONLY:-/compiled}" --torch-compile \
+            --json "$OUT/train_torch_compiled.json" ;;
     product)
         if [ -d "$TOKENIZER" ]; then
             step product_torch_train "$PYTHON" -m customllm_torch.cli train --device "$DEVICE" \
