@@ -187,7 +187,7 @@ def torch_system(system: str, cfg: ModelConfig, ids: np.ndarray, mode: str, args
         for layer in model.decoder_layers:
             layer.mlp.grouped = False
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    forward = torch.compile(model) if mode == "compiled" else model
+    forward = torch.compile(model, mode=args.torch_compile_mode) if mode == "compiled" else model
     # ours trains with the fused lm_head + loss, as the Trainer runs it; "-logits": unfused
     extra = {"return_logits": True} if mode.endswith("-logits") else {}
 
@@ -377,6 +377,12 @@ def main(argv: list[str] | None = None) -> dict:
         action=argparse.BooleanOptionalAction,
         default=False,
         help="also run torch.compile rows (off by default: minutes of compiling on CPU)",
+    )
+    parser.add_argument(
+        "--torch-compile-mode",
+        default=None,
+        choices=("default", "reduce-overhead", "max-autotune"),
+        help="torch.compile's mode; reduce-overhead replays CUDA graphs (a launch-bound GPU step)",
     )
     parser.add_argument("--json", default=None, help="write the results here")
     bc.add_process_args(parser)

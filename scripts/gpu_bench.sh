@@ -24,7 +24,8 @@
 # step 3 writes its 973m checkpoint (not OUT, whose files travel back); TORCH_ONLY, the --only
 # of step 1 (default: every eager torch row); TORCH_COMPILED_ONLY, step 2's (default: both;
 # transformers' compiled model ran out of 5 minutes on an H200: 'customllm/torch/compiled'
-# alone); MLX_ONLY, step 4's (default: ours and mlx_lm's
+# alone), TORCH_COMPILE_MODE its torch.compile mode (reduce-overhead: CUDA graphs, for a step
+# bound by launches, as 973m at 8 x 256 is); MLX_ONLY, step 4's (default: ours and mlx_lm's
 # compiled rows; on CUDA mlx_lm's fails: MLX has no VJP of its masked attention there).
 # scripts/gpu_prepare.sh readies the tokenizer and the mlx[cuda] wheel parts on this machine.
 set -uo pipefail
@@ -81,6 +82,7 @@ for stage in $STAGES; do
     torch_compiled)
         step train_torch_compiled "$PYTHON" "${bench[@]}" --frameworks torch --device "$DEVICE" \
             --only "${TORCH_COMPILED_ONLY:-/compiled}" --torch-compile \
+            ${TORCH_COMPILE_MODE:+--torch-compile-mode "$TORCH_COMPILE_MODE"} \
             --json "$OUT/train_torch_compiled.json" ;;
     product)
         if [ -d "$TOKENIZER" ]; then
