@@ -184,6 +184,17 @@ def torch_sync(device) -> None:
         torch.mps.synchronize()
 
 
+def check_device(device: str) -> None:
+    """A clear error for a torch device this machine does not have."""
+    import torch
+
+    kind = torch.device(device).type
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: torch sees no CUDA device here")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"--device {device}: MPS is not available here")
+
+
 def _timed(fn: Callable[[], Any]) -> float:
     tic = time.perf_counter()
     fn()

@@ -11,8 +11,12 @@ transformers' DeepseekV3ForCausalLM (its DynamicCache).
   the cache is trimmed back after each step so every repeat sees the same context.
 - With --e2e (default), our `stream_generate` (MLX and torch) and mlx_lm's `stream_generate`
   with the peer also run end to end (cosmo2 tokenizer), as a check on the step loop.
+- `--device cuda|mps` runs the torch rows there (float32 weights); MLX is optional. On CUDA a
+  "customllm (loop)" row has our routed experts one matmul chain each instead of grouped
+  GEMMs, for the same-process comparison.
 
     python scripts/bench_generate.py --preset tiny --json bench_generate.json
+    python scripts/bench_generate.py --preset 973m --frameworks torch --device cuda
 """
 
 from __future__ import annotations
@@ -25,14 +29,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_common as bc  # noqa: E402  (imports customllm_mlx before mlx.core)
-import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from customllm.config import ModelConfig  # noqa: E402
 
+if bc.HAVE_MLX:
+    import mlx.core as mx
+
 OURS, MLX_PEER, TORCH_PEER = "customllm", "mlx_lm deepseek_v3", "hf DeepseekV3"
-PEER = {("customllm", "mlx"): MLX_PEER, ("customllm", "torch"): TORCH_PEER}
+OURS_LOOP = "customllm (loop)"  # torch on CUDA: the routed experts as a per-expert loop
+PEER = {(OURS, "mlx"): MLX_PEER, (OURS, "torch"): TORCH_PEER, (OURS_LOOP, "torch"): TORCH_PEER}
 HEADERS = [
     "system",
     "framework",
@@ -50,8 +57,10 @@ COSMO2 = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "cosmo2
 class Runner:
     """One model with its cache: `prefill(prompt)` and `decode()` at a fixed context."""
 
-    def __init__(self, system: str, framework: str, cfg: ModelConfig):
+    def __init__(self, system: str, framework: str, cfg: ModelConfig, device: str = "cpu"):
         self.system, self.framework = system, framework
+        self.ours = system in (OURS, OURS_LOOP)
+        self.device = torch.device(device)
         self.name = f"{system}/{framework}"
         if framework == "mlx":
             if system == OURS:
@@ -63,13 +72,17 @@ class Runner:
             self.model.eval()
             mx.eval(self.model.parameters())
         else:
-            if system == OURS:
-                from customllm_torch.model import CustomLLM
+            with self.device:  # drawn where it runs
+                if self.ours:
+                    from customllm_torch.model import CustomLLM
 
-                self.model = CustomLLM(cfg)
-            else:
-                self.model = bc.build_torch_peer(cfg)
-            self.model.eval()
+                    self.model = CustomLLM(cfg)
+                else:
+                    self.model = bc.build_torch_peer(cfg)
+            self.model.to(self.device).eval()
+            if system == OURS_LOOP:
+                for layer in self.model.decoder_layers:
+                    layer.mlp.grouped = False
         self.cache, self.context = None, 0
 
     # -- cache ---------------------------------------------------------------------------------
@@ -80,7 +93,7 @@ class Runner:
             from mlx_lm.models.cache import make_prompt_cache
 
             return make_prompt_cache(self.model)
-        if self.system == OURS:
+        if self.ours:
             from customllm_torch.model import LatentKVCache
 
             return LatentKVCache(len(self.model.decoder_layers))
@@ -91,7 +104,7 @@ class Runner:
     def cache_arrays(self) -> list:
         if self.framework == "mlx":
             return [a for c in self.cache for a in c.state if isinstance(a, mx.array)]
-        if self.system == OURS:
+        if self.ours:
             return [a for layer in self.cache.layers for a in layer]
         return [a for layer in self.cache.layers for a in (layer.keys, layer.values)]
 
@@ -103,7 +116,7 @@ class Runner:
         if self.framework == "mlx":
             for c in self.cache:
                 c.trim(c.offset - n)
-        elif self.system == OURS:
+        elif self.ours:
             self.cache.layers = [(c[:, :n], k[:, :, :n]) for c, k in self.cache.layers]
         else:
             self.cache.crop(n - self.cache.get_seq_length())  # negative: tokens to drop
@@ -117,13 +130,13 @@ class Runner:
             mx.eval(token)
             return np.array(token)
         with torch.inference_mode():
-            inputs = torch.from_numpy(ids).long()
+            inputs = torch.from_numpy(ids).long().to(self.device)
             # transformers' models take `past_key_values` before 5.2x, `cache` since
             params = inspect.signature(self.model.forward).parameters
             name = "cache" if "cache" in params else "past_key_values"
             kwargs = {name: self.cache, "use_cache": True, "logits_to_keep": 1}
             logits = self.model(inputs, **kwargs).logits
-            return logits[:, -1].argmax(-1).numpy()
+            return logits[:, -1].argmax(-1).cpu().numpy()  # (waits for the device)
 
     def prefill(self, prompt: np.ndarray):
         self.cache = self.new_cache()
@@ -137,7 +150,7 @@ class Runner:
     def cache_offset(self) -> int:
         if self.framework == "mlx":
             return self.cache[0].offset
-        return self.cache.offset if self.system == OURS else self.cache.get_seq_length()
+        return self.cache.offset if self.ours else self.cache.get_seq_length()
 
     def decode(self):
         self.forward(self.next_token.reshape(1, 1))
@@ -159,7 +172,7 @@ def e2e_rows(args, cfg: ModelConfig, runners: list[Runner], prompt: np.ndarray) 
             from customllm_mlx.generate import stream_generate
         elif (
             r.framework == "torch"
-            and r.system == OURS
+            and r.ours
             and importlib.util.find_spec("customllm_torch.generate")
         ):
             from customllm_torch.generate import stream_generate
@@ -193,16 +206,15 @@ def measure(args, cfg: ModelConfig, frameworks: set[str]) -> dict:
     """Rows per system and context (prefill, decode, cache bytes) and the end-to-end rows, for
     the wanted systems in `frameworks`."""
     runners = []
-    for system, framework in [
-        (OURS, "mlx"),
-        (MLX_PEER, "mlx"),
-        (OURS, "torch"),
-        (TORCH_PEER, "torch"),
-    ]:
+    plan = [(OURS, "mlx"), (MLX_PEER, "mlx"), (OURS, "torch"), (TORCH_PEER, "torch")]
+    if torch.device(args.device).type == "cuda":
+        plan.insert(3, (OURS_LOOP, "torch"))
+    for system, framework in plan:
         if framework in frameworks and bc.wants(f"{system}/{framework}", args.only):
-            mx.random.seed(0)
+            if framework == "mlx":
+                mx.random.seed(0)
             torch.manual_seed(0)
-            runners.append(Runner(system, framework, cfg))
+            runners.append(Runner(system, framework, cfg, args.device))
     rng = np.random.default_rng(0)
     rows, e2e = [], []
     for ctx in (int(c) for c in args.contexts.split(",")):
@@ -250,9 +262,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--e2e-tokens", type=int, default=32)
     parser.add_argument("--e2e-repeats", type=int, default=3)
     parser.add_argument("--only", default=None, help="comma-separated name substrings")
+    parser.add_argument("--device", default="cpu", help="torch rows: cpu | cuda | mps")
     parser.add_argument("--json", default=None)
     bc.add_process_args(parser)
     args = parser.parse_args(argv)
+    bc.check_device(args.device)
 
     contexts = [int(c) for c in args.contexts.split(",")]
     cfg = bc.make_config(args, max_position_embeddings=max(2048, 2 * max(contexts)))

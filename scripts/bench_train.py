@@ -290,15 +290,6 @@ def mlx_on_cpu(rows: list[dict]) -> bool:
     return any(r["framework"] == "mlx" and "cpu" in r["device"] for r in rows)
 
 
-def check_device(device: str) -> None:
-    """A clear error for a torch device this machine does not have."""
-    kind = torch.device(device).type
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {device}: torch sees no CUDA device here")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise SystemExit(f"--device {device}: MPS is not available here")
-
-
 def peer_of(row: dict, rows: list[dict]) -> dict | None:
     if row["system"] != OURS:
         return None
@@ -388,7 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
     bc.add_process_args(parser)
     args = parser.parse_args(argv)
 
-    check_device(args.device)
+    bc.check_device(args.device)
     cfg = bc.make_config(args, max_position_embeddings=max(1024, args.seq_len))
     measured = bc.measure_per_process(args, argv, __file__, lambda fw: measure(args, cfg, fw))
     if measured is None:  # the torch child: the parent prints

@@ -19,7 +19,9 @@
 # in two parts over two calls of a warm machine.
 #
 # STAGES picks and orders the steps (default: torch_eager mlx product torch_compiled, the one
-# most likely to run long last); DEADLINE (seconds, 0 = none) stops each step at what is left
+# most likely to run long last; also "generate": bench_generate.py's torch rows, prefill and
+# decode, with ours' per-expert loop as a row on CUDA; a call returns at most 8 files, and each
+# step writes a log and a JSON); DEADLINE (seconds, 0 = none) stops each step at what is left
 # of it, so a lease's limit cuts a step, not the whole run and its files; RUN_DIR is where
 # step 3 writes its 973m checkpoint (not OUT, whose files travel back); TORCH_ONLY, the --only
 # of step 1 (default: every eager torch row); TORCH_COMPILED_ONLY, step 2's (default: both;
@@ -101,7 +103,11 @@ for stage in $STAGES; do
         else
             echo "== train_mlx skipped: MLX is not installed here"
         fi ;;
-    *) echo "unknown stage $stage (torch_eager, torch_compiled, product, mlx)"; exit 2 ;;
+    generate)
+        step generate_torch "$PYTHON" scripts/bench_generate.py --preset "$PRESET" \
+            --frameworks torch --device "$DEVICE" --contexts "${GEN_CONTEXTS:-128,1024}" \
+            --json "$OUT/generate_torch.json" ;;
+    *) echo "unknown stage $stage (torch_eager, torch_compiled, product, mlx, generate)"; exit 2 ;;
     esac
 done
 exit $status

@@ -64,11 +64,16 @@ def runs(tmp_path_factory) -> dict[str, tuple[subprocess.Popen, Path]]:
     out = tmp_path_factory.mktemp("bench")
     procs = {}
     commands = {name: [str(REPO_DIR / "scripts" / f"bench_{name}.py")] for name in RUNS}
-    script = str(REPO_DIR / "scripts" / "bench_train.py")
-    commands["train_no_mlx"] = ["-c", NO_MLX.format(script=script)]
+    extras = {  # without MLX (the GPU machine's image), on an explicit torch device
+        "train_no_mlx": [*RUNS["train"], *TORCH_BF16],
+        "generate_no_mlx": [*RUNS["generate"], "--device", "cpu"],
+    }
+    for name in extras:
+        script = str(REPO_DIR / "scripts" / f"bench_{name.split('_')[0]}.py")
+        commands[name] = ["-c", NO_MLX.format(script=script)]
     for name, start in commands.items():
         path = out / f"{name}.json"
-        extra = RUNS[name] if name in RUNS else [*RUNS["train"], *TORCH_BF16]
+        extra = RUNS[name] if name in RUNS else extras[name]
         cmd = [sys.executable, *start, *SMALL, *extra, "--json", str(path)]
         procs[name] = (
             subprocess.Popen(
@@ -184,6 +189,19 @@ def test_bench_generate(runs):
     assert ours["kv_bytes_per_token_per_layer"] == 4 * latent  # float32 c_kv + k_rope
 
 
+def test_bench_generate_torch_alone_without_mlx(runs):
+    """bench_generate where MLX is not installed (the GPU machine's image), --device given: the
+    torch rows alone, ours against transformers', with their ratios and the e2e row."""
+    stdout, result = finish(runs, "generate_no_mlx")
+    assert HEADERS["generate"] in stdout
+    assert {r["name"] for r in result["rows"]} == {"customllm/torch", "hf DeepseekV3/torch"}
+    assert result["args"]["device"] == "cpu"
+    for row in result["rows"]:
+        assert row["prefill_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0
+        assert row["system"] != "customllm" or row["decode_ratio_to_peer"] > 0
+    assert [r["name"] for r in result["e2e"]] == ["customllm/torch/stream_generate"] * 2
+
+
 def test_bench_moe(runs):
     stdout, result = finish(runs, "moe")
     assert HEADERS["moe"] in stdout and "dispatch overhead ratio" in stdout
@@ -281,6 +299,8 @@ def test_gpu_bench_script_on_cpu(tmp_path):
         "PYTHON": sys.executable,
         "TOKENIZER": str(REPO_DIR.parent / "shared" / "tokenizers" / "cosmo2"),
         "RUN_DIR": str(tmp_path / "run"),
+        "STAGES": "torch_eager mlx product torch_compiled generate",
+        "GEN_CONTEXTS": "16,32",
         "DEADLINE": "850",
     }
     proc = subprocess.run(
@@ -305,6 +325,9 @@ def test_gpu_bench_script_on_cpu(tmp_path):
         # (MLX's CPU bfloat16 GEMM runs without BLAS: its rows can beat that "peak")
         assert all(r["mfu"] < 1 for r in rows.values() if r["framework"] == "torch")
         assert (tmp_path / f"{step}.log").read_text().count("GEMM peak") == 1
+    generate = json.loads((tmp_path / "generate_torch.json").read_text())
+    assert {r["name"] for r in generate["rows"]} == {"customllm/torch", "hf DeepseekV3/torch"}
+    assert all(r["decode_tokens_per_s"] > 0 for r in generate["rows"])
     log = (tmp_path / "product_torch_train.log").read_text()
     assert "step 2/2" in log and "(bfloat16)" in log
     assert (tmp_path / "run" / "checkpoint-2" / "model.safetensors").exists()
