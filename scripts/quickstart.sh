@@ -17,6 +17,12 @@ if [ -z "$tokenizer" ]; then
         [ -f "$tokenizer/tokenizer.json" ] || python -c "from customllm.tokenizer import train_tokenizer; train_tokenizer('builtin', 8192, '$tokenizer')"
     fi
 fi
-customllm-mlx train --preset tiny --data builtin --tokenizer "$tokenizer" --steps "$steps" \
-    --out "$out" --eval-every 200 --save-every 200 --prompt "The import statement"
+if [ -d "$out/checkpoint-$steps" ]; then  # run again: the trained model is there, generate
+    echo "quickstart: $out/checkpoint-$steps is already trained (OUT=another/folder starts anew)"
+else  # a run cut short (Ctrl-C saves a checkpoint) continues where it stopped
+    resume=()
+    compgen -G "$out/checkpoint-*" >/dev/null && resume=(--resume)
+    customllm-mlx train --preset tiny --data builtin --tokenizer "$tokenizer" --steps "$steps" \
+        --out "$out" --eval-every 200 --save-every 200 --prompt "The import statement" "${resume[@]}"
+fi
 customllm-mlx generate --model "$out/checkpoint-$steps" -p "The import statement" -m 60 --temp 0.7 --seed 0
