@@ -99,6 +99,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul of x runs in: autocast's where it is on for x's device, else x's (for
+    GEMMs that autocast does not reach: this loss's, the MoE's grouped GEMMs)."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -113,8 +120,6 @@ def linear_cross_entropy(
     if labels.shape[0] != hidden.shape[0]:
         raise ValueError(f"{labels.shape[0]} labels for {hidden.shape[0]} hidden states")
     chunk_rows = chunk_rows or default_chunk_rows(hidden.shape[-1], hidden.device)
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):  # the GEMMs in autocast's dtype, as F.linear's
-        hidden = hidden.to(torch.get_autocast_dtype(device_type))
-    with torch.autocast(device_type, enabled=False):
+    hidden = hidden.to(compute_dtype(hidden))  # the GEMMs in autocast's dtype, as F.linear's
+    with torch.autocast(hidden.device.type, enabled=False):
         return _LinearCrossEntropy.apply(hidden, weight, bias, labels, chunk_rows)

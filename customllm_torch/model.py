@@ -15,7 +15,7 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from customllm.config import MODEL_TYPE, ModelConfig
-from customllm_torch.loss import IGNORE_INDEX, linear_cross_entropy
+from customllm_torch.loss import IGNORE_INDEX, compute_dtype, linear_cross_entropy
 
 
 class CustomLLMConfig(PretrainedConfig):
@@ -229,12 +229,6 @@ def expert_counts(idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     a device sync in every layer's forward."""
     counts = idx.new_zeros((*idx.shape[:-1], num_experts))
     return counts.scatter_add_(-1, idx, torch.ones_like(idx))
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a matmul of x runs in: autocast's where it is on for x's device, else x's."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 class LlamaMLP(nn.Module):

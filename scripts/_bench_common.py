@@ -298,6 +298,13 @@ def build_torch_peer(cfg: ModelConfig):
     return model
 
 
+def per_expert_loop(model) -> None:
+    """Our torch model with its routed experts one matmul chain each, not grouped GEMMs (the
+    benches' "-loop" rows: CUDA's layout before grouped GEMMs)."""
+    for layer in model.decoder_layers:
+        layer.mlp.grouped = False
+
+
 def named_sizes_mlx(model) -> dict[str, int]:
     from mlx.utils import tree_flatten
 

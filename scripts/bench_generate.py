@@ -81,8 +81,7 @@ class Runner:
                     self.model = bc.build_torch_peer(cfg)
             self.model.to(self.device).eval()
             if system == OURS_LOOP:
-                for layer in self.model.decoder_layers:
-                    layer.mlp.grouped = False
+                bc.per_expert_loop(self.model)
         self.cache, self.context = None, 0
 
     # -- cache ---------------------------------------------------------------------------------

@@ -183,9 +183,8 @@ def torch_system(system: str, cfg: ModelConfig, ids: np.ndarray, mode: str, args
         else:
             model = bc.build_torch_peer(cfg)
     model.to(device).train()
-    if mode.endswith("-loop"):  # our experts one matmul chain each, not grouped GEMMs
-        for layer in model.decoder_layers:
-            layer.mlp.grouped = False
+    if mode.endswith("-loop"):
+        bc.per_expert_loop(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     forward = torch.compile(model, mode=args.torch_compile_mode) if mode == "compiled" else model
     # ours trains with the fused lm_head + loss, as the Trainer runs it; "-logits": unfused

@@ -27,8 +27,9 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     --platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     -d "$tmp" "mlx==$MLX_VERSION" "mlx-cuda-13==$MLX_VERSION" "mlx-lm==$MLX_LM_VERSION"
 cuda_wheel=$(cd "$tmp" && ls mlx_cuda_13-*.whl)
-head -c 60000000 "$tmp/$cuda_wheel" >.whl1/part1
-tail -c +60000001 "$tmp/$cuda_wheel" >.whl2/part2
+part1=60000000  # bytes: beside the repo's files, under one call's 64 MiB
+head -c "$part1" "$tmp/$cuda_wheel" >.whl1/part1
+tail -c +$((part1 + 1)) "$tmp/$cuda_wheel" >.whl2/part2
 echo "$cuda_wheel" >.whl2/name
 cat .whl1/part1 .whl2/part2 | cmp - "$tmp/$cuda_wheel"
 mv "$tmp"/mlx-*.whl "$tmp"/mlx_lm-*.whl .whl2/
