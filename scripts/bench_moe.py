@@ -11,7 +11,8 @@ gather_mm entry (`sorted_experts`, the GPU path) instead of the CPU's blocks, `g
 without the `sorted_indices` flag, one plain matmul per expert over its contiguous sorted
 slice, the blocks' GEMMs whole where ours runs them in column chunks (small, 973m), and the
 layer without its routed GEMMs and without any routed experts (a breakdown of our time, and
-the floor of the ratio). The MLX rows run as `customllm-mlx train` runs its layers: on a
+the floor of the ratio); in torch, ours with its grouped GEMMs (CUDA's layout; torch >= 2.10)
+beside the per-expert loop the CPU runs. The MLX rows run as `customllm-mlx train` runs its layers: on a
 multi-core Linux CPU the batch in two slices on two CPU streams (`--cpu-streams 1`: one
 stream, OpenBLAS on all cores; the definition before the eighth session).
 
@@ -242,6 +243,11 @@ def torch_layers(cfg: ModelConfig) -> dict[str, torch.nn.Module]:
         for module in layers.values():
             for p in module.parameters():
                 p.normal_(0.0, cfg.initializer_range)
+    if hasattr(torch.nn.functional, "grouped_mm"):  # CUDA's layout, timed where this runs
+        grouped = LlamaMLP(cfg)
+        grouped.load_state_dict(layers["customllm MoE"].state_dict())
+        grouped.grouped = True
+        layers["customllm MoE (grouped GEMMs)"] = grouped
     return layers
 
 

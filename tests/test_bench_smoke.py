@@ -386,3 +386,20 @@ def test_a_system_failing_while_compiling_spares_the_others(monkeypatch):
     assert [s.name for s in systems] == ["customllm/mlx/compiled"]
     systems[0].run()  # raised "eval an array without a primitive" before the fix
     mx.eval(mx.random.normal((2,)))
+
+
+@pytest.mark.skipif(not hasattr(__import__("torch").nn.functional, "grouped_mm"), reason="torch")
+def test_count_ops_grouped_experts_launch_fewer_ops(tmp_path):
+    """scripts/count_ops.py at a minimal size: the grouped GEMMs take fewer kernel ops and
+    matmuls per layer than the per-expert loop (7 experts x 3 projections x fwd and bwd)."""
+    sys.path.insert(0, str(REPO_DIR / "scripts"))
+    import count_ops
+
+    argv = "--layers 2 --hidden 64 --heads 2 --latent 16 --intermediate 128 --vocab-size 512"
+    result = count_ops.main([*argv.split(), "--batch", "2", "--seq-len", "32"])
+    grouped, loop = result["rows"]["customllm (grouped GEMMs)"], result["rows"]["customllm (loop)"]
+    assert grouped["kernel_ops_per_layer"] < loop["kernel_ops_per_layer"]
+    assert loop["mm_per_layer"] - grouped["mm_per_layer"] >= 40
+    assert all(
+        r["all_ops_per_layer"] > r["kernel_ops_per_layer"] > 0 for r in result["rows"].values()
+    )
