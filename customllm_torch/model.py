@@ -94,19 +94,24 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Non-interleaved RoPE ("rotate_half"), angles computed in float32."""
+    """Non-interleaved RoPE ("rotate_half"). `angles` makes cos and sin once per forward, in
+    float32 and then the compute dtype (no buffer for .to() to round); each layer applies them.
+    Made per layer, they cost ~20 small kernels a layer (on a GPU, launches)."""
 
     def __init__(self, dim: int, theta: float):
         super().__init__()
         self.dim, self.theta = dim, theta
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        # x: (B, H, T, dim), pos: (T,); frequencies made here so they stay float32 whatever .to()
-        arange = torch.arange(0, self.dim, 2, dtype=torch.float32, device=x.device)
+    def angles(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (T, dim) of positions `pos` (T,)."""
+        arange = torch.arange(0, self.dim, 2, dtype=torch.float32, device=pos.device)
         inv_freq = 1.0 / self.theta ** (arange / self.dim)
         angles = pos.float()[:, None] * inv_freq[None, :]  # (T, dim/2)
         angles = torch.cat([angles, angles], dim=-1)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        cos, sin = (t.to(x.dtype) for t in rope)  # x: (B, H, T, dim)
         return x * cos + rotate_half(x) * sin
 
 
@@ -131,14 +136,14 @@ class MultiHeadLatentAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        pos: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
         cache: LatentKVCache | None = None,
         layer_idx: int = 0,
         absorb: bool = False,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H = self.num_heads
-        q_nope, q_rope, c_kv, k_rope = self.project(x, pos)
+        q_nope, q_rope, c_kv, k_rope = self.project(x, rope)
         if cache is not None:
             c_kv, k_rope = cache.update(layer_idx, c_kv, k_rope)
         S = c_kv.shape[1]
@@ -164,9 +169,9 @@ class MultiHeadLatentAttention(nn.Module):
         B, H, T, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
-    def project(self, x: torch.Tensor, pos: torch.Tensor):
+    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         """q_nope (B, H, T, nope), rotated q_rope (B, H, T, rope), c_kv (B, T, kv_latent_dim)
-        and rotated k_rope (B, H, T, rope) of x (B, T, hidden) at positions `pos`."""
+        and rotated k_rope (B, H, T, rope) of x (B, T, hidden); `rope`: the positions' cos, sin."""
         B, T, _ = x.shape
         H = self.num_heads
         c_q = self.q_proj_d(x)  # (B, T, q_latent_dim)
@@ -174,7 +179,7 @@ class MultiHeadLatentAttention(nn.Module):
         q_nope = self.q_proj_u(c_q).view(B, T, H, self.nope_dim).transpose(1, 2)
         q_rope = self.rope_q(c_q).view(B, T, H, self.rope_dim).transpose(1, 2)
         k_rope = self.rope_k(x).view(B, T, H, self.rope_dim).transpose(1, 2)  # (B, H, T, rope)
-        return q_nope, self.rotary_emb(q_rope, pos), c_kv, self.rotary_emb(k_rope, pos)
+        return q_nope, self.rotary_emb(q_rope, rope), c_kv, self.rotary_emb(k_rope, rope)
 
     def absorbed_attention(self, q_nope, q_rope, c_kv, k_rope, mask):
         """Attention over the latent cache with k_proj_u folded into the query and v_proj_u
@@ -356,9 +361,9 @@ class DecoderLayer(nn.Module):
         self.attn_dropout = nn.Dropout(config.attn_dropout)
         self.mlp_dropout = nn.Dropout(config.mlp_dropout)
 
-    def forward(self, x, pos, cache=None, absorb=False):
+    def forward(self, x, rope, cache=None, absorb=False):
         x = x + self.attn_dropout(
-            self.self_attn(self.input_norm(x), pos, cache, self.layer_idx, absorb)
+            self.self_attn(self.input_norm(x), rope, cache, self.layer_idx, absorb)
         )
         with_aux = cache is None or self.training  # generating: no use for the aux loss
         mlp_out, aux_loss, load = self.mlp(self.post_attn_norm(x), with_aux)
@@ -457,9 +462,10 @@ class CustomLLM(PreTrainedModel, GenerationMixin):
         absorb = cache is not None and T == 1 if absorb is None else absorb
         pos = torch.arange(offset, offset + T, device=input_ids.device)
         x = self.dropout(self.token_embeddings(input_ids) + self.position_embeddings(pos))
+        rope = self.decoder_layers[0].self_attn.rotary_emb.angles(pos, compute_dtype(x))
         aux_loss, loads = x.new_zeros((), dtype=torch.float32), []
         for layer in self.decoder_layers:
-            x, layer_aux, load = layer(x, pos, cache, absorb)
+            x, layer_aux, load = layer(x, rope, cache, absorb)
             aux_loss = aux_loss + layer_aux
             loads.append(load)
         if shift_labels is None and labels is not None:

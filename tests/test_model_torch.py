@@ -128,6 +128,27 @@ def test_attention_is_causal(tiny_config):
         assert (logits_of(model, changed_here)[:, t] - logits[:, t]).abs().max() > 1e-5
 
 
+def test_rope_angles_are_made_once_per_forward(tiny_config):
+    """cos and sin of the positions are made once a forward and shared by every layer (made
+    in each layer, they were ~20 small kernels a layer: launches on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    assert tiny_config.num_hidden_layers > 1
+    model = build(tiny_config)
+    with CountOps() as counter:
+        logits_of(model, random_ids(tiny_config))
+    assert counter.names.count("cos") == 1 and counter.names.count("sin") == 1
+
+
 def test_loss_is_shifted_cross_entropy_ignoring_minus_100(tiny_config):
     model = build(tiny_config)
     with torch.no_grad():  # spread the logits so that shifted and unshifted losses differ
@@ -376,14 +397,15 @@ def test_grouped_experts_equal_the_per_expert_loop(tiny_config, autocast, monkey
 @pytest.mark.slow
 def test_grouped_experts_compile_under_bfloat16_autocast(tiny_config):
     """torch.compile of the model on the grouped path (CUDA's default) under bfloat16 autocast,
-    as `customllm-torch train --dtype bfloat16` runs it: the loss equals eager's (~30 s here)."""
+    as `customllm-torch train --dtype bfloat16` runs it: one graph (no host sync breaks it,
+    which CUDA graphs need too), and the loss equals eager's (~30 s here)."""
     model = build(tiny_config).train()
     for layer in model.decoder_layers:
         layer.mlp.grouped = True
     ids = random_ids(tiny_config, B=2, T=32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         eager = model(ids, labels=ids).loss
-        compiled = torch.compile(model)(ids, labels=ids).loss
+        compiled = torch.compile(model, fullgraph=True)(ids, labels=ids).loss
     compiled.backward()
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
     assert model.decoder_layers[0].mlp.routed_experts[0].gate_proj.weight.grad is not None
