@@ -63,6 +63,7 @@ from customllm_torch.model import CustomLLM
 # The Trainer's own files in a checkpoint, beside the canonical model folder.
 TRAINER_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json")
 DEVICES = ("auto", "cuda", "mps", "cpu")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class StreamBatches(IterableDataset):
@@ -347,7 +348,12 @@ class StepCallback(TrainerCallback):
 
 
 # Setting up a run -------------------------------------------------------------------------------
-def training_arguments(cfg: TrainConfig, device: str) -> TrainingArguments:
+def training_arguments(
+    cfg: TrainConfig, device: str, compile_mode: str | None = None
+) -> TrainingArguments:
+    """The Trainer's arguments for `cfg`; `compile_mode` (a `torch.compile` mode, or None for
+    eager) compiles the model's training forward and backward (evaluation and samples run
+    eager)."""
     device = resolve_device(device).type
     if device == "cuda" and not torch.cuda.is_available():
         raise TrainingError("--device cuda: no CUDA device is available")
@@ -378,6 +384,8 @@ def training_arguments(cfg: TrainConfig, device: str) -> TrainingArguments:
         remove_unused_columns=False,
         logging_nan_inf_filter=False,
         log_level="warning",
+        torch_compile=compile_mode is not None,
+        torch_compile_mode=None if compile_mode in (None, "default") else compile_mode,
     )
     if args.device.type != device:
         raise TrainingError(f"--device {device}: the Trainer chose {args.device.type}")
@@ -393,8 +401,11 @@ def build_model(cfg: TrainConfig, resume: Path | None, tokenizer) -> CustomLLM:
     return CustomLLM(config).train()
 
 
-def run_training(cfg: TrainConfig, device: str = "auto", stream=None) -> Path:
-    """Train (or resume) per `cfg`; returns the last checkpoint folder."""
+def run_training(
+    cfg: TrainConfig, device: str = "auto", stream=None, compile_mode: str | None = None
+) -> Path:
+    """Train (or resume) per `cfg`; returns the last checkpoint folder. `compile_mode`: see
+    `training_arguments`."""
     from transformers import set_seed
 
     hf_logging.set_verbosity_warning()
@@ -407,7 +418,7 @@ def run_training(cfg: TrainConfig, device: str = "auto", stream=None) -> Path:
             raise CheckpointError(f"checkpoint {resume} is corrupt: {name} is damaged")
     state = None
     with StopSignal() as stop:
-        args = training_arguments(cfg, device)
+        args = training_arguments(cfg, device, compile_mode)
         if resume:
             state = read_training_state(resume)
             check_resume(state, resume, cfg, args.world_size)
@@ -501,10 +512,20 @@ def _announce(metrics, cfg, model, args, resume, state) -> None:
     show_default=True,
     help="auto: cuda, else mps, else cpu.",
 )
-def train_command(device: str, **options) -> None:
+@click.option(
+    "--compile",
+    "compile_mode",
+    type=click.Choice(COMPILE_MODES),
+    is_flag=False,
+    flag_value="default",
+    default=None,
+    help="torch.compile the training step (the Trainer's torch_compile); --compile alone: "
+    "the default mode. reduce-overhead adds CUDA graphs. Off: eager.",
+)
+def train_command(device: str, compile_mode: str | None, **options) -> None:
     """Train or resume a model with the Hugging Face Trainer (checkpoints in OUT/checkpoint-N)."""
     try:
-        run_training(TrainConfig.from_dict(options), device)
+        run_training(TrainConfig.from_dict(options), device, compile_mode=compile_mode)
     except (TrainingError, ValueError, FileNotFoundError, ConnectionError, OSError) as err:
         raise click.ClickException(str(err)) from err
     if _distributed():  # under torchrun, every rank done (a failing one exits at once)

@@ -279,6 +279,42 @@ def test_train_is_registered_with_the_same_options(tmp_path):
     assert result.exit_code == 1 and "training data" in result.output
 
 
+def test_compile_option_sets_the_trainers_torch_compile(tmp_path):
+    cfg = tiny(tmp_path)
+    eager = torch_train.training_arguments(cfg, "cpu")
+    assert not eager.torch_compile
+    default = torch_train.training_arguments(cfg, "cpu", "default")
+    assert default.torch_compile and default.torch_compile_mode is None
+    graphs = torch_train.training_arguments(cfg, "cpu", "reduce-overhead")
+    assert graphs.torch_compile and graphs.torch_compile_mode == "reduce-overhead"
+    result = CliRunner().invoke(cli, ["train", "--compile", "fastest"])
+    assert result.exit_code == 2 and "reduce-overhead" in result.output
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(reference, tmp_path, monkeypatch):
+    """`--compile`: our model goes through torch.compile once, with the same losses and weights
+    as the eager run (inductor's fused kernels round differently: close, not equal); its
+    checkpoint keys carry no `_orig_mod.` (~2 min)."""
+    compiled_models, compile_ = [], torch.compile
+
+    def spy(model, *args, **kwargs):
+        compiled_models.append(model)
+        return compile_(model, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    torch_train.run_training(tiny(tmp_path), "cpu", stream=io.StringIO(), compile_mode="default")
+    assert [type(m) for m in compiled_models] == [torch_model.CustomLLM]
+    compiled, eager = train_losses(tmp_path), train_losses(reference)
+    assert compiled.keys() == eager.keys() == set(range(1, 7))
+    for step in eager:
+        assert math.isclose(compiled[step], eager[step], rel_tol=1e-5), step
+    wc, we = weights(tmp_path / "checkpoint-6"), weights(reference / "checkpoint-6")
+    assert wc.keys() == we.keys()
+    for key in we:
+        torch.testing.assert_close(wc[key], we[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
 # Expert balancing -------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_expert_bias_makes_loads_more_even(tmp_path):
