@@ -5,6 +5,7 @@
 #      issue's configuration), MFU against the bf16 GEMM peak measured in the same run;
 #   2. the same with torch.compile;
 #   3. `customllm-torch train` itself for a few steps on that device (tokens/s from its log);
+#      stage product_compiled: the same with `--compile ${PRODUCT_COMPILE_MODE:-default}`;
 #   4. the MLX rows on the GPU where `import mlx.core` works there (mlx[cuda] installed).
 # Each step writes its JSON and log to OUT before the next starts, so a run cut short keeps
 # what it finished. Needs torch and transformers (the CUDA image has both), not MLX.
@@ -19,8 +20,9 @@
 # in two parts over two calls of a warm machine.
 #
 # STAGES picks and orders the steps (default: torch_eager mlx product torch_compiled, the one
-# most likely to run long last; also "generate": bench_generate.py's torch rows, prefill and
-# decode, with ours' per-expert loop as a row on CUDA; a call returns at most 8 files, and each
+# most likely to run long last; also "product_compiled", step 3 with --compile, and "generate":
+# bench_generate.py's torch rows, prefill and decode, with ours' per-expert loop as a row on
+# CUDA; a call returns at most 8 files, and each
 # step writes a log and a JSON); DEADLINE (seconds, 0 = none) stops each step at what is left
 # of it, so a lease's limit cuts a step, not the whole run and its files; RUN_DIR is where
 # step 3 writes its 973m checkpoint (not OUT, whose files travel back); TORCH_ONLY, the --only
@@ -86,14 +88,20 @@ for stage in $STAGES; do
             --only "${TORCH_COMPILED_ONLY:-/compiled}" --torch-compile \
             ${TORCH_COMPILE_MODE:+--torch-compile-mode "$TORCH_COMPILE_MODE"} \
             --json "$OUT/train_torch_compiled.json" ;;
-    product)
+    product | product_compiled)
+        name=product_torch_train out=$RUN_DIR compile=()
+        if [ "$stage" = product_compiled ]; then
+            name=product_torch_train_compiled out=$RUN_DIR-compiled
+            compile=(--compile "${PRODUCT_COMPILE_MODE:-default}")
+        fi
         if [ -d "$TOKENIZER" ]; then
-            step product_torch_train "$PYTHON" -m customllm_torch.cli train --device "$DEVICE" \
+            step "$name" "$PYTHON" -m customllm_torch.cli train --device "$DEVICE" \
                 --preset "$PRESET" --dtype bfloat16 --data builtin --tokenizer "$TOKENIZER" \
                 --seq-len "$SEQ" --batch-size "$BATCH" --steps "$TRAIN_STEPS" --warmup-steps 5 \
-                --eval-every 0 --save-every 0 --sample-every 0 --log-every 5 --out "$RUN_DIR"
+                --eval-every 0 --save-every 0 --sample-every 0 --log-every 5 --out "$out" \
+                "${compile[@]}"
         else
-            echo "== product_torch_train skipped: no tokenizer folder (TOKENIZER, .gpu/tokenizer)"
+            echo "== $name skipped: no tokenizer folder (TOKENIZER, .gpu/tokenizer)"
         fi ;;
     mlx)
         if "$PYTHON" -c "import mlx.core" 2>/dev/null; then
@@ -107,7 +115,8 @@ for stage in $STAGES; do
         step generate_torch "$PYTHON" scripts/bench_generate.py --preset "$PRESET" \
             --frameworks torch --device "$DEVICE" --contexts "${GEN_CONTEXTS:-128,1024}" \
             --json "$OUT/generate_torch.json" ;;
-    *) echo "unknown stage $stage (torch_eager, torch_compiled, product, mlx, generate)"; exit 2 ;;
+    *) echo "unknown stage $stage (torch_eager, torch_compiled, product, product_compiled, mlx," \
+            "generate)"; exit 2 ;;
     esac
 done
 exit $status

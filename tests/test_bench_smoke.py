@@ -299,7 +299,7 @@ def test_gpu_bench_script_on_cpu(tmp_path):
         "PYTHON": sys.executable,
         "TOKENIZER": str(REPO_DIR.parent / "shared" / "tokenizers" / "cosmo2"),
         "RUN_DIR": str(tmp_path / "run"),
-        "STAGES": "torch_eager mlx product torch_compiled generate",
+        "STAGES": "torch_eager mlx product product_compiled torch_compiled generate",
         "GEN_CONTEXTS": "16,32",
         "DEADLINE": "850",
     }
@@ -328,9 +328,13 @@ def test_gpu_bench_script_on_cpu(tmp_path):
     generate = json.loads((tmp_path / "generate_torch.json").read_text())
     assert {r["name"] for r in generate["rows"]} == {"customllm/torch", "hf DeepseekV3/torch"}
     assert all(r["decode_tokens_per_s"] > 0 for r in generate["rows"])
-    log = (tmp_path / "product_torch_train.log").read_text()
-    assert "step 2/2" in log and "(bfloat16)" in log
-    assert (tmp_path / "run" / "checkpoint-2" / "model.safetensors").exists()
+    for name, run in (
+        ("product_torch_train", "run"),
+        ("product_torch_train_compiled", "run-compiled"),
+    ):
+        log = (tmp_path / f"{name}.log").read_text()
+        assert "step 2/2" in log and "(bfloat16)" in log
+        assert (tmp_path / run / "checkpoint-2" / "model.safetensors").exists()
 
 
 def test_only_filter_anchors_a_part_ending_in_dollar():
