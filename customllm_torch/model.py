@@ -236,12 +236,23 @@ def expert_counts(idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     return counts.scatter_add_(-1, idx, torch.ones_like(idx))
 
 
+def fast_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch runs `grouped_mm` as one kernel for `dtype` on `device`: bfloat16 on CUDA
+    GPUs of compute capability 9.x and 10.x (H100, H200, B200). Elsewhere (float32, A100,
+    consumer GPUs, ROCm) it reads the offsets on the host and runs one mm per expert: a sync
+    per call, and the weights stacked for nothing; the per-expert loop is no slower. (Under
+    torch.compile its shape function also takes bfloat16 alone.)"""
+    if not hasattr(F, "grouped_mm") or device.type != "cuda" or torch.version.hip:
+        return False
+    return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] in (9, 10)
+
+
 class LlamaMLP(nn.Module):
     """1 shared + n routed SwiGLU experts, top-k routing with the aux-loss-free bias.
 
     `grouped` picks how the routed experts run: None (default) as three grouped GEMMs
-    (`grouped_experts`) on a CUDA GPU that has them, else one matmul chain per expert; True or
-    False forces one (tests, benchmarks)."""
+    (`grouped_experts`) where torch has a kernel for them (`fast_grouped_mm`), else one matmul
+    chain per expert; True or False forces one (tests, benchmarks)."""
 
     grouped: bool | None = None
 
@@ -311,17 +322,13 @@ class LlamaMLP(nn.Module):
         return torch.zeros_like(x_flat).index_add_(0, token_of_pair, out.to(x_flat.dtype))
 
     def use_grouped(self, rows: torch.Tensor) -> bool:
-        """Grouped GEMMs by default on CUDA (compute capability 8.0+, where torch has them),
-        with widths whose rows are 16-byte aligned; `grouped` forces either way."""
+        """Grouped GEMMs by default where torch has a kernel for them (`fast_grouped_mm`), with
+        widths whose rows are 16-byte aligned; `grouped` forces either way."""
         if self.grouped is not None:
             return self.grouped
-        if not hasattr(F, "grouped_mm") or rows.device.type != "cuda":
-            return False
-        if torch.compiler.is_compiling() and compute_dtype(rows) != torch.bfloat16:
-            return False  # torch.compile's shape function of grouped_mm takes bfloat16 alone
         widths = (rows.shape[-1], self.routed_experts[0].gate_proj.out_features)
         aligned = all(w % 8 == 0 for w in widths)
-        return aligned and torch.cuda.get_device_capability(rows.device) >= (8, 0)
+        return aligned and fast_grouped_mm(rows.device, compute_dtype(rows))
 
     def grouped_experts(self, rows: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
         """The routed experts over `rows` (P, D), sorted by expert, `load[e]` rows each, as

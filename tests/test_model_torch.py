@@ -418,6 +418,26 @@ def test_grouped_experts_only_by_default_on_cuda(tiny_config):
     assert mlp.use_grouped(torch.zeros(4, tiny_config.hidden_size))
 
 
+@pytest.mark.parametrize(
+    "capability, dtype, fast",
+    [
+        ((9, 0), torch.bfloat16, True),  # H100, H200
+        ((10, 0), torch.bfloat16, True),  # B200
+        ((9, 0), torch.float32, False),  # float32: torch's fallback, a host sync per call
+        ((8, 0), torch.bfloat16, False),  # A100: the fallback too
+        ((12, 0), torch.bfloat16, False),  # consumer Blackwell: the fallback
+    ],
+)
+def test_grouped_gemms_by_default_only_where_torch_has_the_kernel(
+    monkeypatch, capability, dtype, fast
+):
+    from customllm_torch.model import fast_grouped_mm
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert fast_grouped_mm(torch.device("cuda"), dtype) is fast
+    assert not fast_grouped_mm(torch.device("cpu"), torch.bfloat16)
+
+
 def test_expert_counts_equal_bincount():
     idx = torch.randint(0, 7, (3, 50, 2), generator=torch.Generator().manual_seed(0))
     counts = customllm_torch.model.expert_counts(idx.flatten(1), 7)
