@@ -10,6 +10,7 @@ The default model is the 973m structure (30 layers, 7 routed experts, top-2) at 
 
     python scripts/count_ops.py
     python scripts/count_ops.py --hidden 768 --intermediate 1536 --latent 192   # 973m widths
+    python scripts/count_ops.py --by-op 20   # and the 20 kernel ops whose counts differ most
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ NO_KERNEL = {  # views, allocations and host reads: no kernel of their own on a 
     "split_with_sizes", "chunk", "unbind", "empty", "empty_like", "new_empty",
     "lift_fresh", "_local_scalar_dense",
 }  # fmt: skip
+
+
+GROUPED, PEER = "customllm (grouped GEMMs)", "hf DeepseekV3"
 
 
 class OpCounter(TorchDispatchMode):
@@ -73,23 +77,39 @@ def measure(cfg: ModelConfig, batch: int, seq_len: int) -> dict[str, dict[str, f
         0, cfg.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0)
     )
     rows = {}
-    for name, grouped in (("customllm (grouped GEMMs)", True), ("customllm (loop)", False)):
+    for name, grouped in ((GROUPED, True), ("customllm (loop)", False)):
         torch.manual_seed(0)
         model = CustomLLM(cfg)
         for layer in model.decoder_layers:
             layer.mlp.grouped = grouped
         rows[name] = step_ops(model, ids, ours=True)
     torch.manual_seed(0)
-    rows["hf DeepseekV3"] = step_ops(bc.build_torch_peer(cfg), ids, ours=False)
+    rows[PEER] = step_ops(bc.build_torch_peer(cfg), ids, ours=False)
     layers = cfg.num_hidden_layers
     return {
         name: {
             "kernel_ops_per_layer": sum(n for op, n in ops.items() if op not in NO_KERNEL) / layers,
             "all_ops_per_layer": sum(ops.values()) / layers,
             "mm_per_layer": (ops["mm"] + ops["_grouped_mm"]) / layers,
+            "kernel_ops": {op: n / layers for op, n in ops.items() if op not in NO_KERNEL},
         }
         for name, ops in rows.items()
     }
+
+
+def by_op_table(rows: dict, top: int) -> str:
+    """The `top` kernel ops whose per-layer counts differ most between ours (grouped) and the
+    peer: where the launches go."""
+    ours, peer = rows[GROUPED]["kernel_ops"], rows[PEER]["kernel_ops"]
+    ops = sorted(set(ours) | set(peer), key=lambda op: -abs(ours.get(op, 0) - peer.get(op, 0)))
+    return bc.markdown_table(
+        ["aten op", "ours (grouped) / layer", "transformers / layer", "difference"],
+        [
+            [op, f"{ours.get(op, 0):.2f}", f"{peer.get(op, 0):.2f}",
+             f"{ours.get(op, 0) - peer.get(op, 0):+.2f}"]
+            for op in ops[:top]
+        ],
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -102,6 +122,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--vocab-size", type=int, default=49152)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument(
+        "--by-op", type=int, default=0, metavar="N", help="also the N ops that differ most"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if not hasattr(torch.nn.functional, "grouped_mm"):
@@ -130,6 +153,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"{args.layers} layers, hidden {args.hidden}, batch {args.batch} x {args.seq_len}\n"
     )
     print(table)
+    if args.by_op:
+        print(f"\n## the {args.by_op} kernel ops whose counts per layer differ most\n")
+        print(by_op_table(rows, args.by_op))
     result = {"args": vars(args), "rows": rows}
     bc.write_json(args.json, result)
     return result

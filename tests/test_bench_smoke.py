@@ -400,8 +400,11 @@ def test_count_ops_grouped_experts_launch_fewer_ops(tmp_path):
     import count_ops
 
     argv = "--layers 2 --hidden 64 --heads 2 --latent 16 --intermediate 128 --vocab-size 512"
-    result = count_ops.main([*argv.split(), "--batch", "2", "--seq-len", "32"])
+    result = count_ops.main([*argv.split(), "--batch", "2", "--seq-len", "32", "--by-op", "3"])
     grouped, loop = result["rows"]["customllm (grouped GEMMs)"], result["rows"]["customllm (loop)"]
+    assert grouped["kernel_ops"]["_grouped_mm"] > 0 and "_grouped_mm" not in loop["kernel_ops"]
+    # RoPE's cos and sin: made once a step, not in each layer (2 layers here)
+    assert grouped["kernel_ops"]["cos"] == grouped["kernel_ops"]["sin"] == 0.5
     assert grouped["kernel_ops_per_layer"] < loop["kernel_ops_per_layer"]
     assert loop["mm_per_layer"] - grouped["mm_per_layer"] >= 40
     assert all(
