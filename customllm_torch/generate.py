@@ -292,6 +292,9 @@ def generate(
 # --- `customllm-torch generate` --------------------------------------------------------------
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def resolve_device(name: str) -> torch.device:
     """ "auto" -> cuda, else mps, else cpu."""
     if name != "auto":
@@ -306,14 +309,23 @@ def resolve_device(name: str) -> torch.device:
 @click.command("generate")
 @generate_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps.")
-def generate_command(model_dir: str, prompt: str, seed: int | None, device: str, **options) -> None:
+@click.option(
+    "--dtype",
+    type=click.Choice(sorted(DTYPES)),
+    default="float32",
+    show_default=True,
+    help="Weights and compute dtype (bfloat16 halves what each decoded token reads).",
+)
+def generate_command(
+    model_dir: str, prompt: str, seed: int | None, device: str, dtype: str, **options
+) -> None:
     """Generate text from a model folder (the flags of `mlx_lm.generate`; no chat template)."""
     from customllm_torch.io import load
 
     prompt = read_prompt(prompt)
     try:
         torch_device = resolve_device(device)
-        model, tokenizer = load(model_dir, device=torch_device)
+        model, tokenizer = load(model_dir, device=torch_device, dtype=DTYPES[dtype])
     except (OSError, ValueError, RuntimeError) as err:
         raise click.ClickException(str(err)) from err
     check_request(model_dir, tokenizer, model.model_config, prompt, options)

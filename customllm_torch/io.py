@@ -31,7 +31,8 @@ def load(
 ) -> tuple[CustomLLM, object | None]:
     """Read a model folder: (model in eval mode, tokenizer or None when the folder has none).
 
-    The model is float32 unless `dtype` is given, whatever dtype the file stores."""
+    The model is float32 unless `dtype` is given, whatever dtype the file stores; the routing
+    `expert_bias` stays float32 (as `save` stores it, and as MLX keeps it)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model folder not found: {path}")
@@ -49,6 +50,8 @@ def load(
         model = CustomLLM(config)
     if dtype is not None:
         model.to(dtype)
+        for layer in model.decoder_layers:
+            layer.mlp.expert_bias = layer.mlp.expert_bias.float()
     model.to_empty(device=device)
     model.load_state_dict(weights, strict=True)
     model.eval()

@@ -11,12 +11,13 @@ transformers' DeepseekV3ForCausalLM (its DynamicCache).
   the cache is trimmed back after each step so every repeat sees the same context.
 - With --e2e (default), our `stream_generate` (MLX and torch) and mlx_lm's `stream_generate`
   with the peer also run end to end (cosmo2 tokenizer), as a check on the step loop.
-- `--device cuda|mps` runs the torch rows there (float32 weights); MLX is optional. On CUDA a
-  "customllm (loop)" row has our routed experts one matmul chain each instead of grouped
-  GEMMs, for the same-process comparison.
+- `--device cuda|mps` runs the torch rows there, `--dtype bfloat16` in bfloat16 weights (as
+  `customllm-torch generate --dtype bfloat16`); MLX is optional. On CUDA a "customllm (loop)"
+  row has our routed experts one matmul chain each, for the same-process comparison with the
+  grouped GEMMs (which our layer takes by default in bfloat16 on H100/H200/B200).
 
     python scripts/bench_generate.py --preset tiny --json bench_generate.json
-    python scripts/bench_generate.py --preset 973m --frameworks torch --device cuda
+    python scripts/bench_generate.py --preset 973m --frameworks torch --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -57,7 +58,14 @@ COSMO2 = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "cosmo2
 class Runner:
     """One model with its cache: `prefill(prompt)` and `decode()` at a fixed context."""
 
-    def __init__(self, system: str, framework: str, cfg: ModelConfig, device: str = "cpu"):
+    def __init__(
+        self,
+        system: str,
+        framework: str,
+        cfg: ModelConfig,
+        device: str = "cpu",
+        dtype: str = "float32",
+    ):
         self.system, self.framework = system, framework
         self.ours = system in (OURS, OURS_LOOP)
         self.device = torch.device(device)
@@ -79,7 +87,10 @@ class Runner:
                     self.model = CustomLLM(cfg)
                 else:
                     self.model = bc.build_torch_peer(cfg)
-            self.model.to(self.device).eval()
+            self.model.to(self.device, getattr(torch, dtype)).eval()
+            if self.ours:  # the routing bias stays float32, as `customllm_torch.load` keeps it
+                for layer in self.model.decoder_layers:
+                    layer.mlp.expert_bias = layer.mlp.expert_bias.float()
             if system == OURS_LOOP:
                 bc.per_expert_loop(self.model)
         self.cache, self.context = None, 0
@@ -213,7 +224,7 @@ def measure(args, cfg: ModelConfig, frameworks: set[str]) -> dict:
             if framework == "mlx":
                 mx.random.seed(0)
             torch.manual_seed(0)
-            runners.append(Runner(system, framework, cfg, args.device))
+            runners.append(Runner(system, framework, cfg, args.device, args.dtype))
     rng = np.random.default_rng(0)
     rows, e2e = [], []
     for ctx in (int(c) for c in args.contexts.split(",")):
@@ -262,6 +273,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--e2e-repeats", type=int, default=3)
     parser.add_argument("--only", default=None, help="comma-separated name substrings")
     parser.add_argument("--device", default="cpu", help="torch rows: cpu | cuda | mps")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="torch rows' weights (customllm-torch generate --dtype); MLX rows: float32",
+    )
     parser.add_argument("--json", default=None)
     bc.add_process_args(parser)
     args = parser.parse_args(argv)

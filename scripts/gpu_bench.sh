@@ -113,7 +113,8 @@ for stage in $STAGES; do
         fi ;;
     generate)
         step generate_torch "$PYTHON" scripts/bench_generate.py --preset "$PRESET" \
-            --frameworks torch --device "$DEVICE" --contexts "${GEN_CONTEXTS:-128,1024}" \
+            --frameworks torch --device "$DEVICE" --dtype bfloat16 \
+            --contexts "${GEN_CONTEXTS:-128,1024}" \
             --json "$OUT/generate_torch.json" ;;
     *) echo "unknown stage $stage (torch_eager, torch_compiled, product, product_compiled, mlx," \
             "generate)"; exit 2 ;;

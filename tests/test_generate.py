@@ -453,6 +453,25 @@ def test_transformers_from_pretrained_generate_matches_ours(model_dir, torch_mod
     assert result.output.splitlines()[1] == tok.decode(ours)
 
 
+def test_torch_cli_dtype_loads_and_runs_the_model_in_it(model_dir, monkeypatch):
+    """`customllm-torch generate --dtype bfloat16`: weights and compute in bfloat16 (the routing
+    bias stays float32), the same tokens as `generate` on a model loaded that way."""
+    import customllm_torch.io as torch_io
+
+    model, tok = torch_io.load(model_dir, dtype=torch.bfloat16)
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    assert model.decoder_layers[0].mlp.expert_bias.dtype == torch.float32
+    ours, _ = tokens_of(torch_gen, model, tok, PROMPT, max_tokens=N_TOKENS)
+    dtypes, load = [], torch_io.load
+    monkeypatch.setattr(
+        torch_io, "load", lambda *a, **kw: dtypes.append(kw["dtype"]) or load(*a, **kw)
+    )
+    args = ["generate", "--model", str(model_dir), "-p", PROMPT, "-m", str(N_TOKENS)]
+    result = CliRunner().invoke(torch_cli, [*args, "--device", "cpu", "--dtype", "bfloat16"])
+    assert result.exit_code == 0, result.output
+    assert dtypes == [torch.bfloat16] and result.output.splitlines()[1] == tok.decode(ours)
+
+
 def test_hf_generate_uses_our_latent_cache(model_dir):
     """HF's loop feeds 1 token per step after the prompt, with our cache from `.cache`."""
     from transformers import AutoModelForCausalLM

@@ -530,6 +530,7 @@ def test_save_unwraps_and_casts(tiny_config, tmp_path):
     assert weights["decoder_layers.0.mlp.expert_bias"].dtype == torch.float32
     loaded, _ = customllm_torch.load(tmp_path / "m", dtype=torch.bfloat16)
     assert loaded.lm_head.weight.dtype == torch.bfloat16
+    assert loaded.decoder_layers[0].mlp.expert_bias.dtype == torch.float32  # as stored
     # RoPE frequencies are made in float32 inside forward: no buffer for .to(bf16) to round
     assert not list(loaded.decoder_layers[0].self_attn.rotary_emb.buffers())
 
