@@ -22,6 +22,7 @@ from typing import Any
 import click
 import torch
 
+from customllm.cli import WEIGHT_DTYPES
 from customllm.sampling import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_PREFILL_STEP_SIZE,
@@ -292,9 +293,6 @@ def generate(
 # --- `customllm-torch generate` --------------------------------------------------------------
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def resolve_device(name: str) -> torch.device:
     """ "auto" -> cuda, else mps, else cpu."""
     if name != "auto":
@@ -311,7 +309,7 @@ def resolve_device(name: str) -> torch.device:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps.")
 @click.option(
     "--dtype",
-    type=click.Choice(sorted(DTYPES)),
+    type=click.Choice(WEIGHT_DTYPES),
     default="float32",
     show_default=True,
     help="Weights and compute dtype (bfloat16 halves what each decoded token reads).",
@@ -325,7 +323,7 @@ def generate_command(
     prompt = read_prompt(prompt)
     try:
         torch_device = resolve_device(device)
-        model, tokenizer = load(model_dir, device=torch_device, dtype=DTYPES[dtype])
+        model, tokenizer = load(model_dir, device=torch_device, dtype=getattr(torch, dtype))
     except (OSError, ValueError, RuntimeError) as err:
         raise click.ClickException(str(err)) from err
     check_request(model_dir, tokenizer, model.model_config, prompt, options)
