@@ -26,6 +26,15 @@ from customllm.tokenizer import load_folder_tokenizer
 from customllm_torch.model import CustomLLM
 
 
+def cast_model(model: CustomLLM, dtype: torch.dtype) -> CustomLLM:
+    """`model.to(dtype)` but for the routing `expert_bias`, which stays float32 (as `save`
+    stores it, and as MLX keeps it)."""
+    model.to(dtype)
+    for layer in model.decoder_layers:
+        layer.mlp.expert_bias = layer.mlp.expert_bias.float()
+    return model
+
+
 def load(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[CustomLLM, object | None]:
@@ -49,9 +58,7 @@ def load(
     with torch.device("meta"):
         model = CustomLLM(config)
     if dtype is not None:
-        model.to(dtype)
-        for layer in model.decoder_layers:
-            layer.mlp.expert_bias = layer.mlp.expert_bias.float()
+        cast_model(model, dtype)
     model.to_empty(device=device)
     model.load_state_dict(weights, strict=True)
     model.eval()

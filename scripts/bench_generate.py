@@ -87,10 +87,13 @@ class Runner:
                     self.model = CustomLLM(cfg)
                 else:
                     self.model = bc.build_torch_peer(cfg)
-            self.model.to(self.device, getattr(torch, dtype)).eval()
             if self.ours:  # the routing bias stays float32, as `customllm_torch.load` keeps it
-                for layer in self.model.decoder_layers:
-                    layer.mlp.expert_bias = layer.mlp.expert_bias.float()
+                from customllm_torch.io import cast_model
+
+                cast_model(self.model, getattr(torch, dtype))
+            else:
+                self.model.to(getattr(torch, dtype))
+            self.model.to(self.device).eval()
             if system == OURS_LOOP:
                 bc.per_expert_loop(self.model)
         self.cache, self.context = None, 0
