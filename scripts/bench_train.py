@@ -7,6 +7,7 @@ on a CUDA device), and MFU against the GEMM peak of the same framework, dtype an
 measured in the same run (see `train_flops_per_token`).
 
     python scripts/bench_train.py --preset tiny --json bench_train.json
+    python scripts/bench_train.py --preset tiny --diagnostics   # + our variant rows
 
 On a CUDA machine (MLX not needed; `scripts/gpu_bench.sh` is the prepared run), the torch
 rows in bfloat16 autocast with float32 weights, as `customllm-torch train --dtype bfloat16`:
@@ -229,10 +230,13 @@ def torch_system(system: str, cfg: ModelConfig, ids: np.ndarray, mode: str, args
 # --- main ------------------------------------------------------------------------------------
 
 
-def build_systems(
-    args, cfg: ModelConfig, ids: np.ndarray, frameworks: set[str]
-) -> tuple[list[System], list[dict]]:
-    plan = [
+def plan(args, frameworks: set[str]) -> list[tuple[Any, str, str]]:
+    """(make, system, mode) of the rows to run. Our variants of a mode (a "-" suffix: the loss
+    on the logits, one CPU stream, MLX's own buffer cache, the per-expert loop on CUDA) say
+    where the time goes; they run with --diagnostics or where --only names them, so that the
+    default run, the rows the comparison needs, stays a few minutes on a 2-core CPU (the tiny
+    preset took 11 min with them all)."""
+    rows = [
         (mlx_system, OURS, "eager"),
         (mlx_system, OURS, "compiled"),
         (mlx_system, OURS, "compiled-onestream"),
@@ -246,19 +250,32 @@ def build_systems(
         (torch_system, TORCH_PEER, "eager"),
     ]
     if args.device.startswith("cuda"):  # the per-expert loop, as before grouped GEMMs
-        plan.insert(
-            plan.index((torch_system, OURS, "eager-logits")), (torch_system, OURS, "eager-loop")
+        rows.insert(
+            rows.index((torch_system, OURS, "eager-logits")), (torch_system, OURS, "eager-loop")
         )
     if args.torch_compile:
-        plan += [(torch_system, OURS, "compiled"), (torch_system, TORCH_PEER, "compiled")]
-    systems, skipped = [], []
-    for make, system, mode in plan:
+        rows += [(torch_system, OURS, "compiled"), (torch_system, TORCH_PEER, "compiled")]
+    planned = []
+    for make, system, mode in rows:
         framework = "mlx" if make is mlx_system else "torch"
         name = f"{system}/{framework}/{mode}"
         if framework not in frameworks or not bc.wants(name, args.only):
             continue
+        if "-" in mode and not (args.diagnostics or args.only):
+            continue
         if mode.endswith("-mlxcache") and args.mlx_default_cache:
             continue  # the same as "compiled" then
+        planned.append((make, system, mode))
+    return planned
+
+
+def build_systems(
+    args, cfg: ModelConfig, ids: np.ndarray, frameworks: set[str]
+) -> tuple[list[System], list[dict]]:
+    systems, skipped = [], []
+    for make, system, mode in plan(args, frameworks):
+        framework = "mlx" if make is mlx_system else "torch"
+        name = f"{system}/{framework}/{mode}"
         try:
             if framework == "mlx":
                 import mlx.core as mx
@@ -362,6 +379,12 @@ def main(argv: list[str] | None = None) -> dict:
         help="bfloat16: torch under autocast (float32 weights), MLX with bfloat16 weights",
     )
     parser.add_argument("--only", default=None, help="comma-separated name substrings")
+    parser.add_argument(
+        "--diagnostics",
+        action="store_true",
+        help="also our variant rows (loss on the logits, one CPU stream, MLX's own cache, "
+        "the CUDA loop) that --only does not name",
+    )
     parser.add_argument(
         "--torch-compile",
         action=argparse.BooleanOptionalAction,

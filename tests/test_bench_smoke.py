@@ -19,6 +19,7 @@ REPO_DIR = Path(__file__).resolve().parents[1]
 SMALL = ["--preset", "tiny", "--vocab-size", "512"]
 RUNS = {
     "train": [
+        "--diagnostics",
         "--seq-len",
         "32",
         "--batch",
@@ -350,6 +351,55 @@ def test_only_filter_anchors_a_part_ending_in_dollar():
     assert not bc.wants("customllm/mlx/compiled", "$") and bc.wants("anything", None)
 
 
+def test_bench_train_runs_our_variant_rows_only_when_asked():
+    """The default run is the comparison: ours and the peers, eager and compiled. Our variant
+    rows (the tiny preset's run took 11 min with them on the 2-core machine) come with
+    --diagnostics or where --only names them; CUDA adds the per-expert loop among them."""
+    import types
+
+    sys.path.insert(0, str(REPO_DIR / "scripts"))
+    import bench_train
+
+    def names(frameworks=("mlx", "torch"), **given):
+        args = dict(device="cpu", torch_compile=False, mlx_default_cache=False, only=None)
+        args = types.SimpleNamespace(**{**args, "diagnostics": False, **given})
+        return [
+            f"{system}/{'mlx' if make is bench_train.mlx_system else 'torch'}/{mode}"
+            for make, system, mode in bench_train.plan(args, set(frameworks))
+        ]
+
+    assert names() == [
+        "customllm/mlx/eager",
+        "customllm/mlx/compiled",
+        "mlx_lm deepseek_v3/mlx/eager",
+        "mlx_lm deepseek_v3/mlx/compiled",
+        "customllm/torch/eager",
+        "hf DeepseekV3/torch/eager",
+    ]
+    everything = names(diagnostics=True)
+    assert len(everything) == 11 and "customllm/mlx/compiled-stdce" in everything
+    assert "customllm/mlx/compiled-mlxcache" not in names(diagnostics=True, mlx_default_cache=True)
+    assert names(only="customllm/mlx/compiled") == [
+        "customllm/mlx/compiled",
+        "customllm/mlx/compiled-onestream",
+        "customllm/mlx/compiled-logits",
+        "customllm/mlx/compiled-stdce",
+        "customllm/mlx/compiled-mlxcache",
+    ]
+    assert names(("torch",), device="cuda", only="eager") == [
+        "customllm/torch/eager",
+        "customllm/torch/eager-loop",
+        "customllm/torch/eager-logits",
+        "hf DeepseekV3/torch/eager",
+    ]
+    assert names(("torch",), device="cuda", torch_compile=True) == [
+        "customllm/torch/eager",
+        "hf DeepseekV3/torch/eager",
+        "customllm/torch/compiled",
+        "hf DeepseekV3/torch/compiled",
+    ]
+
+
 def test_a_system_failing_while_compiling_spares_the_others(monkeypatch):
     """mlx_lm's model made to fail while its compiled step traces (as MLX's CUDA attention has
     no VJP with respect to a mask): it is skipped, and our compiled system built before it
@@ -380,7 +430,7 @@ def test_a_system_failing_while_compiling_spares_the_others(monkeypatch):
     )
     args = types.SimpleNamespace(
         device="cpu", torch_compile=False, mlx_default_cache=False, dtype="float32", lr=1e-3,
-        only="customllm/mlx/compiled$,deepseek_v3/mlx/compiled$",
+        only="customllm/mlx/compiled$,deepseek_v3/mlx/compiled$", diagnostics=False,
     )  # fmt: skip
     cfg = ModelConfig.from_preset("tiny", vocab_size=512)
     ids = np.random.default_rng(0).integers(0, 512, (2, 16))
