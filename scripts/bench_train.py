@@ -230,12 +230,18 @@ def torch_system(system: str, cfg: ModelConfig, ids: np.ndarray, mode: str, args
 # --- main ------------------------------------------------------------------------------------
 
 
+def diagnostic(system: str, mode: str) -> bool:
+    """A row that says where the time goes rather than where we stand: our variants of a mode
+    (a "-" suffix: the loss on the logits, one CPU stream, MLX's own buffer cache, the
+    per-expert loop on CUDA) and mlx_lm's step uncompiled (its trainer compiles the step)."""
+    return "-" in mode or (system == MLX_PEER and mode == "eager")
+
+
 def plan(args, frameworks: set[str]) -> list[tuple[Any, str, str]]:
-    """(make, system, mode) of the rows to run. Our variants of a mode (a "-" suffix: the loss
-    on the logits, one CPU stream, MLX's own buffer cache, the per-expert loop on CUDA) say
-    where the time goes; they run with --diagnostics or where --only names them, so that the
-    default run, the rows the comparison needs, stays a few minutes on a 2-core CPU (the tiny
-    preset took 11 min with them all)."""
+    """(make, system, mode) of the rows to run. The `diagnostic` rows run with --diagnostics
+    or where --only names them, so that the default run, the comparison, stays a few minutes
+    on a 2-core CPU: the tiny preset took 11 min with them all, 7 without our variants (of it
+    ~2 min mlx_lm's eager step)."""
     rows = [
         (mlx_system, OURS, "eager"),
         (mlx_system, OURS, "compiled"),
@@ -261,7 +267,7 @@ def plan(args, frameworks: set[str]) -> list[tuple[Any, str, str]]:
         name = f"{system}/{framework}/{mode}"
         if framework not in frameworks or not bc.wants(name, args.only):
             continue
-        if "-" in mode and not (args.diagnostics or args.only):
+        if diagnostic(system, mode) and not (args.diagnostics or args.only):
             continue
         if mode.endswith("-mlxcache") and args.mlx_default_cache:
             continue  # the same as "compiled" then
@@ -311,7 +317,18 @@ def peer_of(row: dict, rows: list[dict]) -> dict | None:
         return None
     peer = MLX_PEER if row["framework"] == "mlx" else TORCH_PEER
     candidates = {r["mode"]: r for r in rows if r["system"] == peer}
-    return candidates.get(row["mode"].partition("-")[0]) or candidates.get("eager")
+    default = "compiled" if peer == MLX_PEER else "eager"  # how the peer's trainer runs
+    mode = row["mode"].partition("-")[0]  # the same mode, else the peer's default, else any
+    return candidates.get(mode) or candidates.get(default) or next(iter(candidates.values()), None)
+
+
+def vs_peer(row: dict, rows: list[dict]) -> str:
+    """The "vs peer" cell: the ratio, with the peer's mode where it is not the row's."""
+    if row["ratio_to_peer"] is None:
+        return bc.fmt_ratio(None)
+    peer = next(r for r in rows if r["name"] == row["peer"])
+    other = peer["mode"] != row["mode"].partition("-")[0]
+    return bc.fmt_ratio(row["ratio_to_peer"]) + (f" (vs {peer['mode']})" if other else "")
 
 
 def measure(args, cfg: ModelConfig, frameworks: set[str]) -> dict:
@@ -362,7 +379,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per system (>= 10)")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="untimed steps after each system's first step"
+    )
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument(
         "--gemm-n", type=int, default=2048, help="GEMM peak matrix size (8192 on a GPU)"
@@ -423,7 +442,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{r['ms_per_step']:.1f}",
                 bc.fmt_bytes(r["peak_mem_bytes"]),
                 f"{100 * r['mfu']:.1f}%",
-                bc.fmt_ratio(r["ratio_to_peer"]),
+                vs_peer(r, rows),
             ]
             for r in rows
         ],
@@ -431,7 +450,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"\n## Training: preset {args.preset}, batch {args.batch} x seq {args.seq_len}, "
         f"{args.dtype}{f', torch on {args.device}' if args.device != 'cpu' else ''}, "
-        f"median of {args.steps} interleaved steps after {args.warmup} warm-up\n"
+        f"median of {args.steps} interleaved steps after {1 + args.warmup} warm-up\n"
     )
     print(table)
     print(

@@ -371,8 +371,7 @@ def test_bench_train_runs_our_variant_rows_only_when_asked():
     assert names() == [
         "customllm/mlx/eager",
         "customllm/mlx/compiled",
-        "mlx_lm deepseek_v3/mlx/eager",
-        "mlx_lm deepseek_v3/mlx/compiled",
+        "mlx_lm deepseek_v3/mlx/compiled",  # as mlx_lm's trainer runs it; eager: a diagnostic
         "customllm/torch/eager",
         "hf DeepseekV3/torch/eager",
     ]
@@ -398,6 +397,28 @@ def test_bench_train_runs_our_variant_rows_only_when_asked():
         "customllm/torch/compiled",
         "hf DeepseekV3/torch/compiled",
     ]
+
+    # each of our rows against the peer in its mode, else the mode the peer's trainer runs
+    def row(system, framework, mode, tokens_per_s):
+        name = f"{system}/{framework}/{mode}"
+        return dict(
+            name=name, system=system, framework=framework, mode=mode, tokens_per_s=tokens_per_s
+        )
+
+    rows = [
+        row("customllm", "mlx", "eager", 500.0),
+        row("customllm", "mlx", "compiled", 1500.0),
+        row("customllm", "mlx", "compiled-logits", 600.0),
+        row("mlx_lm deepseek_v3", "mlx", "compiled", 250.0),
+        row("customllm", "torch", "compiled", 900.0),
+        row("hf DeepseekV3", "torch", "eager", 300.0),
+    ]
+    for r in rows:
+        peer = bench_train.peer_of(r, rows)
+        r["peer"] = peer and peer["name"]
+        r["ratio_to_peer"] = peer and r["tokens_per_s"] / peer["tokens_per_s"]
+    cells = [bench_train.vs_peer(r, rows) for r in rows]
+    assert cells == ["2.00x (vs compiled)", "6.00x", "2.40x", "-", "3.00x (vs eager)", "-"]
 
 
 def test_a_system_failing_while_compiling_spares_the_others(monkeypatch):
