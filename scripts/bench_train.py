@@ -237,6 +237,10 @@ def diagnostic(system: str, mode: str) -> bool:
     return "-" in mode or (system == MLX_PEER and mode == "eager")
 
 
+def row_name(make, system: str, mode: str) -> str:
+    return f"{system}/{'mlx' if make is mlx_system else 'torch'}/{mode}"
+
+
 def plan(args, frameworks: set[str]) -> list[tuple[Any, str, str]]:
     """(make, system, mode) of the rows to run. The `diagnostic` rows run with --diagnostics
     or where --only names them, so that the default run, the comparison, stays a few minutes
@@ -263,9 +267,8 @@ def plan(args, frameworks: set[str]) -> list[tuple[Any, str, str]]:
         rows += [(torch_system, OURS, "compiled"), (torch_system, TORCH_PEER, "compiled")]
     planned = []
     for make, system, mode in rows:
-        framework = "mlx" if make is mlx_system else "torch"
-        name = f"{system}/{framework}/{mode}"
-        if framework not in frameworks or not bc.wants(name, args.only):
+        name = row_name(make, system, mode)
+        if bc.framework_of(name) not in frameworks or not bc.wants(name, args.only):
             continue
         if diagnostic(system, mode) and not (args.diagnostics or args.only):
             continue
@@ -280,8 +283,8 @@ def build_systems(
 ) -> tuple[list[System], list[dict]]:
     systems, skipped = [], []
     for make, system, mode in plan(args, frameworks):
-        framework = "mlx" if make is mlx_system else "torch"
-        name = f"{system}/{framework}/{mode}"
+        name = row_name(make, system, mode)
+        framework = bc.framework_of(name)
         try:
             if framework == "mlx":
                 import mlx.core as mx
@@ -401,8 +404,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--diagnostics",
         action="store_true",
-        help="also our variant rows (loss on the logits, one CPU stream, MLX's own cache, "
-        "the CUDA loop) that --only does not name",
+        help="also the rows that say where the time goes (our variants: loss on the logits, "
+        "one CPU stream, MLX's own cache, the CUDA loop; mlx_lm uncompiled)",
     )
     parser.add_argument(
         "--torch-compile",

@@ -363,10 +363,7 @@ def test_bench_train_runs_our_variant_rows_only_when_asked():
     def names(frameworks=("mlx", "torch"), **given):
         args = dict(device="cpu", torch_compile=False, mlx_default_cache=False, only=None)
         args = types.SimpleNamespace(**{**args, "diagnostics": False, **given})
-        return [
-            f"{system}/{'mlx' if make is bench_train.mlx_system else 'torch'}/{mode}"
-            for make, system, mode in bench_train.plan(args, set(frameworks))
-        ]
+        return [bench_train.row_name(*row) for row in bench_train.plan(args, set(frameworks))]
 
     assert names() == [
         "customllm/mlx/eager",
