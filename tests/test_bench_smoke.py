@@ -351,10 +351,11 @@ def test_only_filter_anchors_a_part_ending_in_dollar():
     assert not bc.wants("customllm/mlx/compiled", "$") and bc.wants("anything", None)
 
 
-def test_bench_train_runs_our_variant_rows_only_when_asked():
-    """The default run is the comparison: ours and the peers, eager and compiled. Our variant
-    rows (the tiny preset's run took 11 min with them on the 2-core machine) come with
-    --diagnostics or where --only names them; CUDA adds the per-expert loop among them."""
+def test_bench_train_runs_diagnostic_rows_only_when_asked():
+    """The default run is the comparison: ours eager and compiled, mlx_lm compiled (as its
+    trainer runs), transformers eager. The rows that say where the time goes (our variants,
+    mlx_lm uncompiled; the tiny preset's run took 11 min with them on the 2-core machine) come
+    with --diagnostics or where --only names them; CUDA adds the per-expert loop among them."""
     import types
 
     sys.path.insert(0, str(REPO_DIR / "scripts"))
