@@ -217,6 +217,36 @@ def _load_bf16_as_float32(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def check_not_source(dst: str | Path, source: str | Path) -> None:
+    """Raise ValueError when writing the folder `dst` would replace `source`: `dst` is the
+    source folder or a folder above it."""
+    dst, src = Path(dst).resolve(), Path(source).resolve()
+    if dst == src:
+        raise ValueError(f"destination {dst} is the source folder; choose another --dst")
+    if dst in src.parents:
+        raise ValueError(
+            f"destination {dst} holds the source folder {src}; replacing it would delete the "
+            "source. Choose another --dst"
+        )
+
+
+def check_replaceable(dst: str | Path) -> None:
+    """Raise ValueError unless a forced write (`--force`) may replace `dst` with a model folder:
+    it must be a folder that holds a model folder (config.json or model.safetensors) or nothing.
+    The write replaces the whole folder, so `--dst .` or a home folder would go with it."""
+    dst = Path(dst)
+    if not dst.exists():
+        return
+    if not dst.is_dir():
+        raise ValueError(f"destination {dst} is a file, not a folder; choose another")
+    model = any((dst / name).is_file() for name in (CONFIG_NAME, WEIGHTS_NAME))
+    if not model and any(dst.iterdir()):
+        raise ValueError(
+            f"destination {dst} holds files but no model ({CONFIG_NAME} or {WEIGHTS_NAME}), "
+            "and --force would delete them with the folder; choose another folder"
+        )
+
+
 @contextmanager
 def atomic_folder(dst: str | Path) -> Iterator[Path]:
     """Write a folder under a temporary name beside `dst`, then rename it into place.

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from customllm.checkpoint import check_replaceable
 from customllm.config import PRESETS, ModelConfig
 from customllm.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
 
@@ -60,6 +61,10 @@ def prepare_init(
     out_dir = Path(out)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise click.ClickException(f"{out_dir} already holds files; pass --force to replace it")
+    try:
+        check_replaceable(out_dir)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from err
     try:  # the config's own errors first: no tokenizer is loaded for a bad preset or file
         config = ModelConfig.from_preset(preset) if preset else ModelConfig.from_json(config_file)
     except (ValueError, TypeError, FileNotFoundError) as err:

@@ -23,6 +23,8 @@ from customllm.checkpoint import (
     CONFIG_NAME,
     TOKENIZER_FILES,
     WEIGHTS_NAME,
+    check_not_source,
+    check_replaceable,
     check_weights,
     load_numpy_weights,
     ordered,
@@ -62,12 +64,13 @@ def convert_folder(
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if not src.is_dir():
         raise FileNotFoundError(f"source model folder not found: {src}")
-    if dst.resolve() == src.resolve():
-        raise ValueError(f"destination {dst} is the source folder; choose another --dst")
-    if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
-        raise ValueError(
-            f"destination {dst} already exists; pass overwrite (--force) to replace it"
-        )
+    check_not_source(dst, src)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        if not overwrite:
+            raise ValueError(
+                f"destination {dst} already exists; pass overwrite (--force) to replace it"
+            )
+        check_replaceable(dst)
 
     config = read_config(src)
     weights = canonical_numpy_weights(src, config)

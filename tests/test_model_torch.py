@@ -610,6 +610,11 @@ def test_cli_init_writes_a_loadable_folder(tmp_path, cosmo2_path):
 
     refused = runner.invoke(cli_main, [*args, "--out", str(tmp_path / "a")])
     assert refused.exit_code != 0 and "--force" in refused.output
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}")
+    forced = runner.invoke(cli_main, [*args, "--out", str(tmp_path / "run"), "--force"])
+    assert forced.exit_code != 0 and "holds files but no model" in forced.output
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == "{}"
 
 
 def test_cli_init_errors_are_clear(tmp_path, cosmo2_path):

@@ -385,6 +385,35 @@ def test_converter_refuses_missing_files_and_existing_dst(tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
 
 
+def test_converter_force_never_deletes_the_source_or_other_files(tmp_path):
+    """`--force` replaces a model folder only: never a folder that holds the source (the
+    source went with it before) nor one with other files; a model folder is replaced."""
+    src = tiny_torch_folder(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(
+        mlx_to_torch.main, ["--src", str(src), "--dst", str(tmp_path), "--force"]
+    )
+    assert result.exit_code == 1 and "holds the source folder" in result.output
+    assert (src / WEIGHTS_NAME).is_file() and (tmp_path / "notes.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match="is the source folder"):
+        convert_folder(src, src, overwrite=True)
+    other = tmp_path / "project"
+    other.mkdir()
+    (other / "train.py").write_text("mine")
+    with pytest.raises(ValueError, match="holds files but no model"):
+        convert_folder(src, other, overwrite=True)
+    assert (other / "train.py").read_text() == "mine"
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(ValueError, match="is a file"):
+        convert_folder(src, tmp_path / "file", overwrite=True)
+    convert_folder(src, tmp_path / "model")
+    (tmp_path / "model" / "stale.txt").write_text("old")
+    convert_folder(src, tmp_path / "model", dtype="bfloat16", overwrite=True)
+    assert not (tmp_path / "model" / "stale.txt").exists()
+    assert json.loads((tmp_path / "model" / CONFIG_NAME).read_text())["hidden_size"] == 64
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
 def test_torch_to_mlx_script_on_a_cli_small_model(tmp_path, cosmo2_path):
     """`customllm-torch init --preset small`, then `python convert/torch_to_mlx.py`."""
     from customllm_torch.cli import main as torch_cli
