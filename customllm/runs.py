@@ -192,11 +192,22 @@ def resolve_resume(
     return folder
 
 
-def check_new_run(out: str | Path) -> None:
-    """A new run never writes over another run's checkpoints."""
+def check_new_run(out: str | Path, resume: str | Path | None = None) -> None:
+    """A run never writes over another run's checkpoints: a new run needs an --out without
+    checkpoints, and so does a run resumed from a checkpoint outside --out (its own run
+    folder, the checkpoint's parent, it may continue in)."""
+    if resume is not None and Path(resume).resolve().parent == Path(out).resolve():
+        return
     found = list_checkpoints(out)
-    if found:
+    if not found:
+        return
+    if resume is None:
         raise TrainingError(
             f"{out} already holds a run ({found[-1][1].name}); continue it with --resume, "
             "or choose another --out"
         )
+    raise TrainingError(
+        f"{out} already holds another run ({found[-1][1].name}); --resume {resume} continues "
+        f"the run in {Path(resume).parent}: resume there (--out {Path(resume).parent}) or "
+        "choose an --out without checkpoints"
+    )

@@ -290,8 +290,7 @@ def run_training(cfg: TrainConfig, stream=None) -> Path | None:
     state = read_training_state(resume) if resume else None
     if state:
         check_resume(state, resume, cfg, world_size, ("data_state", "rng_state", "train_config"))
-    else:
-        check_new_run(out)
+    check_new_run(out, resume)
     with StopSignal() as stop:
         tokenizer = load_tokenizer(tokenizer_source(cfg, resume))
         mx.random.seed(cfg.seed)  # the same initial weights on every rank

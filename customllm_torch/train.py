@@ -422,8 +422,7 @@ def run_training(
         if resume:
             state = read_training_state(resume)
             check_resume(state, resume, cfg, args.world_size)
-        else:
-            check_new_run(out)
+        check_new_run(out, resume)
         tokenizer = load_tokenizer(tokenizer_source(cfg, resume))
         set_seed(cfg.seed)
         model = build_model(cfg, resume, tokenizer)

@@ -372,6 +372,21 @@ def test_resume_rejects_other_world_size_and_missing_state(tmp_path):
         train(out, steps=2, resume="latest")
 
 
+def test_resume_from_elsewhere_never_writes_over_the_runs_in_out(tmp_path):
+    """--resume <a checkpoint of run a> --out <run b's folder> replaced b's checkpoint-1 and
+    metrics before: now refused, b untouched; into a's own folder or an empty one it runs."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(a, steps=1)
+    train(b, steps=1, seed=7)
+    before = {f.name: f.read_bytes() for f in (b / "checkpoint-1").iterdir()}
+    metrics = (b / "metrics.jsonl").read_bytes()
+    with pytest.raises(TrainingError, match="already holds another run.*--out .*a"):
+        train(b, steps=2, resume=str(a / "checkpoint-1"))
+    assert {f.name: f.read_bytes() for f in (b / "checkpoint-1").iterdir()} == before
+    assert (b / "metrics.jsonl").read_bytes() == metrics
+    assert train(a, steps=2, resume=str(a / "checkpoint-1")) == a / "checkpoint-2"
+
+
 # Metrics, evaluation, samples, dtype ------------------------------------------------------------
 def test_metrics_have_exactly_the_keys(tmp_path):
     out = tmp_path / "run"

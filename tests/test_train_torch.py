@@ -28,7 +28,7 @@ from customllm.config import ModelConfig
 from customllm.data import StreamDataset
 from customllm.metrics import EVAL_RECORD_KEYS, TRAIN_RECORD_KEYS, read_metrics
 from customllm.runs import latest_checkpoint, list_checkpoints, read_training_state, resolve_resume
-from customllm.training import NonFiniteLossError, TrainConfig
+from customllm.training import NonFiniteLossError, TrainConfig, TrainingError
 from customllm_torch.cli import main as cli
 from customllm_torch.io import load
 
@@ -152,6 +152,10 @@ def test_exact_resume_from_checkpoint_n(reference, tmp_path):
     for step in (4, 5, 6):
         assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
     assert last == tmp_path / "checkpoint-6"
+    assert_same_weights(last, reference / "checkpoint-6")
+    # again from the step-3 checkpoint: tmp_path now holds a run, which it would replace
+    with pytest.raises(TrainingError, match="already holds another run"):
+        train(tiny(tmp_path, resume=str(reference / "checkpoint-3")))
     assert_same_weights(last, reference / "checkpoint-6")
 
 

@@ -350,6 +350,11 @@ def test_a_new_run_never_writes_over_another_runs_checkpoints(tmp_path):
     checkpoint_dir(tmp_path, 7).mkdir(parents=True)
     with pytest.raises(TrainingError, match="checkpoint-7.*--resume"):
         check_new_run(tmp_path)
+    check_new_run(tmp_path, resume=checkpoint_dir(tmp_path, 7))  # continues its own run
+    elsewhere = checkpoint_dir(tmp_path / "other", 2)
+    with pytest.raises(TrainingError, match="another run \\(checkpoint-7\\).*resume there"):
+        check_new_run(tmp_path, resume=elsewhere)
+    check_new_run(tmp_path / "fresh", resume=elsewhere)  # no checkpoints there: fine
 
 
 def test_resume_refuses_options_that_change_the_numbers(tmp_path):
