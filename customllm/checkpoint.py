@@ -100,6 +100,12 @@ def strip_wrapper_prefixes(weights: dict) -> dict:
 
 def check_weights(weights: dict, config: ModelConfig, source: str = "weights") -> None:
     """Raise ValueError naming the first missing, extra or mis-shaped tensor."""
+    check_shapes({key: tuple(value.shape) for key, value in weights.items()}, config, source)
+
+
+def check_shapes(shapes: dict, config: ModelConfig, source: str = "weights") -> None:
+    """`check_weights` on the tensors' shapes alone (a safetensors header's, say)."""
+    weights = shapes
     expected = canonical_shapes(config)
     missing = [k for k in expected if k not in weights]
     if missing:
@@ -116,7 +122,7 @@ def check_weights(weights: dict, config: ModelConfig, source: str = "weights") -
             + " that the config does not have"
         )
     for key, shape in expected.items():
-        got = tuple(weights[key].shape)
+        got = tuple(weights[key])
         if got != shape:
             raise ValueError(
                 f"{source}: tensor {key!r} has shape {got}, the config expects {shape}"

@@ -17,7 +17,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from customllm.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+import numpy as np
+
+from customllm.checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    check_shapes,
+    strip_wrapper_prefixes,
+    unstack_experts,
+)
+from customllm.config import ModelConfig
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINING_STATE_NAME = "training_state.json"
@@ -127,9 +136,17 @@ def check_checkpoint(
         raise CheckpointError(
             f"checkpoint {folder} is corrupt: {CONFIG_NAME} is not valid JSON"
         ) from err
-    problem = _safetensors_problem(folder / WEIGHTS_NAME)
+    problem, shapes = _safetensors_header(folder / WEIGHTS_NAME)
     if problem:
         raise CheckpointError(f"checkpoint {folder} is corrupt: {WEIGHTS_NAME} {problem}")
+    try:
+        config = ModelConfig.from_json(folder / CONFIG_NAME)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {folder}: {CONFIG_NAME}: {err}") from err
+    try:  # the weights against config.json: the torch Trainer loads them non-strictly
+        check_shapes(shapes, config, source=f"checkpoint {folder}: {WEIGHTS_NAME}")
+    except ValueError as err:
+        raise CheckpointError(str(err)) from err
     if framework and state.get("framework", framework) != framework:
         raise CheckpointError(
             f"checkpoint {folder} was written by customllm-{state['framework']}; its optimizer state "
@@ -138,30 +155,43 @@ def check_checkpoint(
     return state
 
 
-def _safetensors_problem(path: Path) -> str | None:
-    """Why a safetensors file is unreadable (truncated, bad header), or None."""
+def _safetensors_header(path: Path) -> tuple[str | None, dict[str, tuple[int, ...]]]:
+    """Why a safetensors file is unreadable (truncated, bad header) or None, and the shape of
+    each tensor (canonical keys, wrapper prefixes stripped, stacked experts unstacked)."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
             if header_len > size - 8:
-                return "is truncated (header runs past the end)"
+                return "is truncated (header runs past the end)", {}
             header = json.loads(f.read(header_len))
-        end = max(
-            (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
-        )
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
+        shapes = {k: tuple(int(n) for n in v["shape"]) for k, v in tensors.items()}
     except (
         struct.error,
         json.JSONDecodeError,
         UnicodeDecodeError,
         KeyError,
         TypeError,
+        ValueError,
         IndexError,
+        AttributeError,
     ):
-        return "has a damaged header"
+        return "has a damaged header", {}
     if 8 + header_len + end != size:
-        return f"is truncated or padded ({size} bytes, the header describes {8 + header_len + end})"
-    return None
+        return (
+            f"is truncated or padded ({size} bytes, the header describes {8 + header_len + end})",
+            {},
+        )
+    return None, _canonical_shapes(shapes)
+
+
+def _canonical_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Shapes under canonical keys: the mapping `canonical_numpy_weights` applies to tensors,
+    applied to memory-less numpy views of each shape."""
+    views = {k: np.broadcast_to(np.empty((), np.int8), shape) for k, shape in shapes.items()}
+    return {k: v.shape for k, v in unstack_experts(strip_wrapper_prefixes(views)).items()}
 
 
 def resolve_resume(

@@ -18,6 +18,8 @@ import pytest
 from click.testing import CliRunner
 from safetensors.numpy import save_file
 
+from customllm.checkpoint import canonical_shapes
+from customllm.config import ModelConfig
 from customllm.metrics import (
     EVAL_RECORD_KEYS,
     TRAIN_RECORD_KEYS,
@@ -154,8 +156,10 @@ def test_weight_decay_only_on_weight_matrices_other_than_embeddings():
 def _fake_checkpoint(out: Path, step: int, framework: str = "torch") -> Path:
     folder = checkpoint_dir(out, step)
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text("{}")
-    save_file({"w": np.zeros((2, 3), dtype=np.float32)}, str(folder / "model.safetensors"))
+    config = ModelConfig.from_preset("tiny", vocab_size=16, max_position_embeddings=16)
+    config.to_json(folder / "config.json")
+    weights = {k: np.zeros(shape, np.float32) for k, shape in canonical_shapes(config).items()}
+    save_file(weights, str(folder / "model.safetensors"))
     write_training_state(folder, {"step": step, "framework": framework})
     return folder
 
@@ -212,6 +216,14 @@ def test_resolve_resume_errors(tmp_path):
         (lambda f: (f / "model.safetensors").unlink(), "model.safetensors is missing"),
         (lambda f: _truncate(f / "model.safetensors", 10), "truncated"),
         (lambda f: _truncate(f / "model.safetensors", 4), "damaged header"),
+        # config.json and the weights apart: the torch Trainer would load them non-strictly
+        (
+            lambda f: _edit_config(f, hidden_size=128),
+            r"has shape \(16, 64\), the config expects \(16, 128\)",
+        ),
+        (lambda f: _edit_config(f, num_hidden_layers=3), "missing tensor 'decoder_layers.2"),
+        (lambda f: _edit_config(f, num_hidden_layers=1), "unexpected tensor 'decoder_layers.1"),
+        (lambda f: _edit_config(f, router_score="cosine"), "config.json: .*router_score"),
     ],
 )
 def test_a_damaged_checkpoint_is_named(tmp_path, damage, message):
@@ -220,6 +232,11 @@ def test_a_damaged_checkpoint_is_named(tmp_path, damage, message):
     with pytest.raises(CheckpointError, match=message) as info:
         resolve_resume("latest", tmp_path)
     assert str(folder) in str(info.value)
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
 
 
 def _truncate(path: Path, keep_bytes_less: int) -> None:
