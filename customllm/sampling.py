@@ -203,7 +203,10 @@ def generate_options(command: Callable) -> Callable:
             "--repetition-penalty", default=None, type=float, help="e.g. 1.1; off by default."
         ),
         click.option(
-            "--repetition-context-size", default=DEFAULT_REPETITION_CONTEXT_SIZE, show_default=True
+            "--repetition-context-size",
+            default=DEFAULT_REPETITION_CONTEXT_SIZE,
+            show_default=True,
+            type=click.IntRange(min=1),
         ),
         click.option("--seed", default=None, type=int, help="PRNG seed for sampling."),
         click.option(
@@ -213,7 +216,12 @@ def generate_options(command: Callable) -> Callable:
             help="Cache at most this many tokens per layer (the first 4 and the most recent); "
             "bounds memory, not length: prompt + generation stay within max_position_embeddings.",
         ),
-        click.option("--prefill-step-size", default=DEFAULT_PREFILL_STEP_SIZE, show_default=True),
+        click.option(
+            "--prefill-step-size",
+            default=DEFAULT_PREFILL_STEP_SIZE,
+            show_default=True,
+            type=click.IntRange(min=1),
+        ),
         click.option("--verbose/--no-verbose", default=True, show_default=True),
     ]
     for option in reversed(options):
@@ -236,13 +244,19 @@ def check_request(model_dir: str, tokenizer: Any, config: Any, prompt: str, opti
             config.vocab_size,
         )
         validate_max_kv_size(options["max_kv_size"])
-        generation_budget(
-            len(encode_prompt(tokenizer, prompt)),
-            options["max_tokens"],
-            config.max_position_embeddings,
+        prompt_tokens = len(encode_prompt(tokenizer, prompt))
+        budget = generation_budget(
+            prompt_tokens, options["max_tokens"], config.max_position_embeddings
         )
     except ValueError as err:
         raise click.ClickException(str(err)) from err
+    if budget < options["max_tokens"]:
+        click.echo(
+            f"note: --max-tokens {options['max_tokens']} does not fit the context: the prompt's "
+            f"{prompt_tokens} tokens and {budget} generated fill max_position_embeddings "
+            f"({config.max_position_embeddings}); generation stops there",
+            err=True,
+        )
 
 
 def stream_text(responses: Iterable[Any], verbose: bool) -> str:

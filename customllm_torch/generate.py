@@ -294,9 +294,19 @@ def generate(
 
 
 def resolve_device(name: str) -> torch.device:
-    """ "auto" -> cuda, else mps, else cpu."""
+    """ "auto" -> cuda, else mps, else cpu; ValueError for a device this machine lacks."""
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError as err:
+            raise ValueError(f"--device {name}: not a torch device ({err})") from err
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA device is available")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"--device {name}: MPS (Apple GPU) is not available")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():

@@ -354,11 +354,10 @@ def training_arguments(
     """The Trainer's arguments for `cfg`; `compile_mode` (a `torch.compile` mode, or None for
     eager) compiles the model's training forward and backward (evaluation and samples run
     eager)."""
-    device = resolve_device(device).type
-    if device == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("--device cuda: no CUDA device is available")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise TrainingError("--device mps: MPS is not available")
+    try:
+        device = resolve_device(device).type
+    except ValueError as err:
+        raise TrainingError(str(err)) from err
     args = TrainingArguments(
         output_dir=cfg.out,
         max_steps=cfg.steps,

@@ -538,3 +538,32 @@ def test_cli_errors_name_the_problem(cli, extra, model_dir, tmp_path):
         cli, ["generate", "--model", str(model_dir), "--top-k", "49152", *extra]
     )
     assert bad_top_k.exit_code != 0 and "top_k" in bad_top_k.output
+
+    for flag in ("--prefill-step-size", "--repetition-context-size"):
+        for value in ("0", "-1"):
+            bad = runner.invoke(cli, ["generate", "--model", str(model_dir), flag, value, *extra])
+            assert bad.exit_code == 2 and flag in bad.output and "x>=1" in bad.output, bad.output
+            assert bad.exception is None or isinstance(bad.exception, SystemExit)
+
+
+@pytest.mark.parametrize(("cli", "extra"), CLIS, ids=["mlx", "torch"])
+def test_cli_says_when_max_tokens_does_not_fit_the_context(cli, extra, model_dir):
+    args = ["generate", "--model", str(model_dir), "-p", PROMPT, "--no-verbose", *extra]
+    cut = CliRunner().invoke(cli, [*args, "-m", str(CONTEXT + 5)])
+    assert cut.exit_code == 0, cut.output
+    assert f"--max-tokens {CONTEXT + 5} does not fit the context" in cut.output
+    fits = CliRunner().invoke(cli, [*args, "-m", "3"])
+    assert fits.exit_code == 0 and "does not fit" not in fits.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
+def test_torch_cli_names_a_missing_device(model_dir):
+    for device in ("cuda", "cuda:7"):
+        result = CliRunner().invoke(
+            torch_cli, ["generate", "--model", str(model_dir), "--device", device]
+        )
+        assert result.exit_code == 1 and f"--device {device}: no CUDA device" in result.output
+    bogus = CliRunner().invoke(
+        torch_cli, ["generate", "--model", str(model_dir), "--device", "gpu0"]
+    )
+    assert bogus.exit_code == 1 and "--device gpu0: not a torch device" in bogus.output
