@@ -80,7 +80,7 @@ def prepare_init(
         raise click.ClickException(f"cannot load tokenizer {tokenizer!r}: {err}") from err
     tokenizer = tokenizer or DEFAULT_TOKENIZER
     try:
-        config = new_model_config(TrainConfig(preset=preset or "small", config=config_file), tok)
+        config = new_model_config(TrainConfig(preset=preset, config=config_file), tok)
         check_model_fits(config, tok, 1)
     except TrainingError as err:
         raise click.ClickException(f"{err} (tokenizer {tokenizer!r})") from err

@@ -89,8 +89,14 @@ def _load_local(path: Path) -> PreTrainedTokenizerFast:
         # (model_type customllm) and warn that it does not know the type.
         from transformers import PreTrainedTokenizerFast
 
-        return PreTrainedTokenizerFast.from_pretrained(str(path))
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        try:
+            return PreTrainedTokenizerFast.from_pretrained(str(path))
+        except Exception as err:  # a damaged file: the tokenizers/json message names no file
+            raise ValueError(f"cannot read the tokenizer in {path}: {err}") from err
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as err:
+        raise ValueError(f"cannot read the tokenizer in {path}: {err}") from err
     return _require_fast(tokenizer, str(path))
 
 

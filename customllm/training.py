@@ -61,11 +61,15 @@ class NonFiniteLossError(TrainingError):
 
 
 # Options ----------------------------------------------------------------------------------------
+DEFAULT_PRESET = "small"
+MODEL_OPTIONS = ("preset", "config", "init")  # where the model comes from
+
+
 @dataclass
 class TrainConfig:
     """Every `train` option (OPTION_HELP says what each means). Defaults: a CPU quick start."""
 
-    preset: str = "small"
+    preset: str | None = None  # None: DEFAULT_PRESET for a new run, the checkpoint's on resume
     config: str | None = None
     init: str | None = None
     data: str | None = None
@@ -104,7 +108,10 @@ class TrainConfig:
     def validate(self) -> None:
         if self.config and self.init:
             raise TrainingError("give at most one of --config FILE and --init MODEL_DIR")
-        if not (self.config or self.init) and self.preset not in PRESETS:
+        if self.preset is not None and (self.config or self.init):
+            other = "--config FILE" if self.config else "--init MODEL_DIR"
+            raise TrainingError(f"give at most one of --preset NAME and {other}")
+        if not (self.config or self.init) and self.model_preset not in PRESETS:
             raise TrainingError(
                 f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}"
             )
@@ -126,6 +133,10 @@ class TrainConfig:
                 raise TrainingError(f"--{name.replace('_', '-')} must not be negative")
         if self.eval_every and not self.eval_steps:
             raise TrainingError("--eval-steps must be positive when --eval-every is")
+        if self.eval_data and not self.eval_every:
+            raise TrainingError(
+                f"--eval-data {self.eval_data} is given but --eval-every 0 turns evaluation off"
+            )
         if not 0 < self.lr or not 0 <= self.min_lr <= self.lr:
             raise TrainingError(
                 f"need 0 < --lr and 0 <= --min-lr <= --lr, got {self.lr}, {self.min_lr}"
@@ -147,11 +158,16 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def model_preset(self) -> str:
+        """--preset, or DEFAULT_PRESET where it was not given."""
+        return self.preset or DEFAULT_PRESET
+
     def train_data(self) -> str:
         """--data, else the default source for the model: built-in corpus, hub corpus for 973m."""
         if self.data:
             return self.data
-        if self.preset == "973m" and not (self.config or self.init):
+        if self.model_preset == "973m" and not (self.config or self.init):
             from customllm.data import DEFAULT_HUB_DATA
 
             return DEFAULT_HUB_DATA
@@ -171,7 +187,7 @@ def _same_source(a: str, b: str) -> bool:
 
 
 OPTION_HELP = {
-    "preset": "Model size of a new model.",
+    "preset": "Model size of a new model (default: small).",
     "config": "config.json of a new model (instead of --preset).",
     "init": "Start from the weights of this model folder (fresh optimizer).",
     "data": "builtin, a .txt/.jsonl/.parquet path or folder, or a hub dataset name[:config]. "
@@ -294,6 +310,15 @@ def check_finite(loss: float, step: int, out: str | Path | None = None, what: st
         raise NonFiniteLossError(step, loss, last, what)
 
 
+def model_source(options: dict[str, Any]) -> tuple[str, Any]:
+    """Where a run's model comes from, ("config" | "init" | "preset", value), given its
+    options (a saved train_config too: runs before DEFAULT_PRESET saved "small" alongside)."""
+    for name in ("config", "init"):
+        if options.get(name):
+            return name, options[name]
+    return "preset", options.get("preset") or DEFAULT_PRESET
+
+
 def config_differences(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     """Options of a resumed run that differ from the checkpoint's (out/resume/plot excluded)."""
     ignore = {"out", "resume", "plot", "log_every", "sample_every", "prompt", "max_sample_tokens"}
@@ -344,6 +369,18 @@ def check_resume(
             raise CheckpointError(
                 f"checkpoint {folder} is incomplete: {TRAINING_STATE_NAME} has no {key!r}"
             )
+    saved = state["train_config"]
+    given = {name: getattr(cfg, name) for name in MODEL_OPTIONS if getattr(cfg, name) is not None}
+    if given and model_source(given) != model_source(saved):
+        kind, value = model_source(saved)
+        raise TrainingError(
+            f"--resume {folder}: the run's model is the checkpoint's (its run had --{kind} "
+            f"{value!r}); --{' --'.join(f'{k} {v!r}' for k, v in given.items())} would not "
+            f"change it. Leave it out, or start a new run from its weights with --init {folder}"
+        )
+    if not given:  # the checkpoint's, for the checkpoints this run writes
+        for name in MODEL_OPTIONS:
+            setattr(cfg, name, saved.get(name))
     changed = [
         line
         for line in config_differences(state["train_config"], cfg)
@@ -376,8 +413,8 @@ def new_model_config(cfg: TrainConfig, tokenizer) -> ModelConfig:
     if cfg.config:
         config = ModelConfig.from_json(cfg.config)
     else:
-        vocab = {} if cfg.preset == "973m" else {"vocab_size": len(tokenizer)}
-        config = ModelConfig.from_preset(cfg.preset, **vocab)
+        vocab = {} if cfg.model_preset == "973m" else {"vocab_size": len(tokenizer)}
+        config = ModelConfig.from_preset(cfg.model_preset, **vocab)
     ids = {"eos_token_id": eos_token_id(tokenizer)}
     if getattr(tokenizer, "bos_token_id", None) is not None:
         ids["bos_token_id"] = tokenizer.bos_token_id

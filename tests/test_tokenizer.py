@@ -63,6 +63,12 @@ def test_folder_without_tokenizer_files(tmp_path):
         load_tokenizer(tmp_path)
 
 
+def test_a_damaged_tokenizer_file_is_named(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match=f"cannot read the tokenizer in {tmp_path}"):
+        load_tokenizer(tmp_path)
+
+
 def test_hub_id_offline_fails_fast(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.monotonic()

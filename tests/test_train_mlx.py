@@ -61,6 +61,8 @@ def options(out: Path, **overrides) -> dict:
         out=str(out),
     )
     values.update(overrides)
+    if values.get("config") or values.get("init"):  # the model comes from there
+        values.pop("preset")
     return values
 
 

@@ -53,7 +53,10 @@ def tiny(out: Path, **overrides) -> TrainConfig:
         max_sample_tokens=4,
         out=str(out),
     )
-    return TrainConfig(**{**values, **overrides})
+    values.update(overrides)
+    if values.get("config") or values.get("init"):  # the model comes from there
+        values.pop("preset")
+    return TrainConfig(**values)
 
 
 def train(cfg: TrainConfig) -> Path:

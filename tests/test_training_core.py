@@ -66,6 +66,9 @@ def test_min_lr_defaults_to_a_tenth_of_lr():
     "kwargs, message",
     [
         (dict(config="c.json", init="m"), "at most one"),
+        (dict(preset="tiny", init="m"), "at most one of --preset NAME and --init"),
+        (dict(eval_data="e.txt", eval_every=0), "--eval-every 0 turns evaluation off"),
+        (dict(preset="tiny", config="c.json"), "at most one of --preset NAME and --config"),
         (dict(preset="huge"), "unknown preset"),
         (dict(seq_len=0), "--seq-len"),
         (dict(keep_last=-1), "--keep-last"),
@@ -384,6 +387,40 @@ def test_resume_refuses_options_that_change_the_numbers(tmp_path):
         check_resume({**state, "world_size": 2}, tmp_path, TrainConfig(lr=1e-3, steps=10), 1)
     with pytest.raises(CheckpointError, match="rng_state"):
         check_resume(state, tmp_path, TrainConfig(lr=1e-3), 1, ("rng_state",))
+
+
+def test_resume_keeps_the_checkpoints_model_and_refuses_another(tmp_path):
+    """The model of a resumed run is its checkpoint's: --preset/--config/--init left out take
+    the checkpoint run's (no "option changed" warning for options never given); given and
+    naming another model, an error (it trained the checkpoint's model under a warning)."""
+
+    def state(**saved):
+        return {"world_size": 1, "data_state": [{}], "train_config": TrainConfig(**saved).to_dict()}
+
+    tiny = state(preset="tiny")
+    cfg = TrainConfig()
+    check_resume(tiny, tmp_path, cfg, 1)
+    assert (cfg.preset, cfg.model_preset) == ("tiny", "tiny")
+    assert config_differences(tiny["train_config"], cfg) == []
+    check_resume(tiny, tmp_path, TrainConfig(preset="tiny"), 1)  # the same command line
+    with pytest.raises(TrainingError, match="--preset 'tiny'.*--preset 'small' would not"):
+        check_resume(tiny, tmp_path, TrainConfig(preset="small"), 1)
+    with pytest.raises(TrainingError, match="--config 'h128.json' would not change it"):
+        check_resume(tiny, tmp_path, TrainConfig(config="h128.json"), 1)
+    check_resume(state(), tmp_path, TrainConfig(preset="small"), 1)  # the default, named
+
+    init = state(init="runs/a/checkpoint-9")
+    check_resume(init, tmp_path, TrainConfig(init="runs/a/checkpoint-9"), 1)
+    with pytest.raises(TrainingError, match="had --init 'runs/a/checkpoint-9'"):
+        check_resume(init, tmp_path, TrainConfig(preset="tiny"), 1)
+    # runs before the default was None saved preset "small" beside their --config
+    old = {
+        **state(config="c.json"),
+        "train_config": {**TrainConfig(config="c.json").to_dict(), "preset": "small"},
+    }
+    check_resume(old, tmp_path, TrainConfig(config="c.json"), 1)
+    with pytest.raises(TrainingError, match="--preset 'small' would not"):
+        check_resume(old, tmp_path, TrainConfig(preset="small"), 1)
 
 
 def test_new_model_config_takes_the_tokenizers_vocabulary_for_small_presets(tmp_path):
