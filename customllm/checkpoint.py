@@ -105,16 +105,15 @@ def check_weights(weights: dict, config: ModelConfig, source: str = "weights") -
 
 def check_shapes(shapes: dict, config: ModelConfig, source: str = "weights") -> None:
     """`check_weights` on the tensors' shapes alone (a safetensors header's, say)."""
-    weights = shapes
     expected = canonical_shapes(config)
-    missing = [k for k in expected if k not in weights]
+    missing = [k for k in expected if k not in shapes]
     if missing:
         raise ValueError(
             f"{source}: missing tensor {missing[0]!r}"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             + " for the config; do the weights and config.json belong together?"
         )
-    extra = [k for k in weights if k not in expected]
+    extra = [k for k in shapes if k not in expected]
     if extra:
         raise ValueError(
             f"{source}: unexpected tensor {extra[0]!r}"
@@ -122,7 +121,7 @@ def check_shapes(shapes: dict, config: ModelConfig, source: str = "weights") -> 
             + " that the config does not have"
         )
     for key, shape in expected.items():
-        got = tuple(weights[key])
+        got = tuple(shapes[key])
         if got != shape:
             raise ValueError(
                 f"{source}: tensor {key!r} has shape {got}, the config expects {shape}"
