@@ -226,9 +226,17 @@ def check_new_run(out: str | Path, resume: str | Path | None = None) -> None:
     """A run never writes over another run's checkpoints: a new run needs an --out without
     checkpoints, and so does a run resumed from a checkpoint outside --out (its own run
     folder, the checkpoint's parent, it may continue in)."""
-    if resume is not None and Path(resume).resolve().parent == Path(out).resolve():
-        return
     found = list_checkpoints(out)
+    if resume is not None and Path(resume).resolve().parent == Path(out).resolve():
+        step = read_training_state(resume)["step"]
+        later = [path.name for n, path in found if n > step]
+        if later:  # they would stay "latest" (for --resume, rotation, the final message)
+            raise TrainingError(
+                f"--resume {resume}: {out} holds later checkpoints of the run ({', '.join(later)})"
+                "; continuing from an earlier one would mix two histories in one folder. Resume "
+                "into a new --out, or move the later checkpoints away"
+            )
+        return
     if not found:
         return
     if resume is None:

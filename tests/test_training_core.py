@@ -370,9 +370,15 @@ def test_a_new_run_never_writes_over_another_runs_checkpoints(tmp_path):
     checkpoint_dir(tmp_path, 7).mkdir(parents=True)
     with pytest.raises(TrainingError, match="checkpoint-7.*--resume"):
         check_new_run(tmp_path)
+    write_training_state(checkpoint_dir(tmp_path, 7), {"step": 7})
     check_new_run(tmp_path, resume=checkpoint_dir(tmp_path, 7))  # continues its own run
+    checkpoint_dir(tmp_path, 9).mkdir()
+    write_training_state(checkpoint_dir(tmp_path, 9), {"step": 9})
+    with pytest.raises(TrainingError, match=r"later checkpoints of the run \(checkpoint-9\)"):
+        check_new_run(tmp_path, resume=checkpoint_dir(tmp_path, 7))
+    check_new_run(tmp_path, resume=checkpoint_dir(tmp_path, 9))
     elsewhere = checkpoint_dir(tmp_path / "other", 2)
-    with pytest.raises(TrainingError, match="another run \\(checkpoint-7\\).*resume there"):
+    with pytest.raises(TrainingError, match="another run \\(checkpoint-9\\).*resume there"):
         check_new_run(tmp_path, resume=elsewhere)
     check_new_run(tmp_path / "fresh", resume=elsewhere)  # no checkpoints there: fine
 
