@@ -439,10 +439,14 @@ class CustomLLM(nn.Module):
         absorb: bool | None = None,
         return_aux: bool = False,
     ):
-        """Logits (B, T, vocab); with `return_aux`, also the aux loss and the expert loads
-        (num_layers, n_routed_experts)."""
+        """Logits (B, T, vocab) in float32; with `return_aux`, also the aux loss and the expert
+        loads (num_layers, n_routed_experts). float32 whatever the weights' dtype: mlx_lm's
+        sampling takes `logits - logsumexp(logits)` in the logits' dtype, and in bfloat16
+        (spacing 0.0625 near ln(49,152) = 10.8) close logits collapse to one log-probability:
+        greedy decoding of a bfloat16 folder picked token 0 (EOS). The torch twin's sampler
+        reads its logits as float32 (`customllm_torch.generate`); training never forms logits."""
         x, aux_loss, load = self.hidden_states(inputs, cache, absorb)
-        logits = self.lm_head(x)
+        logits = self.lm_head(x).astype(mx.float32)
         return (logits, aux_loss, load) if return_aux else logits
 
     def training_loss(self, inputs: mx.array, shift_labels: mx.array):

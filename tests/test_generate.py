@@ -140,6 +140,24 @@ def test_greedy_equals_argmax_of_full_forward(framework, prefill_step_size):
     assert "".join(r.text for r in responses) == tok.decode(tokens)
 
 
+def test_bfloat16_folder_decodes_greedily_in_float32_log_probabilities(model_dir, tmp_path):
+    """A bfloat16 folder (convert --dtype bfloat16): the MLX model's logits are float32, so
+    mlx_lm's log-softmax does not collapse the untrained model's close logits onto one value
+    (greedy then picked token 0, EOS, at once); greedy = argmax of the full forward."""
+    from customllm.convert import convert_folder
+    from customllm_mlx.io import load
+
+    model, tok = load(convert_folder(model_dir, tmp_path / "bf16", dtype="bfloat16"))
+    assert model.lm_head.weight.dtype == mx.bfloat16
+    ids = tok.encode(PROMPT)
+    assert model(mx.array([ids])).dtype == mx.float32
+    tokens, _ = tokens_of(mlx_gen, model, tok, ids, max_tokens=4)
+    seq = list(ids)
+    for _ in range(4):
+        seq.append(int(full_forward_logits("mlx", model, seq).argmax()))
+    assert tokens == seq[len(ids) :]
+
+
 def test_mlx_and_torch_generate_the_same_greedy_tokens(mlx_model, torch_model):
     mlx_tokens, _ = tokens_of(mlx_gen, *mlx_model, PROMPT, max_tokens=N_TOKENS)
     torch_tokens, _ = tokens_of(torch_gen, *torch_model, PROMPT, max_tokens=N_TOKENS)
