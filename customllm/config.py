@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 MODEL_TYPE = "customllm"
+KIND_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+# Keys of transformers' configs (DeepseekV3, Llama) that lie near a field name: kept as extra
+FOREIGN_KEYS = ("head_dim", "qk_head_dim", "moe_intermediate_size", "attention_dropout")
 
 
 @dataclass
@@ -46,6 +50,7 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        self.check_types()
         heads = self.num_attention_heads
         if heads <= 0:
             raise ValueError(f"num_attention_heads must be positive, got {heads}")
@@ -64,6 +69,19 @@ class ModelConfig:
                     )
                 setattr(self, name, width // heads)
         self.validate()
+
+    def check_types(self) -> None:
+        """Raise ValueError naming the first field whose JSON value has the wrong type (a
+        string "64", null, a float for an integer): the arithmetic on it would fail later with
+        a TypeError that names nothing."""
+        kinds = {"int": int, "float": (int, float), "bool": bool, "str": str}
+        for f in dataclasses.fields(self):
+            kind, _, optional = f.type.partition(" | ")
+            value = getattr(self, f.name)
+            if kind not in kinds or (optional == "None" and value is None):
+                continue
+            if not isinstance(value, kinds[kind]) or (kind != "bool" and isinstance(value, bool)):
+                raise ValueError(f"{f.name} must be {KIND_NAMES[kind]}, got {value!r}")
 
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent field."""
@@ -92,6 +110,18 @@ class ModelConfig:
         for name in ("embd_dropout", "attn_dropout", "mlp_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "initializer_range"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("bias_update_rate", "aux_loss_coef"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)!r}")
+        for name in ("eos_token_id", "bos_token_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ValueError(
+                    f"{name} must be a token id below vocab_size={self.vocab_size}, "
+                    f"got {getattr(self, name)}"
+                )
 
     # Derived sizes -------------------------------------------------------------------------
     @property
@@ -135,6 +165,10 @@ class ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in values.items() if k in names}
         extra = {k: v for k, v in values.items() if k not in names}
+        for key in extra:  # a misspelt field would be dropped and its default used
+            near = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.85)
+            if near and key not in FOREIGN_KEYS:
+                raise ValueError(f"unknown field {key!r}: did you mean {near[0]!r}?")
         return cls(**known, extra=extra)
 
     @classmethod
@@ -150,7 +184,10 @@ class ModelConfig:
             raise ValueError(f"{path} is not valid JSON: {err}") from err
         if not isinstance(values, dict):
             raise ValueError(f"{path} must hold a JSON object")
-        return cls.from_dict(values)
+        try:
+            return cls.from_dict(values)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
 
     def to_dict(self) -> dict[str, Any]:
         values = {**self.extra, **dataclasses.asdict(self)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -489,6 +490,34 @@ def test_config_validation_errors():
         ModelConfig.from_preset("small", num_attention_heads=5)
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         ModelConfig(num_experts_per_tok=8)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"hidden_size": "64"}, "hidden_size must be an integer, got '64'"),
+        ({"hidden_size": None}, "hidden_size must be an integer, got None"),
+        ({"num_hidden_layers": 2.0}, "num_hidden_layers must be an integer"),
+        ({"lm_head_bias": 1}, "lm_head_bias must be true or false"),
+        ({"embd_dropout": "0.1"}, "embd_dropout must be a number"),
+        ({"rms_norm_eps": "x"}, "rms_norm_eps must be a number"),
+        ({"rope_theta": -1}, "rope_theta must be positive"),
+        ({"initializer_range": 0}, "initializer_range must be positive"),
+        ({"aux_loss_coef": -1e-4}, "aux_loss_coef must not be negative"),
+        ({"eos_token_id": 256}, "eos_token_id must be a token id below vocab_size=256"),
+        ({"hidden_sise": 32}, "unknown field 'hidden_sise': did you mean 'hidden_size'"),
+    ],
+)
+def test_config_json_values_are_checked_and_named(tmp_path, change, message):
+    """Each bad config.json value is named (it was a TypeError from deep in the model, or a
+    model built with the default in place of a misspelt field)."""
+    values = {**ModelConfig.from_preset("tiny", vocab_size=256).to_dict(), **change}
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    with pytest.raises(ValueError, match=f"config.json: {re.escape(message)}"):
+        ModelConfig.from_json(tmp_path)
+    # transformers' keys near a field name stay extra
+    ok = ModelConfig.from_dict({**ModelConfig().to_dict(), "head_dim": 64, "attention_dropout": 0})
+    assert ok.extra["head_dim"] == 64
 
 
 def test_config_json_round_trip(tmp_path):
