@@ -72,11 +72,9 @@ class MetricsLogger:
             return
         kept = []
         for line in self.path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
+            record = _record(line)  # None: a line cut by a kill, or not a record
+            if record is not None and record["step"] <= step:
+                kept.append(line)
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
@@ -165,15 +163,20 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def _record(line: str) -> dict[str, Any] | None:
+    """A metrics.jsonl line's record: a JSON object with an integer "step", else None."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return record if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl (lines cut by a kill are skipped)."""
-    records = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+    """The records of a metrics.jsonl (lines cut by a kill, or that hold no record with an
+    integer "step", are skipped)."""
+    return [r for r in map(_record, Path(path).read_text().splitlines()) if r is not None]
 
 
 def require_matplotlib() -> None:
@@ -188,6 +191,11 @@ def require_matplotlib() -> None:
 
 def plot_metrics(metrics: str | Path, png: str | Path) -> Path:
     """Plot loss/eval_loss, learning rate, grad norm, tokens/s and expert imbalance to `png`."""
+    records = read_metrics(metrics)
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    if not (train or evals):
+        raise TrainingError(f"{metrics} holds no training or evaluation records to plot")
     try:
         import matplotlib
 
@@ -197,9 +205,6 @@ def plot_metrics(metrics: str | Path, png: str | Path) -> Path:
         raise TrainingError(
             "plotting needs matplotlib, an optional dependency: pip install 'customllm[plot]'"
         ) from err
-    records = read_metrics(metrics)
-    train = [r for r in records if "loss" in r]
-    evals = [r for r in records if "eval_loss" in r]
     panels = [
         ("loss", "loss (nats)"),
         ("learning_rate", "learning rate"),

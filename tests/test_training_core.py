@@ -291,9 +291,19 @@ def test_metrics_of_a_resumed_run_drop_the_steps_after_the_checkpoint(tmp_path):
         log.log_train(step, 1.0, 1.0, 1e-3, 1.0, 0.0, None)
     log.log_eval(4, 1.0)
     with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('null\n3\n[1, 2]\n{"loss": 1.0}\n{"step": "2"}\n')  # JSON, not records
         f.write('{"step": 6, "lo')  # a line cut by a kill
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5, 4]
     MetricsLogger(tmp_path, stream=io.StringIO(), resume_step=3)
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_plot_refuses_a_file_without_records(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('null\n{"step": 1}\n')
+    with pytest.raises(TrainingError, match="holds no training or evaluation records"):
+        plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "m.png")
+    assert not (tmp_path / "m.png").exists()
 
 
 def test_plot_needs_matplotlib(tmp_path, monkeypatch):
