@@ -326,8 +326,30 @@ def config_differences(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     return [
         f"--{k.replace('_', '-')} {saved[k]!r} -> {current[k]!r}"
         for k in current
-        if k not in ignore and k in saved and saved[k] != current[k]
+        if k not in ignore and k in saved and not _same_option(k, saved, current)
     ]
+
+
+def _same_option(key: str, saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether an option has the same meaning in both runs: data sources compare as the
+    files or sources they name (a relative and an absolute path to one file; no --data and
+    the model's default source), the rest as values."""
+    a, b = saved[key], current[key]
+    if key == "data":
+        a, b = _data_source(saved), _data_source(current)
+    if key in ("data", "eval_data", "tokenizer") and a is not None and b is not None:
+        return _same_source(str(a), str(b))
+    return a == b
+
+
+def _data_source(options: dict[str, Any]) -> str:
+    """--data, else the default source of the run's model (`TrainConfig.train_data`)."""
+    if options.get("data"):
+        return options["data"]
+    from customllm.corpus import BUILTIN
+    from customllm.data import DEFAULT_HUB_DATA
+
+    return DEFAULT_HUB_DATA if model_source(options) == ("preset", "973m") else BUILTIN
 
 
 # Options a resumed run may change: they do not alter the numbers of the steps it continues.

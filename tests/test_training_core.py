@@ -375,6 +375,21 @@ def test_config_differences_lists_changed_options():
     assert json.loads(json.dumps(saved)) == saved  # JSON-safe for training_state.json
 
 
+def test_config_differences_compare_data_sources_as_what_they_name(tmp_path, monkeypatch):
+    """A relative and an absolute path to one file, or no --data and the default source, are
+    the same data (a resume with either was refused)."""
+    (tmp_path / "d.txt").write_text("text")
+    monkeypatch.chdir(tmp_path)
+    saved = TrainConfig(preset="tiny", data="d.txt").to_dict()
+    assert config_differences(saved, TrainConfig(preset="tiny", data=str(tmp_path / "d.txt"))) == []
+    assert config_differences(TrainConfig().to_dict(), TrainConfig(data="builtin")) == []
+    assert config_differences(saved, TrainConfig(preset="tiny", data="builtin")) == [
+        "--data 'd.txt' -> 'builtin'"
+    ]
+    hub = TrainConfig(preset="973m").to_dict()
+    assert config_differences(hub, TrainConfig(preset="973m", data="builtin")) != []
+
+
 def test_a_new_run_never_writes_over_another_runs_checkpoints(tmp_path):
     check_new_run(tmp_path / "missing")  # nothing there yet: fine
     checkpoint_dir(tmp_path, 7).mkdir(parents=True)
