@@ -132,8 +132,11 @@ class StreamDataset:
             epoch, file, doc = epoch + 1, 0, 0
 
     def _empty_message(self) -> str:
-        if self.split == "all":
-            return f"empty corpus: no documents in {self.source.spec}"
+        any_document = positioned_documents(
+            self.source, self.text_column, "all", self.heldout_fraction, 0, 0
+        )
+        if self.split == "all" or next(iter(any_document), None) is None:
+            return f"empty corpus: no documents (no text that is not blank) in {self.source.spec}"
         return (
             f"empty corpus: no {self.split} documents in {self.source.spec} "
             f"(held-out fraction {self.heldout_fraction}); give an eval source or more data"

@@ -233,9 +233,20 @@ def test_empty_corpus(tok, tmp_path):
     empty.write_text("", encoding="utf-8")
     blank = tmp_path / "blank.txt"
     blank.write_text("\n<|endoftext|>\n  \n<|endoftext|>\n", encoding="utf-8")
-    for path in (empty, blank):
-        with pytest.raises(ValueError, match="empty corpus"):
+    for path in (empty, blank):  # no documents at all: no hint about the held-out split
+        with pytest.raises(ValueError, match="empty corpus: no documents .*blank") as info:
             StreamDataset(path, tok, 8).next_batch(1)
+        assert "held-out" not in str(info.value)
+    one = tmp_path / "one.txt"
+    one.write_text("a single document", encoding="utf-8")  # it goes to one split only
+    splits = [StreamDataset(one, tok, 4, split=s) for s in ("train", "heldout")]
+    errors = []
+    for dataset in splits:
+        try:
+            dataset.next_batch(1)
+        except ValueError as err:
+            errors.append(str(err))
+    assert len(errors) == 1 and "held-out fraction" in errors[0], errors
     (tmp_path / "sub").mkdir()
     with pytest.raises(ValueError, match="empty corpus"):
         parse_source(str(tmp_path / "sub"))
