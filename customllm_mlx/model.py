@@ -446,7 +446,9 @@ class CustomLLM(nn.Module):
         greedy decoding of a bfloat16 folder picked token 0 (EOS). The torch twin's sampler
         reads its logits as float32 (`customllm_torch.generate`); training never forms logits."""
         x, aux_loss, load = self.hidden_states(inputs, cache, absorb)
-        logits = self.lm_head(x).astype(mx.float32)
+        logits = self.lm_head(x)
+        if logits.dtype != mx.float32:
+            logits = logits.astype(mx.float32)
         return (logits, aux_loss, load) if return_aux else logits
 
     def training_loss(self, inputs: mx.array, shift_labels: mx.array):
