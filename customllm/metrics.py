@@ -62,10 +62,8 @@ class MetricsLogger:
         self._bar_shown = False
         self._start = time.perf_counter()
         self._first_step: int | None = None
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if resume_step is not None:
-                self._drop_after(resume_step)
+        if enabled and resume_step is not None:
+            self._drop_after(resume_step)
 
     def _drop_after(self, step: int) -> None:
         if not self.path.is_file():
@@ -80,6 +78,9 @@ class MetricsLogger:
         os.replace(tmp, self.path)
 
     def _append(self, record: dict[str, Any]) -> None:
+        # the run folder from the first record on: a run that fails before its first step
+        # (bad data) leaves no empty --out behind
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 

@@ -8,12 +8,13 @@ A checkpoint is a canonical model folder (config.json, model.safetensors, tokeni
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +221,20 @@ def resolve_resume(
                 folder = inner
     check_checkpoint(folder, required, framework)
     return folder
+
+
+@contextlib.contextmanager
+def removed_if_empty(out: str | Path) -> Iterator[None]:
+    """Remove `out` when the run fails and leaves it an empty folder that it did not find
+    (the Trainer makes its output_dir up front; a run that stops on its data wrote nothing)."""
+    out = Path(out)
+    existed = out.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
 
 
 def check_new_run(out: str | Path, resume: str | Path | None = None) -> None:

@@ -36,6 +36,7 @@ from customllm.runs import (
     checkpoint_dir,
     latest_checkpoint,
     read_training_state,
+    removed_if_empty,
     resolve_resume,
     rotate_checkpoints,
     write_training_state,
@@ -291,7 +292,7 @@ def run_training(cfg: TrainConfig, stream=None) -> Path | None:
     if state:
         check_resume(state, resume, cfg, world_size, ("data_state", "rng_state", "train_config"))
     check_new_run(out, resume)
-    with StopSignal() as stop:
+    with removed_if_empty(out), StopSignal() as stop:
         tokenizer = load_tokenizer(tokenizer_source(cfg, resume))
         mx.random.seed(cfg.seed)  # the same initial weights on every rank
         model = build_model(cfg, resume, tokenizer)

@@ -36,6 +36,7 @@ from customllm.runs import (
     checkpoint_dir,
     latest_checkpoint,
     read_training_state,
+    removed_if_empty,
     resolve_resume,
     rotate_checkpoints,
     write_training_state,
@@ -416,7 +417,7 @@ def run_training(
         if resume and not zipfile.is_zipfile(resume / name):
             raise CheckpointError(f"checkpoint {resume} is corrupt: {name} is damaged")
     state = None
-    with StopSignal() as stop:
+    with removed_if_empty(out), StopSignal() as stop:
         args = training_arguments(cfg, device, compile_mode)
         if resume:
             state = read_training_state(resume)

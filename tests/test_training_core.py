@@ -35,6 +35,7 @@ from customllm.runs import (
     checkpoint_dir,
     latest_checkpoint,
     list_checkpoints,
+    removed_if_empty,
     resolve_resume,
     rotate_checkpoints,
     write_training_state,
@@ -406,6 +407,25 @@ def test_a_new_run_never_writes_over_another_runs_checkpoints(tmp_path):
     with pytest.raises(TrainingError, match="another run \\(checkpoint-9\\).*resume there"):
         check_new_run(tmp_path, resume=elsewhere)
     check_new_run(tmp_path / "fresh", resume=elsewhere)  # no checkpoints there: fine
+
+
+def test_a_failed_run_leaves_no_empty_out_it_made(tmp_path):
+    """The torch Trainer makes --out up front: a run that fails on its data removed nothing."""
+    for out, made in ((tmp_path / "new", True), (tmp_path / "kept", False)):
+        if not made:
+            out.mkdir()
+        with pytest.raises(ValueError), removed_if_empty(out):
+            out.mkdir(exist_ok=True)
+            raise ValueError("empty corpus")
+        assert out.exists() is not made
+    with pytest.raises(ValueError), removed_if_empty(tmp_path / "used"):
+        checkpoint_dir(tmp_path / "used", 1).mkdir(parents=True)
+        raise ValueError("later")
+    assert checkpoint_dir(tmp_path / "used", 1).is_dir()  # not empty: kept
+    log = MetricsLogger(tmp_path / "lazy", stream=io.StringIO())
+    assert not (tmp_path / "lazy").exists()  # made with the first record
+    log.log_train(1, 1.0, 1.0, 1e-3, 1.0, 0.0, None)
+    assert len(read_metrics(tmp_path / "lazy" / "metrics.jsonl")) == 1
 
 
 def test_resume_refuses_options_that_change_the_numbers(tmp_path):
