@@ -131,19 +131,13 @@ def check_checkpoint(
     for name in (CONFIG_NAME, WEIGHTS_NAME, *required):
         if not (folder / name).is_file():
             raise CheckpointError(f"checkpoint {folder} is incomplete: {name} is missing")
-    try:
-        json.loads((folder / CONFIG_NAME).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(
-            f"checkpoint {folder} is corrupt: {CONFIG_NAME} is not valid JSON"
-        ) from err
+    try:  # not JSON (from_json says so), or a field of the wrong type or range
+        config = ModelConfig.from_json(folder / CONFIG_NAME)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {folder} is corrupt: {CONFIG_NAME}: {err}") from err
     problem, shapes = _safetensors_header(folder / WEIGHTS_NAME)
     if problem:
         raise CheckpointError(f"checkpoint {folder} is corrupt: {WEIGHTS_NAME} {problem}")
-    try:
-        config = ModelConfig.from_json(folder / CONFIG_NAME)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {folder}: {CONFIG_NAME}: {err}") from err
     try:  # the weights against config.json: the torch Trainer loads them non-strictly
         check_shapes(shapes, config, source=f"checkpoint {folder}: {WEIGHTS_NAME}")
     except ValueError as err:

@@ -165,15 +165,7 @@ class TrainConfig:
 
     def train_data(self) -> str:
         """--data, else the default source for the model: built-in corpus, hub corpus for 973m."""
-        if self.data:
-            return self.data
-        if self.model_preset == "973m" and not (self.config or self.init):
-            from customllm.data import DEFAULT_HUB_DATA
-
-            return DEFAULT_HUB_DATA
-        from customllm.corpus import BUILTIN
-
-        return BUILTIN
+        return _data_source(vars(self))
 
     def tokens_per_step(self, world_size: int = 1) -> int:
         return self.batch_size * self.grad_accum * self.seq_len * world_size
@@ -343,7 +335,8 @@ def _same_option(key: str, saved: dict[str, Any], current: dict[str, Any]) -> bo
 
 
 def _data_source(options: dict[str, Any]) -> str:
-    """--data, else the default source of the run's model (`TrainConfig.train_data`)."""
+    """--data, else the default source of the run's model: the built-in corpus, the hub
+    corpus for the 973m preset (`TrainConfig.train_data`; a saved train_config too)."""
     if options.get("data"):
         return options["data"]
     from customllm.corpus import BUILTIN
@@ -405,7 +398,7 @@ def check_resume(
             setattr(cfg, name, saved.get(name))
     changed = [
         line
-        for line in config_differences(state["train_config"], cfg)
+        for line in config_differences(saved, cfg)
         if line.split()[0][2:].replace("-", "_") not in CHANGEABLE_ON_RESUME
     ]
     if changed:
