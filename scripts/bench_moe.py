@@ -14,7 +14,9 @@ layer without its routed GEMMs and without any routed experts (a breakdown of ou
 the floor of the ratio); in torch, ours with its grouped GEMMs (CUDA's layout; torch >= 2.10)
 beside the per-expert loop the CPU runs. The MLX rows run as `customllm-mlx train` runs its layers: on a
 multi-core Linux CPU the batch in two slices on two CPU streams (`--cpu-streams 1`: one
-stream, OpenBLAS on all cores; the definition before the eighth session).
+stream, OpenBLAS on all cores; the definition before the eighth session). Last, it counts
+the nodes of the compiled fwd+bwd graphs of the dense layer and ours (`graph_ops`): on MLX's
+Linux CPU backend each node costs a fixed few microseconds besides its work.
 
     python scripts/bench_moe.py --preset tiny --json bench_moe.json
 """
@@ -22,7 +24,10 @@ stream, OpenBLAS on all cores; the definition before the eighth session).
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
+import io
+import re
 import sys
 import types
 from pathlib import Path
@@ -229,6 +234,69 @@ def mlx_fns(
     return (lambda: run(fwd)), (lambda: run(bwd))
 
 
+# primitives that make no new buffer (a view of their input), each still one node MLX schedules
+VIEW_OPS = {
+    "Reshape",
+    "Transpose",
+    "Squeeze",
+    "ExpandDims",
+    "Broadcast",
+    "Flatten",
+    "Unflatten",
+    "Slice",
+    "AsStrided",
+    "View",
+}
+
+
+def graph_ops(module: nn.Module, x: mx.array, cot: mx.array, input_grad: bool) -> dict:
+    """The nodes of `module`'s compiled fwd+bwd graph on x (one CPU stream's slice), as MLX
+    evaluates them (`mx.export_to_dot` of the compiled call's outputs): every node is one task
+    on its stream, and on the Linux CPU each pays a fixed cost besides its work. "kernels":
+    the nodes that compute (fused elementwise kernels, GEMMs, gathers, sorts, ...); "views":
+    reshapes, transposes and the like, which only schedule."""
+    from mlx.utils import tree_flatten
+
+    def loss(params, x, cot):
+        module.update(params)
+        y = module(x)
+        return ((y[0] if isinstance(y, tuple) else y) * cot).sum()
+
+    grad = mx.value_and_grad(loss, argnums=(0, 1) if input_grad else 0)
+    state = module.state
+    step = mx.compile(lambda x, cot: grad(module.trainable_parameters(), x, cot), state, state)
+    dot = io.StringIO()
+    mx.export_to_dot(dot, *(a for _, a in tree_flatten(step(x, cot))))
+    names = re.findall(r'label ="([^"]+)", shape=rectangle', dot.getvalue())
+    mx.eval(state)  # the module holds the call's outputs: leave nothing lazy for the timing
+    ops = collections.Counter(name.split(" ")[0] for name in names)
+    views = sum(n for name, n in ops.items() if name in VIEW_OPS)
+    return {
+        "nodes": sum(ops.values()),
+        "views": views,
+        "kernels": sum(ops.values()) - views,
+        "by_op": dict(ops.most_common()),
+    }
+
+
+def view_node_us(nodes: int = 200, repeats: int = 50) -> float:
+    """Microseconds MLX spends on one node that does no work: a compiled chain of `nodes`
+    reshapes against none, on one stream, (1024, 64) floats, median of `repeats`."""
+    x = mx.zeros((1024, 64))
+
+    def chain(n):
+        def f(a):
+            for i in range(n):
+                a = a.reshape(64, 1024) if i % 2 == 0 else a.reshape(1024, 64)
+            return a + 1
+
+        return mx.compile(f)
+
+    fns = {n: chain(n) for n in (0, nodes)}
+    times = bc.interleaved_times({n: lambda f=f: mx.eval(f(x)) for n, f in fns.items()}, 3, repeats)
+    return 1e6 * (bc.median(times[nodes]) - bc.median(times[0])) / nodes
+
+
 def torch_layers(cfg: ModelConfig) -> dict[str, torch.nn.Module]:
     from customllm_torch.model import DeepSeekExpertLayer, LlamaMLP
 
@@ -281,9 +349,15 @@ def measure(args, cfg: ModelConfig, frameworks: set[str]) -> dict:
     mx.random.seed(0)
     torch.manual_seed(0)
     fns, meta = {}, {}
+    graphs = {}
     if "mlx" in frameworks:
         tokens = args.batch * args.seq_len // args.cpu_streams
         for name, (module, compilable) in mlx_layers(cfg, tokens).items():
+            if name in GRAPH_LAYERS and bc.wants(f"{name}/mlx/compiled", args.only):
+                one = args.batch // args.cpu_streams
+                graphs[name] = graph_ops(
+                    module, mx.array(x_np[:one]), mx.array(cot_np[:one]), args.input_grad
+                )
             for mode in ("eager", "compiled") if compilable else ("eager",):
                 key = f"{name}/mlx/{mode}"
                 if bc.wants(key, args.only):
@@ -325,7 +399,12 @@ def measure(args, cfg: ModelConfig, frameworks: set[str]) -> dict:
                 "tokens_per_s": tokens / bwd,
             }
         )
-    return {"rows": rows}
+    if graphs:
+        graphs["view node us"] = view_node_us()
+    return {"rows": rows, "graphs": graphs}
+
+
+GRAPH_LAYERS = ("dense SwiGLU (3I)", "customllm MoE")  # `graph_ops` counted and printed
 
 
 def dispatch_floor(by_key: dict, framework: str, mode: str) -> float | None:
@@ -462,6 +541,16 @@ def main(argv: list[str] | None = None) -> dict:
                     f"gather / weighted sum {parts['dispatch_ms']:.2f}, routed experts "
                     f"{parts['routed_experts_ms']:.2f}" + (chains or "")
                 )
+    graphs = measured.get("graphs", {})
+    if graphs:
+        counts = {name: g for name, g in graphs.items() if isinstance(g, dict)}
+        print(
+            "MLX compiled fwd+bwd graph, one CPU stream's slice (nodes = kernels + views): "
+            + ", ".join(
+                f"{name} {g['nodes']} = {g['kernels']} + {g['views']}" for name, g in counts.items()
+            )
+            + f"; a node that does no work (a view) takes {graphs['view node us']:.1f} us"
+        )
     result = {
         "benchmark": "moe",
         "args": vars(args),
@@ -469,6 +558,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": bc.machine_info(),
         "processes": measured["processes"],
         "rows": rows,
+        "graphs": graphs,
         "table": table,
     }
     bc.write_json(args.json, result)

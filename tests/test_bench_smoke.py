@@ -215,6 +215,35 @@ def test_bench_moe(runs):
     assert "floor (router + shared only" in stdout
     assert all(set(r["fwd_bwd_parts_ms"]) == set(PARTS) for r in ours)
     assert "sort / gather / weighted sum" in stdout
+    graphs = result["graphs"]  # the compiled fwd+bwd graphs' nodes, counted
+    assert set(graphs) == {"dense SwiGLU (3I)", "customllm MoE", "view node us"}
+    assert graphs["view node us"] > 0  # a node costs time: the chain of reshapes is slower
+    layers = [graphs["dense SwiGLU (3I)"], graphs["customllm MoE"]]
+    assert all(g["nodes"] == g["kernels"] + g["views"] > 0 for g in layers)
+    assert "MLX compiled fwd+bwd graph" in stdout
+
+
+def test_bench_moe_counts_the_compiled_graphs_nodes():
+    """`graph_ops` counts what MLX evaluates: the dense layer's 3 forward GEMMs and 2 per
+    weight backward (its gradient and the input's), and in our blocked layer the same work as
+    3 + 3 block GEMMs (`gather_mm`) and one GEMM per expert for each weight (`segmented_mm`)."""
+    import mlx.core as mx
+
+    sys.path.insert(0, str(REPO_DIR / "scripts"))
+    import bench_moe
+
+    from customllm.config import ModelConfig
+    from customllm_mlx.model import DeepSeekExpertLayer, LlamaMLP
+
+    x, cot = mx.random.normal((1, 128, 64)), mx.random.normal((1, 128, 64))
+    dense = bench_moe.graph_ops(DeepSeekExpertLayer(64, 384), x, cot, input_grad=True)
+    assert dense["by_op"]["Matmul"] == 9 and "GatherMM" not in dense["by_op"]
+    weights_only = bench_moe.graph_ops(DeepSeekExpertLayer(64, 384), x, cot, input_grad=False)
+    # without x's gradient: 3 forward, 3 weight gradients and the down projection's input's
+    assert weights_only["by_op"]["Matmul"] == 7
+    moe = bench_moe.graph_ops(LlamaMLP(ModelConfig.from_preset("tiny")), x, cot, input_grad=True)
+    assert moe["by_op"]["GatherMM"] == 6 and moe["by_op"]["SegmentedMM"] == 3
+    assert moe["kernels"] > dense["kernels"] and moe["nodes"] == moe["kernels"] + moe["views"]
 
 
 PARTS = ("router_shared_ms", "dispatch_ms", "routed_experts_ms")
