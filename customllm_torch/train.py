@@ -187,7 +187,13 @@ class CustomLLMTrainer(Trainer):
     def get_train_dataloader(self) -> DataLoader:
         # Each rank streams its own shard (StreamDataset rank/world_size); no prefetch, so the
         # stream position at a step boundary is exactly what the steps so far consumed.
-        return DataLoader(self.train_dataset, batch_size=None, num_workers=0)
+        # Its own generator: each `iter()` of a DataLoader draws a seed from its generator, and
+        # from torch's global RNG without one. The Trainer restores the checkpoint's RNG state
+        # and then starts the iterator, so that draw moved every dropout mask of a resumed run
+        # (tests/test_train_torch.py, resume tests with dropout).
+        return DataLoader(
+            self.train_dataset, batch_size=None, num_workers=0, generator=torch.Generator()
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # In training the model fuses lm_head with the loss (no logits); loss includes aux_loss.

@@ -95,6 +95,18 @@ def reference(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def dropout_run(tmp_path_factory) -> tuple[str, Path]:
+    """The tiny model with dropout (so a resume must restore the RNG state too): its
+    config.json, and an uninterrupted 6-step run of it (checkpoints 3 and 6)."""
+    folder = tmp_path_factory.mktemp("dropout")
+    config = folder / "dropout.json"
+    dropout = dict(embd_dropout=0.1, attn_dropout=0.1, mlp_dropout=0.1)
+    ModelConfig.from_preset("tiny", **dropout).to_json(config)
+    train(tiny(folder / "run", config=str(config)))
+    return str(config), folder / "run"
+
+
 # The loop ---------------------------------------------------------------------------------------
 def test_loss_falls_and_metrics_have_the_keys(tmp_path):
     cfg = tiny(
@@ -147,9 +159,10 @@ def test_loss_falls_and_metrics_have_the_keys(tmp_path):
     assert state["train_config"]["lr"] == 5e-3
 
 
-def test_exact_resume_from_checkpoint_n(reference, tmp_path):
-    # Resume the 6-step run from its step-3 checkpoint into another folder.
-    last = train(tiny(tmp_path, resume=str(reference / "checkpoint-3")))
+def test_exact_resume_from_checkpoint_n(dropout_run, tmp_path):
+    # Resume the 6-step run from its step-3 checkpoint into another folder (dropout on).
+    config, reference = dropout_run
+    last = train(tiny(tmp_path, config=config, resume=str(reference / "checkpoint-3")))
     resumed, full = train_losses(tmp_path), train_losses(reference)
     assert sorted(resumed) == [4, 5, 6]
     for step in (4, 5, 6):
@@ -158,12 +171,13 @@ def test_exact_resume_from_checkpoint_n(reference, tmp_path):
     assert_same_weights(last, reference / "checkpoint-6")
     # again from the step-3 checkpoint: tmp_path now holds a run, which it would replace
     with pytest.raises(TrainingError, match="already holds another run"):
-        train(tiny(tmp_path, resume=str(reference / "checkpoint-3")))
+        train(tiny(tmp_path, config=config, resume=str(reference / "checkpoint-3")))
     assert_same_weights(last, reference / "checkpoint-6")
 
 
-def test_sigterm_saves_and_resume_reaches_the_same_weights(reference, tmp_path):
-    cfg = tiny(tmp_path)
+def test_sigterm_saves_and_resume_reaches_the_same_weights(dropout_run, tmp_path):
+    config, reference = dropout_run
+    cfg = tiny(tmp_path, config=config)
     # The child must bind the BLAS this process uses (conftest preloads OpenBLAS for MLX, and
     # torch's sgemm then resolves to it): the last bits of float32 results depend on it.
     preload = "import customllm_mlx; " if "customllm_mlx" in sys.modules else ""
