@@ -473,11 +473,20 @@ def test_heldout_loss_on_cpu_streams_equals_the_loss_of_the_logits():
 
 
 def test_model_is_in_train_mode_for_steps_and_eval_mode_for_eval(tmp_path, monkeypatch):
+    """The held-out loss and the sample run in eval mode (no dropout), the steps around them in
+    train mode: the mode is read while each runs, not only after."""
     seen = {}
     real_evaluate, real_sample = train_mod.evaluate_loss, train_mod.sample_text
 
     def evaluate(model, batches, world, slices):
-        loss = real_evaluate(model, batches, world, slices)
+        def spied(fn):
+            def run(*args):
+                seen["during_eval"] = model.training
+                return fn(*args)
+
+            return run
+
+        loss = real_evaluate(model, batches, world, [spied(fn) for fn in slices])
         seen["after_eval"] = model.training
         return loss
 
@@ -485,12 +494,21 @@ def test_model_is_in_train_mode_for_steps_and_eval_mode_for_eval(tmp_path, monke
         seen["before_sample"] = model.training
         return real_sample(model, tokenizer, prompt, max_tokens)
 
+    def generate(model, *args, **kwargs):
+        seen["during_sample"] = model.training
+        return "sample"
+
     monkeypatch.setattr(train_mod, "evaluate_loss", evaluate)
     monkeypatch.setattr(train_mod, "sample_text", sample)
-    monkeypatch.setattr(train_mod, "generate", lambda model, *a, **k: str(model.training))
+    monkeypatch.setattr(train_mod, "generate", generate)
     out = tmp_path / "run"
     train(out, steps=1, eval_every=1, eval_steps=1, sample_every=1)
-    assert seen == {"after_eval": True, "before_sample": True}
+    assert seen == {
+        "during_eval": False,
+        "after_eval": True,
+        "before_sample": True,
+        "during_sample": False,
+    }
     assert os.path.isdir(out / "checkpoint-1")
 
 
