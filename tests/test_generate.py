@@ -531,6 +531,11 @@ def test_cli_output_format_and_seeded_sampling(cli, extra, model_dir):
     assert quiet.exit_code == 0, quiet.output
     greedy = runner.invoke(cli, args)
     assert quiet.output.splitlines() == [greedy.output.splitlines()[1]]
+    # --temp/--seed reach the sampler: the seeded draw is not the greedy text, another seed
+    # draws other text (each seeded run repeats itself, so this holds every run)
+    other_seed = runner.invoke(cli, [*sampled[:-1], "4"])
+    assert lines[1] != greedy.output.splitlines()[1]
+    assert lines[1] != other_seed.output.splitlines()[1]
 
 
 @pytest.mark.parametrize(("cli", "extra"), CLIS, ids=["mlx", "torch"])
