@@ -132,6 +132,21 @@ def test_resume_on_real_corpus_with_shuffle_and_ranks(tok):
     np.testing.assert_array_equal(take(resumed, 25), reference[35:])
 
 
+def test_shuffle_buffer_permutes_the_blocks(tok):
+    """One pass with a shuffle buffer yields the blocks of the unshuffled pass, each once, in
+    another order, and another seed in another order again."""
+
+    def one_pass(**kwargs):
+        ds = StreamDataset(TRAIN_TXT, tok, 64, split="heldout", loop=False, **kwargs)
+        return [tuple(block.tolist()) for block in ds]
+
+    plain = one_pass()
+    shuffled, reseeded = one_pass(shuffle_buffer=16, seed=7), one_pass(shuffle_buffer=16, seed=8)
+    assert len(plain) > 32
+    assert sorted(shuffled) == sorted(plain) == sorted(reseeded)
+    assert shuffled != plain and reseeded != shuffled
+
+
 def test_state_from_another_stream_is_rejected(tok, tiny_txt, tmp_path):
     state = StreamDataset(tiny_txt, tok, 7).state_dict()
     with pytest.raises(ValueError, match="seq_len: saved 7, now 8"):
