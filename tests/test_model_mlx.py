@@ -99,10 +99,18 @@ def test_cached_decode_equals_full_forward(tiny_config, monkeypatch, absorb):
     np.testing.assert_allclose(np.array(cached), np.array(full), atol=1e-4, rtol=0)
 
 
-def test_compiled_decode_step_equals_the_eager_layer(tiny_config):
+def test_compiled_decode_step_equals_the_eager_layer(tiny_config, monkeypatch):
     """Decoding in eval mode runs DecoderLayer.decode_step (two compiled functions around the
     cache); train mode (dropout 0 in tiny) takes the eager layer: same logits and loads, also
     after the weights change under the compiled functions and for another batch size."""
+    modes = []  # the mode of every decode_step call: eval only, once per layer and token
+    real_decode_step = mlx_model.DecoderLayer.decode_step
+
+    def decode_step(layer, *args):
+        modes.append(layer.training)
+        return real_decode_step(layer, *args)
+
+    monkeypatch.setattr(mlx_model.DecoderLayer, "decode_step", decode_step)
     model = build(tiny_config)
     ids = random_ids(tiny_config, T=16)
 
@@ -140,6 +148,7 @@ def test_compiled_decode_step_equals_the_eager_layer(tiny_config):
     after = compare(B=2, steps=4)
     assert not np.allclose(np.array(after), np.array(before), atol=1e-3)
     compare(B=1, steps=2)
+    assert modes == [False] * (4 + 4 + 2) * tiny_config.num_hidden_layers
 
 
 def test_absorbed_attention_equals_non_absorbed(tiny_config):
