@@ -6,6 +6,7 @@ Tiny preset, cosmo2 tokenizer, TinyStories text from ../shared; float32 on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
@@ -16,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -258,6 +260,33 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, 
         train(tiny(tmp_path, steps=4, save_every=2, eval_every=0))
     assert str(tmp_path / "checkpoint-2") in str(info.value)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2]
+
+
+def test_eval_and_samples_run_in_eval_mode(monkeypatch):
+    """The held-out loss runs without dropout and without the aux loss (the LM loss of eval
+    mode, the same every call), the sample in eval mode; both leave the model training."""
+    torch.manual_seed(0)
+    dropout = dict(embd_dropout=0.3, attn_dropout=0.3, mlp_dropout=0.3)
+    model = torch_model.CustomLLM(ModelConfig.from_preset("tiny", **dropout)).train()
+    batches = [np.random.default_rng(0).integers(0, 49152, (2, 17))]
+    loss = torch_train.evaluate_loss(model, batches, "cpu", contextlib.nullcontext)
+    assert model.training
+    assert torch_train.evaluate_loss(model, batches, "cpu", contextlib.nullcontext) == loss
+    ids = torch.from_numpy(batches[0])
+    with torch.no_grad():
+        lm_loss = model.eval()(input_ids=ids[:, :-1], shift_labels=ids[:, 1:]).lm_loss
+    assert loss == pytest.approx(lm_loss.item(), rel=1e-6)
+
+    modes = []
+
+    def generate(model, *args, **kwargs):
+        modes.append(model.training)
+        return "sample"
+
+    monkeypatch.setattr(torch_train, "generate", generate)
+    model.train()
+    assert torch_train.sample_text(model, None, "Once", 4) == "sample"
+    assert modes == [False] and model.training
 
 
 def test_eval_never_reads_training_data(reference, tmp_path, monkeypatch):
