@@ -60,14 +60,23 @@ class ModelConfig:
             ("qk_rope_head_dim", half),
             ("v_head_dim", self.hidden_size),
         ):
-            if getattr(self, name) is None:
-                if width % heads:
-                    raise ValueError(
-                        f"num_attention_heads={heads} does not divide the {width}-wide "
-                        f"projections of hidden_size={self.hidden_size} ({name} would be "
-                        f"{width / heads:g}); choose a head count that divides {width}"
-                    )
+            # derived from the head count, also where config.json stores it (an edited
+            # num_attention_heads must not keep the old head dims and change the widths)
+            if width % heads:
+                raise ValueError(
+                    f"num_attention_heads={heads} does not divide the {width}-wide "
+                    f"projections of hidden_size={self.hidden_size} ({name} would be "
+                    f"{width / heads:g}); choose a head count that divides {width}"
+                )
+            value = getattr(self, name)
+            if value is None:
                 setattr(self, name, width // heads)
+            elif value != width // heads:
+                raise ValueError(
+                    f"{name}={value!r} does not match hidden_size={self.hidden_size} and "
+                    f"num_attention_heads={heads}: it is {width} / heads = {width // heads} "
+                    f"(leave it out to derive it)"
+                )
         self.validate()
 
     def check_types(self) -> None:

@@ -506,6 +506,14 @@ def test_config_validation_errors():
         ({"aux_loss_coef": -1e-4}, "aux_loss_coef must not be negative"),
         ({"eos_token_id": 256}, "eos_token_id must be a token id below vocab_size=256"),
         ({"hidden_sise": 32}, "unknown field 'hidden_sise': did you mean 'hidden_size'"),
+        # config.json stores the head dims: an edited head count is checked against them
+        ({"num_attention_heads": 9}, "num_attention_heads=9 does not divide the 32-wide"),
+        ({"num_attention_heads": 4}, "qk_nope_head_dim=16 does not match hidden_size=64"),
+        (
+            {"v_head_dim": 16},
+            "v_head_dim=16 does not match hidden_size=64 and num_attention_heads=2: it is 64 / "
+            "heads = 32",
+        ),
     ],
 )
 def test_config_json_values_are_checked_and_named(tmp_path, change, message):
