@@ -30,6 +30,7 @@ import customllm_torch
 from customllm.checkpoint import CONFIG_NAME, WEIGHTS_NAME, unstack_experts
 from customllm.config import ModelConfig
 from customllm.convert import convert_folder
+from customllm.data import StreamDataset
 from customllm_mlx.model import CustomLLM as MLXModel
 from customllm_mlx.model import causal_lm_loss
 from customllm_torch.model import CustomLLM as TorchModel
@@ -490,6 +491,15 @@ def test_both_trainers_take_the_same_steps(tmp_path):
 
     a, b = records(tmp_path / "mlx"), records(tmp_path / "torch")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
+    # step 1's loss is the initial model's next-token loss on the stream's first two
+    # micro-batches, averaged (the targets' shift: tests/test_train_*.py, the step tests)
+    model, tokenizer = customllm_mlx.load(init)
+    stream = StreamDataset(
+        TRAIN_TXT, tokenizer, 32, shuffle_buffer=mlx_cfg.shuffle_buffer, seed=mlx_cfg.seed
+    )
+    first = [mx.array(stream.next_batch(4)) for _ in range(2)]
+    expected = sum(causal_lm_loss(model(ids), ids).item() for ids in first) / 2
+    assert a[1]["loss"] == pytest.approx(expected, rel=1e-5)
     for step in a:
         # measured: losses within 2e-7, norms 4e-5 (relative)
         assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=1e-5), step
@@ -504,7 +514,10 @@ def test_both_trainers_take_the_same_steps(tmp_path):
     for key in start:
         moved, moved_too = ours[key] - start[key], theirs[key] - start[key]
         scale = np.linalg.norm(moved_too)
-        if "expert_bias" in key or scale == 0:  # the bias: sign steps of exact counts
+        if "expert_bias" in key:  # sign steps of exact counts, taken in both (a loop that
+            # never updated the bias would agree with another that never did)
+            assert np.abs(moved_too).max() > 0 and np.abs(moved).max() > 0, key
+        if "expert_bias" in key or scale == 0:
             np.testing.assert_allclose(ours[key], theirs[key], atol=1e-6, err_msg=key)
             continue
         assert np.linalg.norm(moved - moved_too) <= 1e-3 * scale, key  # measured: 2e-5

@@ -232,6 +232,33 @@ def one_update(seed: int, compiled: bool = True, parts: int = 1):
     return acc, dict(tree_flatten(model.parameters()))
 
 
+def test_the_step_trains_each_position_on_the_next_token(monkeypatch):
+    """The training step's loss sees ids[:, :-1] as inputs and ids[:, 1:] as targets (the
+    seed trained on unshifted labels; at initialisation both losses are ~ln(vocab), so the
+    loss value alone does not tell them apart), and reports the model's next-token loss."""
+    seen = []
+    real_loss = train_mod.training_loss
+
+    def training_loss(model, inputs, targets):
+        seen.append((inputs, targets))
+        return real_loss(model, inputs, targets)
+
+    monkeypatch.setattr(train_mod, "training_loss", training_loss)
+    cfg = TrainConfig(**options(Path("unused")))
+    ids = mx.array(np.random.default_rng(0).integers(0, 49152, (4, 33)), dtype=mx.int32)
+    mx.random.seed(0)
+    model = CustomLLM(ModelConfig.from_preset("tiny"))
+    expected = model_mod.causal_lm_loss(model(ids), ids).item()
+    optimizer = train_mod.make_optimizer(cfg, model)
+    optimizer.learning_rate = lr_at(0, cfg)
+    step = train_mod.make_train_step(model, optimizer, cfg, mx.distributed.init(), compiled=False)
+    acc = step(ids, None, True)
+    mx.eval(acc)
+    [(inputs, targets)] = seen
+    assert mx.array_equal(inputs, ids[:, :-1]) and mx.array_equal(targets, ids[:, 1:])
+    assert acc["loss"].item() == pytest.approx(expected, rel=1e-6)
+
+
 def test_compiled_step_equals_eager_step():
     """One optimizer step (2 micro-batches) through mx.compile and eagerly: same results."""
     (acc_c, w_c), (acc_e, w_e) = one_update(0, compiled=True), one_update(0, compiled=False)

@@ -30,6 +30,7 @@ from customllm.config import ModelConfig
 from customllm.data import StreamDataset
 from customllm.metrics import EVAL_RECORD_KEYS, TRAIN_RECORD_KEYS, read_metrics
 from customllm.runs import latest_checkpoint, list_checkpoints, read_training_state, resolve_resume
+from customllm.tokenizer import load_tokenizer
 from customllm.training import NonFiniteLossError, TrainConfig, TrainingError
 from customllm_torch.cli import main as cli
 from customllm_torch.io import load
@@ -260,6 +261,33 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, 
         train(tiny(tmp_path, steps=4, save_every=2, eval_every=0))
     assert str(tmp_path / "checkpoint-2") in str(info.value)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2]
+
+
+def test_the_trainer_trains_each_position_on_the_next_token(tmp_path, monkeypatch):
+    """The Trainer's micro-batch reaches the model as input_ids = ids[:, :-1] and shift_labels
+    = ids[:, 1:] of the stream's block (the seed trained on unshifted labels)."""
+    seen = []
+    real_forward = torch_model.CustomLLM.forward
+
+    def forward(model, input_ids=None, **kwargs):
+        if model.training:
+            seen.append((input_ids.clone(), kwargs["shift_labels"].clone()))
+        return real_forward(model, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(torch_model.CustomLLM, "forward", forward)
+    cfg = tiny(tmp_path, steps=1, eval_every=0, save_every=0)
+    train(cfg)
+    stream = StreamDataset(
+        TRAIN_TXT,
+        load_tokenizer(COSMO2_DIR),
+        cfg.seq_len,
+        shuffle_buffer=cfg.shuffle_buffer,
+        seed=cfg.seed,
+        split="train",
+    )
+    ids = torch.from_numpy(stream.next_batch(cfg.batch_size).astype(np.int64))
+    [(inputs, targets)] = seen
+    assert torch.equal(inputs, ids[:, :-1]) and torch.equal(targets, ids[:, 1:])
 
 
 def test_eval_and_samples_run_in_eval_mode(monkeypatch):
