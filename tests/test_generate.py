@@ -298,6 +298,28 @@ def test_repetition_penalty_changes_the_argmax(name):
     assert int(np.argmax(logits[0])) == 0 and int(out.argmax()) == 1
 
 
+def test_the_sampler_receives_the_log_softmax_of_the_logits(framework):
+    """What stream_generate hands the sampler at each step is log_softmax of the model's
+    last-position logits (the seed's pipeline applied softmax twice; the sampler tests give
+    `make_sampler` log-probabilities they make themselves)."""
+    name, model, tok, module = framework
+    seen = []
+
+    def sampler(logprobs):  # greedy, recording its input
+        seen.append(np.array(logprobs[0].astype(mx.float32) if name == "mlx" else logprobs[0]))
+        return mx.argmax(logprobs, axis=-1) if name == "mlx" else logprobs.argmax(-1)
+
+    ids = tok.encode(PROMPT)
+    tokens, _ = tokens_of(module, model, tok, ids, max_tokens=4, sampler=sampler)
+    assert len(tokens) == 4 and len(seen) >= 4  # mlx_lm draws the next token ahead
+    seq = list(ids)
+    for logprobs, token in zip(seen, tokens, strict=False):
+        logits = full_forward_logits(name, model, seq).astype(np.float64)
+        expected = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+        np.testing.assert_allclose(logprobs, expected, atol=1e-4, rtol=0)
+        seq.append(token)
+
+
 def test_repetition_penalty_is_applied_before_sampling(framework):
     """Greedy tokens with a penalty = argmax of the penalised full-forward logits."""
     name, model, tok, module = framework
