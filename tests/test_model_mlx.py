@@ -192,6 +192,29 @@ def test_cpu_attention_equals_mlx_fast_sdpa(T, S, kv_heads, mask):
         np.testing.assert_allclose(np.array(a), np.array(b), atol=2e-5)
 
 
+def test_decoder_layers_change_the_logits(tiny_config):
+    """The seed skipped the decoder layers: logits were lm_head(embeddings). The twin of the
+    torch test: the logits are not that, and a change to the first layer's attention or the
+    last layer's MoE moves them."""
+    model = build(tiny_config)
+    ids = random_ids(tiny_config)
+    logits = np.array(model(ids))
+    x = model.token_embeddings(ids) + model.position_embeddings(mx.arange(ids.shape[1]))
+    assert np.abs(logits - np.array(model.lm_head(x))).max() > 1e-3
+    for path in (
+        ("decoder_layers", 0, "self_attn", "o_proj"),
+        ("decoder_layers", -1, "mlp", "shared_experts", 0, "down_proj"),
+    ):
+        layer = model
+        for step in path:
+            layer = layer[step] if isinstance(step, int) else getattr(layer, step)
+        saved = layer.weight
+        layer.weight = saved + 0.1 * mx.random.normal(saved.shape)
+        assert np.abs(np.array(model(ids)) - logits).max() > 1e-4, path
+        layer.weight = saved
+    np.testing.assert_array_equal(np.array(model(ids)), logits)
+
+
 def test_attention_is_causal(tiny_config):
     model = build(tiny_config)
     ids = random_ids(tiny_config, T=16)
