@@ -328,14 +328,15 @@ def test_eval_never_reads_training_data(reference, tmp_path, monkeypatch):
     monkeypatch.setattr(StreamDataset, "__init__", spy)
     # default: the held-out split of --data; also starts from a model folder (--init)
     train(tiny(tmp_path / "a", steps=1, eval_every=1, init=str(reference / "checkpoint-6")))
-    assert streams == [(str(TRAIN_TXT), "train"), (str(TRAIN_TXT), "heldout")]
+    train_txt, heldout_txt = str(TRAIN_TXT.resolve()), str(HELDOUT_TXT.resolve())  # as specs
+    assert streams == [(train_txt, "train"), (train_txt, "heldout")]
     assert [
         r["step"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if "eval_loss" in r
     ] == [1]
 
     streams.clear()
     train(tiny(tmp_path / "b", steps=1, eval_every=1, eval_data=str(HELDOUT_TXT)))
-    assert streams == [(str(TRAIN_TXT), "train"), (str(HELDOUT_TXT), "all")]
+    assert streams == [(train_txt, "train"), (heldout_txt, "all")]
 
 
 def test_train_is_registered_with_the_same_options(tmp_path):
