@@ -75,7 +75,7 @@ class ModelConfig:
                 raise ValueError(
                     f"{name}={value!r} does not match hidden_size={self.hidden_size} and "
                     f"num_attention_heads={heads}: it is {width} / heads = {width // heads} "
-                    f"(leave it out to derive it)"
+                    f"(leave it out, or null, to derive it)"
                 )
         self.validate()
 

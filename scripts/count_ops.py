@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
         kv_latent_dim=args.latent,
         intermediate_size=args.intermediate,
         vocab_size=args.vocab_size,
+        **dict.fromkeys(("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")),  # derived
     )
     rows = measure(cfg, args.batch, args.seq_len)
     table = bc.markdown_table(
