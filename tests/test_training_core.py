@@ -222,9 +222,11 @@ def test_resolve_resume_errors(tmp_path):
         (lambda f: _truncate(f / "model.safetensors", 4), "damaged header"),
         # config.json and the weights apart: the torch Trainer would load them non-strictly
         (
-            lambda f: _edit_config(f, hidden_size=128),
+            lambda f: _edit_config(f, hidden_size=128, **HEAD_DIMS_DERIVED),
             r"has shape \(16, 64\), the config expects \(16, 128\)",
         ),
+        # the stored head dims no longer fit the edited width
+        (lambda f: _edit_config(f, hidden_size=128), "qk_nope_head_dim=16 does not match"),
         (lambda f: _edit_config(f, num_hidden_layers=3), "missing tensor 'decoder_layers.2"),
         (lambda f: _edit_config(f, num_hidden_layers=1), "unexpected tensor 'decoder_layers.1"),
         (lambda f: _edit_config(f, router_score="cosine"), "config.json: .*router_score"),
@@ -236,6 +238,9 @@ def test_a_damaged_checkpoint_is_named(tmp_path, damage, message):
     with pytest.raises(CheckpointError, match=message) as info:
         resolve_resume("latest", tmp_path)
     assert str(folder) in str(info.value)
+
+
+HEAD_DIMS_DERIVED = dict.fromkeys(("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
 
 
 def _edit_config(folder: Path, **changes) -> None:
