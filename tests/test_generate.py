@@ -306,7 +306,8 @@ def test_the_sampler_receives_the_log_softmax_of_the_logits(framework):
     seen = []
 
     def sampler(logprobs):  # greedy, recording its input
-        seen.append(np.array(logprobs[0].astype(mx.float32) if name == "mlx" else logprobs[0]))
+        row = logprobs[0]
+        seen.append(np.array(row.astype(mx.float32)) if name == "mlx" else row.float().numpy())
         return mx.argmax(logprobs, axis=-1) if name == "mlx" else logprobs.argmax(-1)
 
     ids = tok.encode(PROMPT)
