@@ -45,6 +45,18 @@ def build(config: ModelConfig, seed: int = 0, bias_std: float = 0.05) -> CustomL
     return model.eval()
 
 
+def sharp(config: ModelConfig) -> ModelConfig:
+    """Weights N(0, 0.3): attention scores of order 1, so the rope angles, the cache and the
+    absorbed projections move the logits (at N(0, 0.02) attention is nearly uniform, and a
+    key left unrotated moved tiny's logits by less than 1e-6)."""
+    return dataclasses.replace(config, initializer_range=0.3)
+
+
+def close(reference: mx.array) -> float:
+    """Absolute tolerance for float32 logits: 1e-5 of their largest magnitude."""
+    return 1e-5 * float(np.abs(np.array(reference)).max())
+
+
 def random_ids(config: ModelConfig, B: int = 2, T: int = 24, seed: int = 1) -> mx.array:
     rng = np.random.default_rng(seed)
     return mx.array(rng.integers(0, config.vocab_size, size=(B, T)))
@@ -82,7 +94,7 @@ def test_canonical_weights_have_the_checkpoint_keys_and_shapes(tiny_config):
 @pytest.mark.parametrize("absorb", [None, False, True])
 def test_cached_decode_equals_full_forward(tiny_config, monkeypatch, absorb):
     monkeypatch.setattr(LatentKVCache, "step", 8)  # make the buffers grow several times
-    model = build(tiny_config)
+    model = build(sharp(tiny_config))
     ids = random_ids(tiny_config, T=40)
     full = model(ids)
 
@@ -96,7 +108,7 @@ def test_cached_decode_equals_full_forward(tiny_config, monkeypatch, absorb):
     assert cache[0].offset == 40 and cache[0].c_kv.shape[1] >= 40
     assert cache[0].state[0].shape == (2, 40, tiny_config.kv_latent_dim)
     assert cache[0].state[1].shape == (2, 2, 40, tiny_config.qk_rope_head_dim)
-    np.testing.assert_allclose(np.array(cached), np.array(full), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.array(cached), np.array(full), atol=close(full), rtol=0)
 
 
 def test_compiled_decode_step_equals_the_eager_layer(tiny_config, monkeypatch):
@@ -152,10 +164,10 @@ def test_compiled_decode_step_equals_the_eager_layer(tiny_config, monkeypatch):
 
 
 def test_absorbed_attention_equals_non_absorbed(tiny_config):
-    model = build(tiny_config)
+    model = build(sharp(tiny_config))
     ids = random_ids(tiny_config, T=20)
     plain, absorbed = model(ids, absorb=False), model(ids, absorb=True)
-    np.testing.assert_allclose(np.array(absorbed), np.array(plain), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.array(absorbed), np.array(plain), atol=close(plain), rtol=0)
     attn = model.decoder_layers[0].self_attn
     x = mx.random.normal((2, 20, tiny_config.hidden_size))
     np.testing.assert_allclose(

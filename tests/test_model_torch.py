@@ -26,6 +26,18 @@ def build(config: ModelConfig, seed: int = 0) -> CustomLLM:
     return CustomLLM(config).eval()
 
 
+def sharp(config: ModelConfig) -> ModelConfig:
+    """Weights N(0, 0.3): attention scores of order 1, so the rope angles, the cache and the
+    absorbed projections move the logits (at N(0, 0.02) attention is nearly uniform, and a
+    key left unrotated moved tiny's logits by less than 1e-6)."""
+    return dataclasses.replace(config, initializer_range=0.3)
+
+
+def close(reference: torch.Tensor) -> float:
+    """Absolute tolerance for float32 logits: 1e-5 of their largest magnitude."""
+    return 1e-5 * reference.abs().max().item()
+
+
 def random_ids(config: ModelConfig, B: int = 2, T: int = 12, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, config.vocab_size, (B, T), generator=g)
@@ -453,27 +465,27 @@ def test_expert_counts_equal_bincount():
 
 @pytest.mark.parametrize("absorb", [False, True])
 def test_cached_step_by_step_equals_full_forward(tiny_config, absorb):
-    model = build(tiny_config)
+    model = build(sharp(tiny_config))
     ids = random_ids(tiny_config, B=2, T=10)
     full = logits_of(model, ids)
     cache = LatentKVCache(len(model.decoder_layers))
     steps = [logits_of(model, ids[:, t : t + 1], cache=cache, absorb=absorb) for t in range(10)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-4)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=close(full))
     assert cache.offset == 10
 
 
 @pytest.mark.parametrize("absorb", [False, True])
 def test_prefill_then_decode_equals_full_forward(tiny_config, absorb):
-    model = build(tiny_config)
+    model = build(sharp(tiny_config))
     ids = random_ids(tiny_config, B=2, T=12)
     full = logits_of(model, ids)
     out = model(ids[:, :6], use_cache=True, absorb=absorb)
     cache = out.cache
     chunk = logits_of(model, ids[:, 6:9], cache=cache, absorb=absorb)  # a multi-token chunk
     steps = [logits_of(model, ids[:, t : t + 1], cache=cache) for t in range(9, 12)]
-    torch.testing.assert_close(out.logits.detach(), full[:, :6], rtol=0, atol=1e-4)
-    torch.testing.assert_close(chunk, full[:, 6:9], rtol=0, atol=1e-4)
-    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 9:], rtol=0, atol=1e-4)
+    torch.testing.assert_close(out.logits.detach(), full[:, :6], rtol=0, atol=close(full))
+    torch.testing.assert_close(chunk, full[:, 6:9], rtol=0, atol=close(full))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 9:], rtol=0, atol=close(full))
     per_token = tiny_config.kv_cache_numbers_per_token
     assert cache.nbytes() == 2 * 12 * per_token * 4 * len(model.decoder_layers)
 
