@@ -398,6 +398,27 @@ def test_max_kv_size_bounds_the_cache(framework):
         module.make_cache(model, max_kv_size=0)
 
 
+@pytest.mark.parametrize("name", ["mlx", "torch"])
+def test_rotating_cache_keeps_the_first_and_the_most_recent_tokens(name):
+    """Token p stored as the number p: a 1-token step at position p attends to the first
+    `keep` tokens, the max_size - keep - 1 before p, and p (all of them while they fit)."""
+    max_size, keep, L, H, R = 6, 2, 3, 2, 4
+    if name == "mlx":
+        cache = mlx_gen.RotatingLatentKVCache(max_size, keep)
+    else:
+        cache = torch_gen.RotatingLatentKVCache(1, max_size, keep)
+    for p in range(20):
+        if name == "mlx":
+            c_kv, k_rope = cache.update_and_fetch(mx.full((1, 1, L), p), mx.full((1, H, 1, R), p))
+        else:
+            c_kv, k_rope = cache.update(0, torch.full((1, 1, L), p), torch.full((1, H, 1, R), p))
+        recent = max_size - keep - 1
+        expected = list(range(p + 1)) if p < max_size else [*range(keep), *range(p - recent, p + 1)]
+        assert c_kv[0, :, 0].tolist() == expected, p
+        assert k_rope[0, H - 1, :, R - 1].tolist() == expected, p
+        assert cache.offset == p + 1
+
+
 # --- stats and detokenization ----------------------------------------------------------------
 
 
