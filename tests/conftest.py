@@ -5,6 +5,7 @@ The shared folder sits beside the repository (`../shared`), in CI as on the dev 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -65,3 +66,11 @@ def tiny_config() -> ModelConfig:
     """The `tiny` preset with a 256-token vocabulary and a 64-token context: fast on CPU,
     every ratio of the 973M model kept (2 layers, 7 routed experts, top-2, dropout off)."""
     return ModelConfig.from_preset("tiny", vocab_size=256, max_position_embeddings=64)
+
+
+@pytest.fixture
+def sharp_config(tiny_config: ModelConfig) -> ModelConfig:
+    """`tiny_config` with weights N(0, 0.3): attention scores of order 1, so the rope angles,
+    the cache and the absorbed projections move the logits (at N(0, 0.02) attention is
+    nearly uniform, and a key left unrotated moved tiny's logits by less than 1e-6)."""
+    return dataclasses.replace(tiny_config, initializer_range=0.3)

@@ -216,10 +216,9 @@ def test_bench_moe(runs):
     assert all(set(r["fwd_bwd_parts_ms"]) == set(PARTS) for r in ours)
     assert "sort / gather / weighted sum" in stdout
     graphs = result["graphs"]  # the compiled fwd+bwd graphs' nodes, counted
-    assert set(graphs) == {"dense SwiGLU (3I)", "customllm MoE", "view node us"}
-    assert graphs["view node us"] > 0  # a node costs time: the chain of reshapes is slower
-    layers = [graphs["dense SwiGLU (3I)"], graphs["customllm MoE"]]
-    assert all(g["nodes"] == g["kernels"] + g["views"] > 0 for g in layers)
+    assert set(graphs) == {"dense SwiGLU (3I)", "customllm MoE"}
+    assert result["view_node_us"] > 0  # a node costs time: the chain of reshapes is slower
+    assert all(g["nodes"] == g["kernels"] + g["views"] > 0 for g in graphs.values())
     assert "MLX compiled fwd+bwd graph" in stdout
 
 
