@@ -74,8 +74,9 @@ def canonical_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         for expert in experts:
             for name in EXPERT_PROJECTIONS:
                 shapes[f"{layer}.mlp.{expert}.{name}.weight"] = expert_shapes[name]
-        shapes[f"{layer}.mlp.router.weight"] = (config.n_routed_experts, d)
-        shapes[f"{layer}.mlp.expert_bias"] = (config.n_routed_experts,)
+        if config.n_routed_experts:  # a dense model (0) has no router and no bias
+            shapes[f"{layer}.mlp.router.weight"] = (config.n_routed_experts, d)
+            shapes[f"{layer}.mlp.expert_bias"] = (config.n_routed_experts,)
         shapes[f"{layer}.input_norm.weight"] = (d,)
         shapes[f"{layer}.post_attn_norm.weight"] = (d,)
     shapes["lm_head.weight"] = (config.vocab_size, d)

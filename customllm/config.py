@@ -5,12 +5,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 MODEL_TYPE = "customllm"
 KIND_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+# What a complete config.json written before these fields existed trained with
+LEGACY_DEFAULTS = {"bias_update": "sign", "router_lr_scale": 1.0}
 # Keys of transformers' configs (DeepseekV3, Llama) that lie near a field name: kept as extra
 FOREIGN_KEYS = ("head_dim", "qk_head_dim", "moe_intermediate_size", "attention_dropout")
 
@@ -35,7 +38,11 @@ class ModelConfig:
     router_score: str = "sigmoid"
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
-    bias_update_rate: float = 1e-3
+    bias_update: str = (
+        "solve"  # "solve": toward the bias that balances the batch; "sign": fixed step
+    )
+    bias_update_rate: float = 1.0  # solve: share of the way per step; sign: the step itself
+    router_lr_scale: float = 0.1  # the router's learning rate, as a multiple of --lr
     aux_loss_coef: float = 1e-4
     max_position_embeddings: int = 2048
     rope_theta: float = 10000.0
@@ -96,7 +103,7 @@ class ModelConfig:
         """Raise ValueError naming the first inconsistent field."""
         positive = (
             "vocab_size hidden_size num_hidden_layers q_latent_dim kv_latent_dim qk_nope_head_dim "
-            "qk_rope_head_dim v_head_dim intermediate_size n_routed_experts num_experts_per_tok "
+            "qk_rope_head_dim v_head_dim intermediate_size num_experts_per_tok "
             "max_position_embeddings"
         ).split()
         for name in positive:
@@ -107,7 +114,13 @@ class ModelConfig:
             raise ValueError(f"qk_rope_head_dim must be even for RoPE, got {self.qk_rope_head_dim}")
         if self.n_shared_experts not in (0, 1):
             raise ValueError(f"n_shared_experts must be 0 or 1, got {self.n_shared_experts}")
-        if self.num_experts_per_tok > self.n_routed_experts:
+        if not isinstance(self.n_routed_experts, int) or self.n_routed_experts < 0:
+            raise ValueError(
+                f"n_routed_experts must be 0 (a dense model) or more, got {self.n_routed_experts!r}"
+            )
+        if self.n_routed_experts == 0 and self.n_shared_experts == 0:
+            raise ValueError("a model needs an expert: n_shared_experts=1 or n_routed_experts > 0")
+        if self.n_routed_experts and self.num_experts_per_tok > self.n_routed_experts:
             raise ValueError(
                 f"num_experts_per_tok={self.num_experts_per_tok} exceeds "
                 f"n_routed_experts={self.n_routed_experts}"
@@ -120,11 +133,22 @@ class ModelConfig:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         for name in ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "initializer_range"):
-            if not getattr(self, name) > 0:
+            if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.bias_update not in ("solve", "sign"):
+            raise ValueError(f"bias_update must be 'solve' or 'sign', got {self.bias_update!r}")
+        if self.bias_update == "solve" and not 0 < self.bias_update_rate <= 1:
+            raise ValueError(
+                f"bias_update_rate must be in (0, 1] with bias_update 'solve' (the share of the "
+                f"way to the balancing bias taken per step), got {self.bias_update_rate!r}"
+            )
         for name in ("bias_update_rate", "aux_loss_coef"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must not be negative, got {getattr(self, name)!r}")
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(
+                    f"{name} must be finite and not negative, got {getattr(self, name)!r}"
+                )
+        if not 0 < self.router_lr_scale < math.inf:
+            raise ValueError(f"router_lr_scale must be positive, got {self.router_lr_scale!r}")
         for name in ("eos_token_id", "bos_token_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
                 raise ValueError(
@@ -172,6 +196,8 @@ class ModelConfig:
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         """Build from a config.json dict; unknown keys (model_type, architectures...) go to extra."""
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        if "bias_update_rate" in values and "bias_update" not in values:  # written before them
+            values = {**LEGACY_DEFAULTS, **values}
         known = {k: v for k, v in values.items() if k in names}
         extra = {k: v for k, v in values.items() if k not in names}
         for key in extra:  # a misspelt field would be dropped and its default used

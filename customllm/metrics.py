@@ -1,5 +1,5 @@
 """Training metrics shared by both trainers: the per-step console line and progress bar,
-`OUT/metrics.jsonl`, expert-load imbalance, and the loss-curve plot (no framework here)."""
+`OUT/metrics.jsonl`, expert-load balance (MaxVio), and the loss-curve plot (no framework here)."""
 
 from __future__ import annotations
 
@@ -22,23 +22,33 @@ TRAIN_RECORD_KEYS = (
     "learning_rate",
     "tokens_per_sec",
     "peak_memory_gb",
-    "expert_imbalance",
+    "max_vio",
+    "max_vio_mean",
+    "max_vio_layer",
 )
-EVAL_RECORD_KEYS = ("step", "eval_loss", "eval_ppl")
+EVAL_RECORD_KEYS = ("step", "eval_loss", "eval_ppl", "eval_max_vio")
+COLLAPSE_RATIO, COLLAPSE_STEPS = 3.0, 5  # warn when a layer stays this far off for this long
 
 
-def expert_imbalance(load: Sequence[Sequence[float]]) -> tuple[float, int]:
-    """(max load / mean load over experts, for the worst layer; that layer's index) from a
-    (layers, experts) array of assignment counts. 1.0 is perfect balance; a layer with no
-    assignments counts as balanced."""
-    worst, worst_layer = 1.0, 0
-    for layer, row in enumerate(load):
+def layer_max_vio(load: Sequence[Sequence[float]]) -> list[float]:
+    """MaxVio of each layer, max load / mean load over its experts - 1 (0: perfect balance),
+    from a (layers, experts) array of assignment counts; a layer with no assignments: 0."""
+    vios = []
+    for row in load:
         row = [float(x) for x in row]
         mean = sum(row) / len(row) if len(row) else 0.0
-        value = max(row) / mean if mean > 0 else 1.0
-        if value > worst:
-            worst, worst_layer = value, layer
-    return worst, worst_layer
+        vios.append(max(row) / mean - 1 if mean > 0 else 0.0)
+    return vios
+
+
+def max_vio(load: Sequence[Sequence[float]]) -> tuple[float, float, int] | None:
+    """(MaxVio of the worst layer, the mean over layers, the worst layer's index) of a
+    (layers, experts) load; None for a model without routed experts."""
+    vios = layer_max_vio(load)
+    if not vios or not len(load[0]):
+        return None
+    worst = max(range(len(vios)), key=vios.__getitem__)
+    return vios[worst], sum(vios) / len(vios), worst
 
 
 class MetricsLogger:
@@ -62,6 +72,7 @@ class MetricsLogger:
         self._bar_shown = False
         self._start = time.perf_counter()
         self._first_step: int | None = None
+        self._collapsed: dict[int, int] = {}  # layer -> steps in a row at >= COLLAPSE_RATIO
         if enabled and resume_step is not None:
             self._drop_after(resume_step)
 
@@ -94,10 +105,11 @@ class MetricsLogger:
         peak_memory_gb: float,
         expert_load: Sequence[Sequence[float]] | None = None,
     ) -> dict[str, Any]:
-        imbalance, layer = expert_imbalance(expert_load) if expert_load is not None else (None, 0)
-        values = (step, loss, grad_norm, learning_rate, tokens_per_sec, peak_memory_gb, imbalance)
+        vio = max_vio(expert_load) if expert_load is not None else None
+        values = (step, loss, grad_norm, learning_rate, tokens_per_sec, peak_memory_gb)
+        values += vio if vio is not None else (None, None, None)
         record = {
-            k: (v if v is None or k == "step" else float(v))
+            k: (v if v is None or k in ("step", "max_vio_layer") else float(v))
             for k, v in zip(TRAIN_RECORD_KEYS, values, strict=True)
         }
         if not self.enabled:
@@ -112,18 +124,41 @@ class MetricsLogger:
                 f"step {step}{total} | loss {loss:.4f} | grad_norm {gn} | lr {learning_rate:.2e} | "
                 f"{tokens_per_sec:,.0f} tok/s | mem {peak_memory_gb:.2f} GB"
             )
-            if imbalance is not None:
-                line += f" | expert imbalance {imbalance:.2f} (layer {layer})"
+            if vio is not None:
+                line += f" | max_vio {vio[0]:.2f} (layer {vio[2]}), mean {vio[1]:.2f}"
             self.print(line)
+        if expert_load is not None:
+            self._warn_collapse(step, layer_max_vio(expert_load))
         self._draw_bar(step)
         return record
 
-    def log_eval(self, step: int, eval_loss: float) -> dict[str, Any]:
+    def _warn_collapse(self, step: int, vios: list[float]) -> None:
+        """Once per episode: a layer whose max/mean load stayed >= COLLAPSE_RATIO for
+        COLLAPSE_STEPS steps in a row (most of its tokens on the same few experts)."""
+        for layer, vio in enumerate(vios):
+            run = self._collapsed.get(layer, 0) + 1 if vio + 1 >= COLLAPSE_RATIO else 0
+            self._collapsed[layer] = run
+            if run == COLLAPSE_STEPS:
+                self.print(
+                    f"warning: step {step}: the experts of layer {layer} have collapsed, max/mean "
+                    f"load >= {COLLAPSE_RATIO:g} for {COLLAPSE_STEPS} steps (max_vio {vio:.2f}); "
+                    "see docs/architecture.md, Balancing"
+                )
+
+    def log_eval(
+        self, step: int, eval_loss: float, load: Sequence[Sequence[float]] | None = None
+    ) -> dict[str, Any]:
+        """An eval record; `load`: the expert loads summed over the whole held-out set."""
         ppl = math.exp(eval_loss) if eval_loss < 700 else float("inf")
+        vio = max_vio(load) if load is not None else None
         record = {"step": step, "eval_loss": float(eval_loss), "eval_ppl": ppl}
+        record["eval_max_vio"] = None if vio is None else vio[0]
         if self.enabled:
             self._append(record)
-            self.print(f"eval step {step} | eval_loss {eval_loss:.4f} | eval_ppl {ppl:.2f}")
+            line = f"eval step {step} | eval_loss {eval_loss:.4f} | eval_ppl {ppl:.2f}"
+            if vio is not None:
+                line += f" | max_vio {vio[0]:.2f} (layer {vio[2]})"
+            self.print(line)
             self._draw_bar(step)
         return record
 
@@ -191,7 +226,7 @@ def require_matplotlib() -> None:
 
 
 def plot_metrics(metrics: str | Path, png: str | Path) -> Path:
-    """Plot loss/eval_loss, learning rate, grad norm, tokens/s and expert imbalance to `png`."""
+    """Plot loss/eval_loss, learning rate, grad norm, tokens/s and MaxVio to `png`."""
     records = read_metrics(metrics)
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
@@ -211,7 +246,7 @@ def plot_metrics(metrics: str | Path, png: str | Path) -> Path:
         ("learning_rate", "learning rate"),
         ("grad_norm", "grad norm"),
         ("tokens_per_sec", "tokens / s"),
-        ("expert_imbalance", "expert imbalance (max / mean)"),
+        ("max_vio", "MaxVio of the worst layer (max / mean load - 1)"),
         ("peak_memory_gb", "peak memory (GB)"),
     ]
     fig, axes = plt.subplots(3, 2, figsize=(11, 10))

@@ -259,6 +259,11 @@ def decays(name: str, ndim: int) -> bool:
     )
 
 
+def is_router(name: str) -> bool:
+    """Whether a parameter is a router's weight (trained at `router_lr_scale` times the lr)."""
+    return name.endswith("mlp.router.weight")
+
+
 # Stopping ---------------------------------------------------------------------------------------
 class StopSignal:
     """While entered, SIGINT/SIGTERM only set `requested`: the loop saves a checkpoint at the end

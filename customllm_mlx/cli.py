@@ -39,9 +39,10 @@ main.add_command(init)
 from customllm_mlx.generate import generate_command  # noqa: E402
 
 main.add_command(generate_command)
-from customllm_mlx.train import train_command  # noqa: E402
+from customllm_mlx.train import eval_command, train_command  # noqa: E402
 
 main.add_command(train_command)
+main.add_command(eval_command)
 
 
 if __name__ == "__main__":

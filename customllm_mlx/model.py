@@ -223,6 +223,34 @@ def causal_mask(T: int, S: int) -> mx.array:
     return mx.arange(S)[None] <= mx.arange(S - T, S)[:, None]
 
 
+def top_k_indices(x: mx.array, k: int) -> mx.array:
+    """Indices of the k largest entries along the last axis (in no particular order)."""
+    return mx.argpartition(-x, k - 1, axis=-1)[..., :k]
+
+
+def balancing_bias(scores: mx.array, bias: mx.array, k: int, sweeps: int = 3) -> mx.array:
+    """The expert bias (E,) under which top-k of `scores + bias` gives every expert the same
+    share of this batch's N tokens (N * k / E), found from `bias` by `sweeps` Jacobi sweeps:
+    each expert's bias in turn with the others held. A token picks expert i when
+    score_i + bias_i beats t_i, the k-th largest biased score of the other experts, so expert
+    i gets its share when bias_i sits at the (N k / E)-th smallest of t_i - score_i; a sweep
+    sets every expert's bias so, with the others' from the sweep before. Centred
+    (top-k ignores a common shift). No step size: it follows the router however fast the
+    router moves (docs/architecture.md, "Balancing")."""
+    N, E = scores.shape
+    rank = min(max(round(N * k / E), 1), N - 1)
+    bias = bias.astype(mx.float32)
+    for _ in range(sweeps):
+        biased = scores + bias
+        top = mx.sort(biased, axis=-1)
+        kth, next_ = top[:, E - k : E - k + 1], top[:, E - k - 1 : E - k]  # k-th, (k+1)-th
+        others = mx.where(biased >= kth, next_, kth)  # k-th largest among the other experts
+        margin = mx.sort(others - scores, axis=0)  # (N, E): bias_i needed to win each token
+        bias = (margin[rank - 1] + margin[rank]) / 2
+        bias = bias - bias.mean()
+    return bias
+
+
 class DeepSeekExpertLayer(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -235,7 +263,8 @@ class DeepSeekExpertLayer(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    """1 shared + n routed SwiGLU experts, top-k routing with the aux-loss-free bias."""
+    """1 shared + n routed SwiGLU experts, top-k routing with the aux-loss-free bias
+    (n_routed_experts 0: the shared expert alone, a dense SwiGLU)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -245,42 +274,54 @@ class LlamaMLP(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
         self.routed_scaling_factor = config.routed_scaling_factor
         self.aux_loss_coef = config.aux_loss_coef
+        self.solve_bias = config.bias_update == "solve"
         self.shared_experts = [
             DeepSeekExpertLayer(d, inter) for _ in range(config.n_shared_experts)
         ]
-        self.routed_experts = StackedExperts(d, inter, config.n_routed_experts)
-        self.router = nn.Linear(d, config.n_routed_experts, bias=False)
-        self.expert_bias = mx.zeros((config.n_routed_experts,))
-        self.freeze(keys=["expert_bias"], recurse=False)  # state, never a gradient
+        if self.num_experts:
+            self.routed_experts = StackedExperts(d, inter, config.n_routed_experts)
+            self.router = nn.Linear(d, config.n_routed_experts, bias=False)
+            self.expert_bias = mx.zeros((config.n_routed_experts,))
+            self.freeze(keys=["expert_bias"], recurse=False)  # state, never a gradient
 
     def route(self, x_flat: mx.array):
         """Scores (N, E) in float32, chosen experts (N, k), and their weights (N, k)."""
-        logits = self.router(x_flat).astype(mx.float32)
+        # the router in float32 whatever the weights' dtype: its scores differ by less than
+        # bfloat16's spacing once the hidden states grow alike
+        logits = self.router(x_flat.astype(mx.float32)).astype(mx.float32)
         scores = sigmoid(logits) if self.router_score == "sigmoid" else mx.softmax(logits, -1)
         biased = mx.stop_gradient(scores + self.expert_bias.astype(mx.float32))
-        idx = mx.stop_gradient(mx.argpartition(-biased, self.top_k - 1, axis=-1)[:, : self.top_k])
+        idx = mx.stop_gradient(top_k_indices(biased, self.top_k))
         weights = mx.take_along_axis(scores, idx, axis=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdims=True)
         return scores, idx, weights * self.routed_scaling_factor
 
     def __call__(self, x: mx.array, with_aux: bool = True):
-        """Returns (y, aux_loss, load): load counts token-expert assignments per expert;
-        aux_loss is 0 without `with_aux` (a cached, generating call has no use for it)."""
+        """Returns (y, aux_loss, routing): routing (2, E) float32 holds the token-expert
+        assignments per expert (the layer's expert load) and, in training with the "solve"
+        bias update, the bias that would have balanced this batch times its token count
+        (sums over micro-batches give a token-weighted mean; `balancing_bias`). aux_loss is 0
+        without `with_aux` (a cached, generating call has no use for it)."""
         B, T, D = x.shape
         x_flat = x.reshape(-1, D)  # (N, D)
-        scores, idx, weights = self.route(x_flat)
-        one_hot = mx.stop_gradient(idx[..., None] == mx.arange(self.num_experts))  # (N, k, E)
-        load = one_hot.sum(axis=(0, 1))
-        y = self.dispatch(x_flat, idx, weights.astype(x.dtype), load)
+        y = mx.zeros_like(x_flat)
         for expert in self.shared_experts:
             y = y + expert(x_flat)
         aux_loss = mx.array(0.0)
+        if not self.num_experts:
+            return y.reshape(B, T, D), aux_loss, mx.zeros((2, 0))
+        scores, idx, weights = self.route(x_flat)
+        one_hot = mx.stop_gradient(idx[..., None] == mx.arange(self.num_experts))  # (N, k, E)
+        load = one_hot.sum(axis=(0, 1))
+        y = y + self.dispatch(x_flat, idx, weights.astype(x.dtype), load)
         if with_aux:
-            aux_loss = self.sequence_aux_loss(
-                scores.reshape(B, T, -1), one_hot.reshape(B, T, *one_hot.shape[1:])
-            )
-        return y.reshape(B, T, D), aux_loss, load
+            aux_loss = self.sequence_aux_loss(scores.reshape(B, T, -1))
+        target = mx.zeros((self.num_experts,))
+        if self.training and self.solve_bias:
+            target = balancing_bias(mx.stop_gradient(scores), self.expert_bias, self.top_k)
+            target = target * x_flat.shape[0]
+        return y.reshape(B, T, D), aux_loss, mx.stack([load.astype(mx.float32), target])
 
     def dispatch(self, x_flat, idx, weights, load):
         """Run each routed expert only on its tokens: with few pairs (decoding), each pair
@@ -344,11 +385,14 @@ class LlamaMLP(nn.Module):
         out = self.routed_experts.blocks(x_rows.reshape(rows // g, g, -1), block_expert, segments)
         return blocks_to_pairs(out.reshape(rows, -1), pair_row, pair_of_row)
 
-    def sequence_aux_loss(self, scores: mx.array, one_hot: mx.array) -> mx.array:
-        """aux_loss_coef * sum_i f_i P_i per sequence, averaged over the batch."""
+    def sequence_aux_loss(self, scores: mx.array) -> mx.array:
+        """aux_loss_coef * sum_i f_i P_i per sequence, averaged over the batch; f_i counts the
+        top-k of the raw scores, without the bias (DeepSeek-V3, eq. 18)."""
         if self.aux_loss_coef == 0:
             return mx.array(0.0)
         T = scores.shape[1]
+        raw_top = top_k_indices(mx.stop_gradient(scores), self.top_k)  # (B, T, k)
+        one_hot = raw_top[..., None] == mx.arange(self.num_experts)  # (B, T, k, E)
         counts = one_hot.sum(axis=(1, 2)).astype(mx.float32)  # (B, E)
         f = counts * self.num_experts / (self.top_k * T)
         P = (scores / scores.sum(-1, keepdims=True)).mean(1)  # (B, E)
@@ -372,8 +416,8 @@ class DecoderLayer(nn.Module):
             return self.decode_step(x, offset, cache)
         x = x + self.attn_dropout(self.self_attn(self.input_norm(x), offset, cache, absorb))
         with_aux = cache is None or self.training  # generating: no use for the aux loss
-        mlp_out, aux_loss, load = self.mlp(self.post_attn_norm(x), with_aux)
-        return x + self.mlp_dropout(mlp_out), aux_loss, load
+        mlp_out, aux_loss, routing = self.mlp(self.post_attn_norm(x), with_aux)
+        return x + self.mlp_dropout(mlp_out), aux_loss, routing
 
     def decode_step(self, x, offset, cache):
         """The same layer for one token with the latent cache (absorbed attention, no dropout,
@@ -386,8 +430,8 @@ class DecoderLayer(nn.Module):
         q_latent, q_rope, c_kv, k_rope = self._decode_in(x, mx.array(offset))
         c_kv, k_rope = cache.update_and_fetch(c_kv, k_rope)
         out_latent = self.self_attn.latent_attention(q_latent, q_rope, c_kv, k_rope, None)
-        x, load = self._decode_out(x, out_latent)
-        return x, mx.array(0.0), load
+        x, routing = self._decode_out(x, out_latent)
+        return x, mx.array(0.0), routing
 
     def _project_token(self, x, offset):
         attn = self.self_attn
@@ -396,8 +440,8 @@ class DecoderLayer(nn.Module):
 
     def _finish_token(self, x, out_latent):
         x = x + self.self_attn.merge_heads(self.self_attn.absorb_values(out_latent))
-        mlp_out, _, load = self.mlp(self.post_attn_norm(x), with_aux=False)
-        return x + mlp_out, load
+        mlp_out, _, routing = self.mlp(self.post_attn_norm(x), with_aux=False)
+        return x + mlp_out, routing
 
 
 class CustomLLM(nn.Module):
@@ -445,18 +489,18 @@ class CustomLLM(nn.Module):
         (spacing 0.0625 near ln(49,152) = 10.8) close logits collapse to one log-probability:
         greedy decoding of a bfloat16 folder picked token 0 (EOS). The torch twin's sampler
         reads its logits as float32 (`customllm_torch.generate`); training never forms logits."""
-        x, aux_loss, load = self.hidden_states(inputs, cache, absorb)
+        x, aux_loss, routing = self.hidden_states(inputs, cache, absorb)
         logits = self.lm_head(x)
         if logits.dtype != mx.float32:
             logits = logits.astype(mx.float32)
-        return (logits, aux_loss, load) if return_aux else logits
+        return (logits, aux_loss, routing) if return_aux else logits
 
     def training_loss(self, inputs: mx.array, shift_labels: mx.array):
-        """(LM loss, aux loss, expert loads) with lm_head fused into the loss
+        """(LM loss, aux loss, routing statistics) with lm_head fused into the loss
         (`linear_cross_entropy`: no logits stored, gradients formed in the forward pass).
         Position t predicts shift_labels[:, t]; -100 is ignored."""
-        x, aux_loss, load = self.hidden_states(inputs)
-        return linear_cross_entropy(x, *self.lm_head_params(), shift_labels), aux_loss, load
+        x, aux_loss, routing = self.hidden_states(inputs)
+        return linear_cross_entropy(x, *self.lm_head_params(), shift_labels), aux_loss, routing
 
     def lm_head_params(self) -> tuple[mx.array, mx.array | None]:
         """lm_head's weight and bias (None without one, `lm_head_bias`: False)."""
@@ -464,7 +508,8 @@ class CustomLLM(nn.Module):
         return head.weight, head["bias"] if "bias" in head else None
 
     def hidden_states(self, inputs, cache=None, absorb=None):
-        """The last decoder layer's output (B, T, hidden), the aux loss and the expert loads."""
+        """The last decoder layer's output (B, T, hidden), the aux loss and the routing
+        statistics (num_layers, 2, n_routed_experts): [:, 0] the expert loads (LlamaMLP)."""
         B, T = inputs.shape
         offset = 0 if cache is None else cache[0].offset
         if offset + T > self.model_config.max_position_embeddings:
@@ -475,25 +520,33 @@ class CustomLLM(nn.Module):
         absorb = cache is not None and T == 1 if absorb is None else absorb
         pos = mx.arange(offset, offset + T)
         x = self.dropout(self.token_embeddings(inputs) + self.position_embeddings(pos))
-        aux_loss, loads = mx.array(0.0), []
+        aux_loss, routing = mx.array(0.0), []
         for i, layer in enumerate(self.decoder_layers):
-            x, layer_aux, load = layer(x, offset, None if cache is None else cache[i], absorb)
+            x, layer_aux, stats = layer(x, offset, None if cache is None else cache[i], absorb)
             aux_loss = aux_loss + layer_aux
-            loads.append(load)
-        return x, aux_loss, mx.stack(loads)
+            routing.append(stats)
+        return x, aux_loss, mx.stack(routing)
 
-    def update_expert_bias(self, load: mx.array) -> None:
-        """Aux-loss-free balancing: bias_i += rate * sign(mean(load) - load_i), per layer.
-
-        `load`: (num_layers, n_routed_experts) assignment counts over the whole global batch.
-        """
-        rate = self.model_config.bias_update_rate
-        load = load.astype(mx.int32)  # exact counts: sign(mean - load_i) = sign(total - E * load_i)
-        delta = rate * mx.sign(load.sum(-1, keepdims=True) - load.shape[-1] * load).astype(
-            mx.float32
-        )
-        for layer, step in zip(self.decoder_layers, delta, strict=True):
-            layer.mlp.expert_bias = layer.mlp.expert_bias + step.astype(layer.mlp.expert_bias.dtype)
+    def update_expert_bias(self, routing: mx.array) -> None:
+        """Aux-loss-free balancing, once per optimizer step, from `routing` (num_layers, 2, E)
+        summed over the whole global batch (`hidden_states`). "solve": each layer's bias moves
+        `bias_update_rate` of the way to the token-weighted mean of the micro-batches'
+        balancing biases; "sign": bias_i += rate * sign(mean(load) - load_i)."""
+        config = self.model_config
+        if not config.n_routed_experts:
+            return
+        rate, load = config.bias_update_rate, routing[:, 0]
+        if config.bias_update == "solve":
+            tokens = load.sum(-1, keepdims=True) / config.num_experts_per_tok
+            target = routing[:, 1] / mx.maximum(tokens, 1)
+        for i, layer in enumerate(self.decoder_layers):
+            bias = layer.mlp.expert_bias
+            if config.bias_update == "solve":
+                step = rate * (target[i] - bias.astype(mx.float32))
+            else:  # exact counts: sign(mean - load_i) = sign(total - E * load_i)
+                counts = load[i].astype(mx.int32)
+                step = rate * mx.sign(counts.sum() - counts.size * counts).astype(mx.float32)
+            layer.mlp.expert_bias = bias + step.astype(bias.dtype)
 
     def sanitize(self, weights: dict) -> dict:
         """Canonical checkpoint keys -> this module's stacked-expert layout."""

@@ -28,6 +28,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from customllm.checkpoint import atomic_folder
 from customllm.data import StreamDataset, eval_batches
+from customllm.evaluate import eval_options, heldout_batches, report
 from customllm.metrics import METRICS_NAME, MetricsLogger, plot_metrics, require_matplotlib
 from customllm.runs import (
     CheckpointError,
@@ -52,6 +53,7 @@ from customllm.training import (
     check_resume,
     config_differences,
     decays,
+    is_router,
     lr_at,
     new_model_config,
     tokenizer_source,
@@ -79,8 +81,8 @@ def next_token_loss(logits: mx.array, targets: mx.array) -> mx.array:
 
 def training_loss(model: CustomLLM, inputs: mx.array, targets: mx.array):
     """LM loss + the model's aux loss (what the gradient sees); also the LM loss and expert loads."""
-    lm_loss, aux_loss, load = model.training_loss(inputs, targets)
-    return lm_loss + aux_loss, (lm_loss, load)
+    lm_loss, aux_loss, routing = model.training_loss(inputs, targets)
+    return lm_loss + aux_loss, (lm_loss, routing)
 
 
 def sum_of_squares(g: mx.array) -> mx.array:
@@ -102,8 +104,27 @@ def clip_grad_norm(grads: dict, max_norm: float) -> tuple[dict, mx.array]:
     return tree_map(lambda g: (g * scale).astype(g.dtype), grads), norm
 
 
+class ScaledMultiOptimizer(optim.MultiOptimizer):
+    """A MultiOptimizer whose learning rate reaches each optimizer times its own scale."""
+
+    def __init__(self, optimizers, filters, scales):
+        super().__init__(optimizers, filters)
+        self.scales = scales
+
+    @property
+    def learning_rate(self):
+        return self.optimizers[0].learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        for o, scale in zip(self.optimizers, self.scales, strict=True):
+            o.learning_rate = learning_rate * scale if scale != 1 else learning_rate
+
+
 def make_optimizer(cfg: TrainConfig, model: CustomLLM) -> optim.MultiOptimizer:
-    """AdamW as torch's (bias-corrected, decoupled decay): decay where `decays(name, ndim)`."""
+    """AdamW as torch's (bias-corrected, decoupled decay): decay where `decays(name, ndim)`;
+    the routers at `router_lr_scale` times the learning rate, in a third AdamW (last, so that
+    the first two keep the layout of checkpoints written with scale 1)."""
 
     def adamw(weight_decay: float) -> optim.AdamW:
         return optim.AdamW(
@@ -114,9 +135,20 @@ def make_optimizer(cfg: TrainConfig, model: CustomLLM) -> optim.MultiOptimizer:
             bias_correction=True,
         )
 
-    optimizer = optim.MultiOptimizer(
-        [adamw(cfg.weight_decay), adamw(0.0)], [lambda name, p: decays(name, p.ndim)]
-    )
+    scale = model.model_config.router_lr_scale
+    if scale == 1:
+        optimizer = optim.MultiOptimizer(
+            [adamw(cfg.weight_decay), adamw(0.0)], [lambda name, p: decays(name, p.ndim)]
+        )
+    else:
+        optimizer = ScaledMultiOptimizer(
+            [adamw(cfg.weight_decay), adamw(0.0), adamw(cfg.weight_decay)],
+            [
+                lambda name, p: decays(name, p.ndim) and not is_router(name),
+                lambda name, p: not decays(name, p.ndim) and not is_router(name),
+            ],
+            [1, 1, scale],
+        )
     optimizer.init(model.trainable_parameters())
     return optimizer
 
@@ -126,7 +158,7 @@ def make_train_step(
 ):
     """`step(ids, acc, update) -> acc`: one micro-batch's forward/backward, summed into `acc`
     (None before the first). With `update`, the optimizer step: returns {"loss", "grad_norm",
-    "load"} of the whole global batch. Set `optimizer.learning_rate` before the last micro-step.
+    "routing"} of the whole global batch. Set `optimizer.learning_rate` before the last micro-step.
     `parts` > 1: each micro-batch in that many slices, each on its own CPU stream and compiled
     on its own (cpu_streams.py; run the step inside `blas_threads_per_part(parts)`)."""
     loss_and_grad = nn.value_and_grad(model, training_loss)
@@ -135,8 +167,8 @@ def make_train_step(
     def all_sum(x: mx.array) -> mx.array:
         return mx.distributed.all_sum(x, group=world) if world.size() > 1 else x
 
-    def accumulate(lm_loss, load, grads, acc: dict | None, update: bool) -> dict:
-        acc_new = {"grads": grads, "load": load, "loss": lm_loss}
+    def accumulate(lm_loss, routing, grads, acc: dict | None, update: bool) -> dict:
+        acc_new = {"grads": grads, "routing": routing, "loss": lm_loss}
         if acc is not None:
             acc_new = tree_map(mx.add, acc, acc_new)
         if not update:
@@ -145,18 +177,18 @@ def make_train_step(
         grads = nn.average_gradients(grads, group=world)  # ... and over ranks
         grads, grad_norm = clip_grad_norm(grads, cfg.max_grad_norm)
         optimizer.update(model, grads)
-        load = all_sum(acc_new["load"])  # (layers, experts) of the whole global batch
-        model.update_expert_bias(load)  # aux-loss-free balancing, outside the gradient
+        routing = all_sum(acc_new["routing"])  # (layers, 2, experts) of the whole global batch
+        model.update_expert_bias(routing)  # aux-loss-free balancing, outside the gradient
         loss = all_sum(acc_new["loss"]) / (cfg.grad_accum * world.size())
-        return {"loss": loss, "grad_norm": grad_norm, "load": load}
+        return {"loss": loss, "grad_norm": grad_norm, "routing": routing}
 
     state = [model.state, optimizer.state, mx.random.state]
     if compiled and parts > 1:  # the slices are compiled apart (cpu_streams.py): the rest too
         accumulate = mx.compile(accumulate, inputs=state, outputs=state)
 
     def step(ids: mx.array, acc: dict | None, update: bool) -> dict:
-        (_, (lm_loss, load)), grads = grads_of(ids[:, :-1], ids[:, 1:])
-        return accumulate(lm_loss, load, grads, acc, update)
+        (_, (lm_loss, routing)), grads = grads_of(ids[:, :-1], ids[:, 1:])
+        return accumulate(lm_loss, routing, grads, acc, update)
 
     if not compiled or parts > 1:
         return step
@@ -165,22 +197,27 @@ def make_train_step(
 
 # Evaluation and samples -------------------------------------------------------------------------
 def heldout_slices(model: CustomLLM, parts: int, compiled: bool = True) -> list:
-    """The held-out loss of a batch slice, `(inputs, targets) -> (loss sum, tokens)`, once per
-    CPU stream and compiled, as the training step's slices (`cpu_streams.on_streams`); lm_head
-    and the loss fused per chunk of rows (`linear_nll_sum`). Built once per run."""
+    """The held-out loss of a batch slice, `(inputs, targets) -> (loss sum, tokens, expert
+    loads)`, once per CPU stream and compiled, as the training step's slices
+    (`cpu_streams.on_streams`); lm_head and the loss fused per chunk of rows
+    (`linear_nll_sum`). Built once per run."""
 
     def sums(inputs, targets):
-        return linear_nll_sum(model.hidden_states(inputs)[0], *model.lm_head_params(), targets)
+        x, _, routing = model.hidden_states(inputs)
+        return (*linear_nll_sum(x, *model.lm_head_params(), targets), routing[:, 0])
 
     return on_streams(sums, parts, [model.state], compiled)
 
 
-def evaluate_loss(model: CustomLLM, batches: list[np.ndarray], world, slices=None) -> float:
-    """Token-weighted mean next-token loss over the fixed eval batches (all ranks together),
-    each batch in `len(slices)` slices (`heldout_slices`; default: one, uncompiled)."""
+def evaluate_loss(
+    model: CustomLLM, batches: list[np.ndarray], world, slices=None
+) -> tuple[float, np.ndarray]:
+    """(token-weighted mean next-token loss, expert loads (layers, experts) summed) over the
+    fixed eval batches (all ranks together), each batch in `len(slices)` slices
+    (`heldout_slices`; default: one, uncompiled)."""
     slices = slices or heldout_slices(model, 1, compiled=False)
     model.eval()
-    loss_sum, tokens = 0.0, 0
+    loss_sum, tokens, load = 0.0, 0, 0
     try:
         for batch in batches:
             ids = mx.array(batch)
@@ -191,14 +228,16 @@ def evaluate_loss(model: CustomLLM, batches: list[np.ndarray], world, slices=Non
             with blas_threads_per_part(parts):
                 sums = [fn(inputs, targets) for fn, inputs, targets in pieces]
                 mx.eval(sums)
-                loss_sum += sum(total.item() for total, _ in sums)
-                tokens += sum(count.item() for _, count in sums)
+                loss_sum += sum(total.item() for total, _, _ in sums)
+                tokens += sum(count.item() for _, count, _ in sums)
+                load = load + sum(np.array(routed) for _, _, routed in sums)
     finally:
         model.train()
     if world.size() > 1:
         total = mx.distributed.all_sum(mx.array([loss_sum, tokens]), group=world, stream=mx.cpu)
         loss_sum, tokens = total.tolist()
-    return loss_sum / max(tokens, 1)
+        load = np.array(mx.distributed.all_sum(mx.array(load), group=world, stream=mx.cpu))
+    return loss_sum / max(tokens, 1), np.asarray(load, dtype=np.float64)
 
 
 def sample_text(model: CustomLLM, tokenizer, prompt: str, max_tokens: int) -> str:
@@ -274,7 +313,8 @@ def build_model(cfg: TrainConfig, resume: Path | None, tokenizer) -> CustomLLM:
     if cfg.dtype == "bfloat16":
         model.set_dtype(mx.bfloat16)
         for layer in model.layers:  # small bias steps would vanish in bfloat16
-            layer.mlp.expert_bias = layer.mlp.expert_bias.astype(mx.float32)
+            if layer.mlp.num_experts:
+                layer.mlp.expert_bias = layer.mlp.expert_bias.astype(mx.float32)
     mx.eval(model.parameters())
     return model.train()
 
@@ -369,14 +409,14 @@ def run_training(cfg: TrainConfig, stream=None) -> Path | None:
                     lr,
                     tokens_per_step / max(seconds, 1e-9),
                     mx.get_peak_memory() / 1e9,
-                    acc["load"].tolist(),
+                    acc["routing"][:, 0].tolist(),
                 )
 
                 final = step >= cfg.steps
                 evaluated = False
                 if eval_set and cfg.eval_every and (step % cfg.eval_every == 0 or final):
-                    last_eval_loss = evaluate_loss(model, eval_set, world, heldout)
-                    metrics.log_eval(step, last_eval_loss)
+                    last_eval_loss, eval_load = evaluate_loss(model, eval_set, world, heldout)
+                    metrics.log_eval(step, last_eval_loss, eval_load)
                     evaluated = True
                 every = cfg.sample_every
                 if (
@@ -459,3 +499,28 @@ def train_command(**options) -> None:
 
 if __name__ == "__main__":  # python -m customllm_mlx.train
     sys.exit(train_command())
+
+
+# `customllm-mlx eval` ----------------------------------------------------------------------------
+@click.command("eval")
+@eval_options
+def eval_command(model_dir: str, **options) -> None:
+    """Held-out loss, perplexity and expert balance (MaxVio) of a model folder on a text."""
+    use_full_cpu_cache()
+    try:
+        model, tokenizer = load(model_dir)
+    except (OSError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
+    if tokenizer is None:
+        raise click.ClickException(f"{model_dir} has no tokenizer files to read --data with")
+    config = model.model_config
+    batches = heldout_batches(
+        model_dir, tokenizer, config.vocab_size, config.max_position_embeddings, options
+    )
+    try:
+        parts = stream_parts(options["batch_size"])
+    except ValueError as err:
+        raise click.ClickException(str(err)) from err
+    world = mx.distributed.init()
+    loss, routed = evaluate_loss(model, batches, world, heldout_slices(model, parts))
+    report(model_dir, batches, loss, routed, options)

@@ -35,9 +35,10 @@ main.add_command(init)
 from customllm_torch.generate import generate_command  # noqa: E402
 
 main.add_command(generate_command)
-from customllm_torch.train import train_command  # noqa: E402
+from customllm_torch.train import eval_command, train_command  # noqa: E402
 
 main.add_command(train_command)
+main.add_command(eval_command)
 
 
 if __name__ == "__main__":

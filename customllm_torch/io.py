@@ -31,7 +31,8 @@ def cast_model(model: CustomLLM, dtype: torch.dtype) -> CustomLLM:
     stores it, and as MLX keeps it)."""
     model.to(dtype)
     for layer in model.decoder_layers:
-        layer.mlp.expert_bias = layer.mlp.expert_bias.float()
+        if layer.mlp.num_experts:
+            layer.mlp.expert_bias = layer.mlp.expert_bias.float()
     return model
 
 

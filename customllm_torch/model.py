@@ -236,6 +236,30 @@ def expert_counts(idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     return counts.scatter_add_(-1, idx, torch.ones_like(idx))
 
 
+def balancing_bias(
+    scores: torch.Tensor, bias: torch.Tensor, k: int, sweeps: int = 3
+) -> torch.Tensor:
+    """The expert bias (E,) under which top-k of `scores + bias` gives every expert the same
+    share of this batch's N tokens (N * k / E), found from `bias` by `sweeps` Jacobi sweeps.
+    A token picks expert i when score_i + bias_i beats t_i, the k-th largest biased score of
+    the other experts, so expert i gets its share when bias_i sits at the (N k / E)-th
+    smallest of t_i - score_i; a sweep sets every expert's bias so, with the others' from the
+    sweep before. Centred (top-k ignores a common shift). No step size: it follows the router
+    however fast the router moves (docs/architecture.md, "Balancing")."""
+    N, E = scores.shape
+    rank = min(max(round(N * k / E), 1), N - 1)
+    bias = bias.float()
+    for _ in range(sweeps):
+        biased = scores + bias
+        top = biased.sort(dim=-1).values
+        kth, next_ = top[:, E - k : E - k + 1], top[:, E - k - 1 : E - k]  # k-th, (k+1)-th
+        others = torch.where(biased >= kth, next_, kth)  # k-th largest among the other experts
+        margin = (others - scores).sort(dim=0).values  # (N, E): bias_i needed to win each token
+        bias = (margin[rank - 1] + margin[rank]) / 2
+        bias = bias - bias.mean()
+    return bias
+
+
 def fast_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether torch runs `grouped_mm` as one kernel for `dtype` on `device`: bfloat16 on CUDA
     GPUs of compute capability 9.x and 10.x (H100, H200, B200). Elsewhere (float32, A100,
@@ -248,7 +272,8 @@ def fast_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class LlamaMLP(nn.Module):
-    """1 shared + n routed SwiGLU experts, top-k routing with the aux-loss-free bias.
+    """1 shared + n routed SwiGLU experts, top-k routing with the aux-loss-free bias
+    (n_routed_experts 0: the shared expert alone, a dense SwiGLU).
 
     `grouped` picks how the routed experts run: None (default) as three grouped GEMMs
     (`grouped_experts`) where torch has a kernel for them (`fast_grouped_mm`), else one matmul
@@ -264,39 +289,54 @@ class LlamaMLP(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
         self.routed_scaling_factor = config.routed_scaling_factor
         self.aux_loss_coef = config.aux_loss_coef
+        self.solve_bias = config.bias_update == "solve"
         self.shared_experts = nn.ModuleList(
             DeepSeekExpertLayer(d, inter) for _ in range(config.n_shared_experts)
         )
-        self.routed_experts = nn.ModuleList(
-            DeepSeekExpertLayer(d, inter) for _ in range(config.n_routed_experts)
-        )
-        self.router = nn.Linear(d, config.n_routed_experts, bias=False)
-        self.register_buffer("expert_bias", torch.zeros(config.n_routed_experts))
+        if self.num_experts:
+            self.routed_experts = nn.ModuleList(
+                DeepSeekExpertLayer(d, inter) for _ in range(config.n_routed_experts)
+            )
+            self.router = nn.Linear(d, config.n_routed_experts, bias=False)
+            self.register_buffer("expert_bias", torch.zeros(config.n_routed_experts))
 
     def route(self, x_flat: torch.Tensor):
         """Scores (N, E) in float32, chosen experts (N, k), and their weights (N, k)."""
-        logits = self.router(x_flat).float()
+        # the router in float32, autocast or not: its scores differ by less than bfloat16's
+        # spacing once the hidden states grow alike
+        with torch.autocast(x_flat.device.type, enabled=False):
+            logits = F.linear(x_flat.float(), self.router.weight.float())
         scores = logits.sigmoid() if self.router_score == "sigmoid" else logits.softmax(-1)
-        idx = torch.topk(scores + self.expert_bias.float(), self.top_k, dim=-1).indices
+        idx = torch.topk(scores.detach() + self.expert_bias.float(), self.top_k, dim=-1).indices
         weights = scores.gather(-1, idx)
         if self.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True)
         return scores, idx, weights * self.routed_scaling_factor
 
     def forward(self, x: torch.Tensor, with_aux: bool = True):
-        """Returns (y, aux_loss, load): load counts token-expert assignments per expert;
-        aux_loss is 0 without `with_aux` (a cached, generating call has no use for it)."""
+        """Returns (y, aux_loss, routing): routing (2, E) float32 holds the token-expert
+        assignments per expert (the layer's expert load) and, in training with the "solve"
+        bias update, the bias that would have balanced this batch times its token count
+        (sums over micro-batches give a token-weighted mean; `balancing_bias`). aux_loss is 0
+        without `with_aux` (a cached, generating call has no use for it)."""
         B, T, D = x.shape
         x_flat = x.reshape(-1, D)  # (N, D)
+        aux_loss = x.new_zeros((), dtype=torch.float32)
+        if not self.num_experts:
+            y = sum(expert(x_flat) for expert in self.shared_experts)
+            return y.view(B, T, D), aux_loss, x.new_zeros((2, 0), dtype=torch.float32)
         scores, idx, weights = self.route(x_flat)
         load = expert_counts(idx.flatten(), self.num_experts)
         y = self.dispatch(x_flat, idx, weights.to(x.dtype), load)
         for expert in self.shared_experts:
             y = y + expert(x_flat)
-        aux_loss = scores.new_zeros(())
         if with_aux:
-            aux_loss = self.sequence_aux_loss(scores.view(B, T, -1), idx.view(B, T, -1))
-        return y.view(B, T, D), aux_loss, load
+            aux_loss = self.sequence_aux_loss(scores.view(B, T, -1))
+        target = torch.zeros_like(self.expert_bias, dtype=torch.float32)
+        if self.training and self.solve_bias:
+            target = balancing_bias(scores.detach(), self.expert_bias, self.top_k)
+            target = target * x_flat.shape[0]
+        return y.view(B, T, D), aux_loss, torch.stack([load.float(), target])
 
     def dispatch(self, x_flat, idx, weights, load):
         """Run each routed expert only on its tokens: sort token-expert pairs by expert, gather
@@ -346,12 +386,14 @@ class LlamaMLP(nn.Module):
         gate, up = h.chunk(2, dim=-1)  # expert e's rows: its gate outputs, then its up outputs
         return F.grouped_mm(F.silu(gate) * up, down.to(dtype).transpose(-2, -1), offs=offs)
 
-    def sequence_aux_loss(self, scores: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """aux_loss_coef * sum_i f_i P_i per sequence, averaged over the batch."""
+    def sequence_aux_loss(self, scores: torch.Tensor) -> torch.Tensor:
+        """aux_loss_coef * sum_i f_i P_i per sequence, averaged over the batch; f_i counts the
+        top-k of the raw scores, without the bias (DeepSeek-V3, eq. 18)."""
         if self.aux_loss_coef == 0:
             return scores.new_zeros(())
         T = scores.shape[1]
-        counts = expert_counts(idx.flatten(1), self.num_experts).float()  # (B, E)
+        raw_top = torch.topk(scores.detach(), self.top_k, dim=-1).indices  # (B, T, k)
+        counts = expert_counts(raw_top.flatten(1), self.num_experts).float()  # (B, E)
         f = counts * self.num_experts / (self.top_k * T)
         P = (scores / scores.sum(-1, keepdim=True)).mean(1)  # (B, E)
         return self.aux_loss_coef * (f * P).sum(-1).mean()
@@ -373,8 +415,8 @@ class DecoderLayer(nn.Module):
             self.self_attn(self.input_norm(x), rope, cache, self.layer_idx, absorb)
         )
         with_aux = cache is None or self.training  # generating: no use for the aux loss
-        mlp_out, aux_loss, load = self.mlp(self.post_attn_norm(x), with_aux)
-        return x + self.mlp_dropout(mlp_out), aux_loss, load
+        mlp_out, aux_loss, routing = self.mlp(self.post_attn_norm(x), with_aux)
+        return x + self.mlp_dropout(mlp_out), aux_loss, routing
 
 
 # transformers' outputs name the cache `cache` since 5.2x, `past_key_values` before (5.17 on
@@ -386,10 +428,12 @@ CACHE_FIELD = (
 
 @dataclass
 class CustomLLMOutput(MoeCausalLMOutputWithPast):
-    """Adds the per-layer expert loads (num_layers, n_routed_experts) and the pure LM loss;
-    `.cache` is the latent cache whatever transformers calls the field."""
+    """Adds the per-layer expert loads (num_layers, n_routed_experts), the routing statistics
+    that the bias update takes (num_layers, 2, n_routed_experts; LlamaMLP) and the pure LM
+    loss; `.cache` is the latent cache whatever transformers calls the field."""
 
     expert_load: torch.Tensor | None = None
+    routing: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
 
 
@@ -429,7 +473,7 @@ class CustomLLM(PreTrainedModel, GenerationMixin):
             nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, CustomRMSNorm):
             nn.init.ones_(module.weight)
-        elif isinstance(module, LlamaMLP):
+        elif isinstance(module, LlamaMLP) and module.num_experts:
             nn.init.zeros_(module.expert_bias)
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -470,11 +514,12 @@ class CustomLLM(PreTrainedModel, GenerationMixin):
         pos = torch.arange(offset, offset + T, device=input_ids.device)
         x = self.dropout(self.token_embeddings(input_ids) + self.position_embeddings(pos))
         rope = self.decoder_layers[0].self_attn.rotary_emb.angles(pos, compute_dtype(x))
-        aux_loss, loads = x.new_zeros((), dtype=torch.float32), []
+        aux_loss, routing = x.new_zeros((), dtype=torch.float32), []
         for layer in self.decoder_layers:
-            x, layer_aux, load = layer(x, rope, cache, absorb)
+            x, layer_aux, stats = layer(x, rope, cache, absorb)
             aux_loss = aux_loss + layer_aux
-            loads.append(load)
+            routing.append(stats)
+        routing = torch.stack(routing)
         if shift_labels is None and labels is not None:
             shift_labels = shifted(labels)
         if return_logits is None:
@@ -495,21 +540,32 @@ class CustomLLM(PreTrainedModel, GenerationMixin):
             lm_loss=lm_loss,
             aux_loss=aux_loss,
             logits=logits,
-            expert_load=torch.stack(loads),
+            expert_load=routing[:, 0],
+            routing=routing,
             **{CACHE_FIELD: cache},
         )
 
     @torch.no_grad()
-    def update_expert_bias(self, load: torch.Tensor) -> None:
-        """Aux-loss-free balancing: bias_i += rate * sign(mean(load) - load_i), per layer.
-
-        `load`: (num_layers, n_routed_experts) assignment counts over the whole global batch.
-        """
-        rate = self.model_config.bias_update_rate
-        load = load.long()  # exact counts: sign(mean - load_i) = sign(total - E * load_i)
-        delta = rate * torch.sign(load.sum(-1, keepdim=True) - load.shape[-1] * load).float()
-        for layer, step in zip(self.decoder_layers, delta, strict=True):
-            layer.mlp.expert_bias.add_(step.to(layer.mlp.expert_bias))
+    def update_expert_bias(self, routing: torch.Tensor) -> None:
+        """Aux-loss-free balancing, once per optimizer step, from `routing` (num_layers, 2, E)
+        summed over the whole global batch (`CustomLLMOutput.routing`). "solve": each layer's
+        bias moves `bias_update_rate` of the way to the token-weighted mean of the
+        micro-batches' balancing biases; "sign": bias_i += rate * sign(mean(load) - load_i)."""
+        config = self.model_config
+        if not config.n_routed_experts:
+            return
+        rate, load = config.bias_update_rate, routing[:, 0]
+        if config.bias_update == "solve":
+            tokens = load.sum(-1, keepdim=True) / config.num_experts_per_tok
+            target = routing[:, 1] / tokens.clamp(min=1)
+        for i, layer in enumerate(self.decoder_layers):
+            bias = layer.mlp.expert_bias
+            if config.bias_update == "solve":
+                step = rate * (target[i] - bias.float())
+            else:  # exact counts: sign(mean - load_i) = sign(total - E * load_i)
+                counts = load[i].long()
+                step = rate * torch.sign(counts.sum() - counts.numel() * counts).float()
+            bias.add_(step.to(bias))
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, **kwargs):
         cache = kwargs.get("past_key_values") if cache is None else cache  # transformers < 5.2x

@@ -10,6 +10,7 @@ optimizer step, evaluation on held-out text, samples, metrics, signal handling a
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import sys
 import time
@@ -28,6 +29,7 @@ from transformers import logging as hf_logging
 from customllm.checkpoint import atomic_folder
 from customllm.config import ModelConfig
 from customllm.data import StreamDataset, eval_batches
+from customllm.evaluate import eval_options, heldout_batches, report
 from customllm.metrics import METRICS_NAME, MetricsLogger, plot_metrics, require_matplotlib
 from customllm.runs import (
     CheckpointError,
@@ -52,6 +54,7 @@ from customllm.training import (
     check_resume,
     config_differences,
     decays,
+    is_router,
     lr_at,
     new_model_config,
     tokenizer_source,
@@ -126,21 +129,29 @@ def _close_process_group() -> None:
 
 # Evaluation and samples -------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate_loss(model: CustomLLM, batches: list[np.ndarray], device, autocast) -> float:
-    """Token-weighted mean next-token loss over the fixed eval batches (all ranks together)."""
+@torch.no_grad()
+def evaluate_loss(
+    model: CustomLLM, batches: list[np.ndarray], device, autocast
+) -> tuple[float, np.ndarray]:
+    """(token-weighted mean next-token loss, expert loads (layers, experts) summed) over the
+    fixed eval batches (all ranks together)."""
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, tokens)
+    load = 0
     for batch in batches:
         ids = torch.from_numpy(batch.astype(np.int64)).to(device)
         targets = ids[:, 1:]
         with autocast():
-            loss = model(input_ids=ids[:, :-1], shift_labels=targets).loss
-        total[0] += loss.double() * targets.numel()
+            out = model(input_ids=ids[:, :-1], shift_labels=targets)
+        total[0] += out.loss.double() * targets.numel()
         total[1] += targets.numel()
+        load = load + out.expert_load.double()
     model.train(was_training)
     total = _all_reduce(total)
-    return (total[0] / total[1].clamp(min=1)).item()
+    if torch.is_tensor(load):
+        load = _all_reduce(load)
+    return (total[0] / total[1].clamp(min=1)).item(), np.asarray(torch.as_tensor(load).cpu())
 
 
 def sample_text(model: CustomLLM, tokenizer, prompt: str, max_tokens: int) -> str:
@@ -179,7 +190,7 @@ class CustomLLMTrainer(Trainer):
         self.add_callback(StepCallback(self))
         self._loss_sum = torch.zeros((), device=args.device)
         self._micro_batches = 0
-        self._load: torch.Tensor | None = None
+        self._routing: torch.Tensor | None = None
         self._step_started = time.perf_counter()
         self.last_loss = self.last_eval_loss = None
 
@@ -202,14 +213,19 @@ class CustomLLMTrainer(Trainer):
         if model.training:
             self._loss_sum += lm_loss.detach()
             self._micro_batches += 1
-            load = out.expert_load.detach()
-            self._load = load if self._load is None else self._load + load
+            routing = out.routing.detach()
+            self._routing = routing if self._routing is None else self._routing + routing
         return (loss, out) if return_outputs else loss
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             model = self.model if model is None else model
             params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            scale = model.model_config.router_lr_scale
+            # scale 1: the routers with the other matrices, the layout of checkpoints written
+            # before the scale existed; else in a group of their own, after the two
+            routers = [p for n, p in params if is_router(n)] if scale != 1 else []
+            params = [(n, p) for n, p in params if scale == 1 or not is_router(n)]
             groups = [
                 {
                     "params": [p for n, p in params if decays(n, p.ndim)],
@@ -217,6 +233,14 @@ class CustomLLMTrainer(Trainer):
                 },
                 {"params": [p for n, p in params if not decays(n, p.ndim)], "weight_decay": 0.0},
             ]
+            if routers:  # the LambdaLR schedule multiplies each group's own lr
+                groups.append(
+                    {
+                        "params": routers,
+                        "weight_decay": self.cfg.weight_decay,
+                        "lr": self.cfg.lr * scale,
+                    }
+                )
             self.optimizer = torch.optim.AdamW(
                 groups, lr=self.cfg.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS
             )
@@ -251,10 +275,10 @@ class CustomLLMTrainer(Trainer):
 
     def after_update(self, model: CustomLLM, control) -> None:
         step, cfg = self.state.global_step, self.cfg
-        load = _all_reduce(self._load)  # (layers, experts), whole global batch
-        model.update_expert_bias(load)
+        routing = _all_reduce(self._routing)  # (layers, 2, experts), whole global batch
+        model.update_expert_bias(routing)
         self._loss_sum.zero_()
-        self._micro_batches, self._load = 0, None
+        self._micro_batches, self._routing = 0, None
         tokens = cfg.tokens_per_step(self.args.world_size)
         self.tokens_seen += tokens
         seconds = time.perf_counter() - self._step_started
@@ -266,15 +290,15 @@ class CustomLLMTrainer(Trainer):
             self.step_lr,
             tokens / max(seconds, 1e-9),
             peak_memory_gb(self.args.device),
-            load.tolist(),
+            routing[:, 0].tolist(),
         )
         final = step >= cfg.steps
         evaluated = False
         if self.eval_set and cfg.eval_every and (step % cfg.eval_every == 0 or final):
-            self.last_eval_loss = evaluate_loss(
+            self.last_eval_loss, eval_load = evaluate_loss(
                 model, self.eval_set, self.args.device, self.autocast
             )
-            self.metrics.log_eval(step, self.last_eval_loss)
+            self.metrics.log_eval(step, self.last_eval_loss, eval_load)
             evaluated = True
         every = cfg.sample_every
         if (
@@ -539,3 +563,24 @@ def train_command(device: str, compile_mode: str | None, **options) -> None:
 
 if __name__ == "__main__":  # python -m customllm_torch.train
     sys.exit(train_command())
+
+
+# `customllm-torch eval` --------------------------------------------------------------------------
+@click.command("eval")
+@eval_options
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps.")
+def eval_command(model_dir: str, device: str, **options) -> None:
+    """Held-out loss, perplexity and expert balance (MaxVio) of a model folder on a text."""
+    try:
+        device = resolve_device(device)
+        model, tokenizer = io.load(model_dir, device=device)
+    except (OSError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
+    if tokenizer is None:
+        raise click.ClickException(f"{model_dir} has no tokenizer files to read --data with")
+    config = model.model_config
+    batches = heldout_batches(
+        model_dir, tokenizer, config.vocab_size, config.max_position_embeddings, options
+    )
+    loss, routed = evaluate_loss(model, batches, device, contextlib.nullcontext)
+    report(model_dir, batches, loss, routed, options)

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,7 @@ import customllm_torch
 from customllm.checkpoint import WEIGHTS_NAME
 from customllm.config import ModelConfig
 from customllm_torch.cli import main as cli_main
-from customllm_torch.model import CustomLLM, LatentKVCache, LlamaMLP
+from customllm_torch.model import CustomLLM, LatentKVCache, LlamaMLP, balancing_bias
 
 torch.set_num_threads(min(4, torch.get_num_threads()))
 
@@ -223,7 +224,7 @@ def test_moe_equals_naive_per_token_loop(tiny_config, router_score, norm_topk_pr
     )
     x = torch.randn(2, 9, tiny_config.hidden_size, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        y, _, load = mlp(x)
+        y, _, routing = mlp(x)
         x_flat = x.reshape(-1, x.shape[-1])
         scores = naive_scores(mlp, x_flat)
         expected, chosen, unbiased = [], [], []
@@ -247,7 +248,7 @@ def test_moe_equals_naive_per_token_loop(tiny_config, router_score, norm_topk_pr
     counts = torch.zeros(tiny_config.n_routed_experts, dtype=torch.long)
     for experts in chosen:
         counts[list(experts)] += 1
-    assert torch.equal(load, counts)
+    assert torch.equal(routing[0], counts.float())
 
 
 def test_bias_changes_selection_not_weights(tiny_config):
@@ -267,27 +268,61 @@ def test_bias_changes_selection_not_weights(tiny_config):
     torch.testing.assert_close(weights1, expected, rtol=1e-6, atol=1e-7)
 
 
-def test_bias_update_moves_toward_balance(tiny_config):
-    model = build(tiny_config)
-    rate = tiny_config.bias_update_rate
+def sign_routing(load: torch.Tensor) -> torch.Tensor:
+    """routing (layers, 2, E) for the "sign" rule: the loads and no balancing bias."""
+    return torch.stack([load.float(), torch.zeros(load.shape)], dim=1)
+
+
+def test_sign_bias_update_moves_toward_balance(tiny_config):
+    config = dataclasses.replace(tiny_config, bias_update="sign", bias_update_rate=1e-3)
+    model, rate = build(config), 1e-3
     # layer 0: mean load 15/7 ~ 2.14, experts 0, 2, 4 over it; layer 1: perfectly balanced
     load = torch.tensor([[6, 0, 3, 1, 4, 1, 0], [2, 2, 2, 2, 2, 2, 2]])
-    model.update_expert_bias(load)
+    model.update_expert_bias(sign_routing(load))
     signs = torch.tensor([[-1.0, 1, -1, 1, -1, 1, 1], [0, 0, 0, 0, 0, 0, 0]])
     for layer, sign in zip(model.decoder_layers, signs, strict=True):
         assert torch.equal(layer.mlp.expert_bias, rate * sign), layer.mlp.expert_bias
-    model.update_expert_bias(load)  # a second step moves the same way again
+    model.update_expert_bias(sign_routing(load))  # a second step moves the same way again
     torch.testing.assert_close(model.decoder_layers[0].mlp.expert_bias, 2 * rate * signs[0])
     assert not any(p.grad is not None for p in model.parameters())
 
 
-def test_bias_update_leaves_experts_at_the_mean_load_alone(tiny_config):
-    model = build(tiny_config)
+def test_sign_bias_update_leaves_experts_at_the_mean_load_alone(tiny_config):
+    config = dataclasses.replace(tiny_config, bias_update="sign", bias_update_rate=1e-3)
+    model = build(config)
     load = torch.tensor([[6, 0, 2, 2, 2, 1, 1], [6, 0, 2, 2, 2, 1, 1]])  # mean load is 2
-    model.update_expert_bias(load)
-    rate = tiny_config.bias_update_rate
-    expected = rate * torch.tensor([-1.0, 1, 0, 0, 0, 1, 1])
+    model.update_expert_bias(sign_routing(load))
+    expected = 1e-3 * torch.tensor([-1.0, 1, 0, 0, 0, 1, 1])
     assert torch.equal(model.decoder_layers[0].mlp.expert_bias, expected)
+
+
+def test_solve_bias_update_moves_toward_the_batch_mean(tiny_config):
+    config = dataclasses.replace(tiny_config, bias_update_rate=0.5)
+    model = build(config)
+    E, k = config.n_routed_experts, config.num_experts_per_tok
+    target = torch.tensor([0.3, -0.1, 0.0, 0.2, -0.2, -0.1, -0.1])
+    # two micro-batches of 30 and 40 tokens: the token-weighted mean of their targets
+    first, second = target + 0.07, target - 0.0525
+    tokens = torch.tensor([30.0, 40.0])
+    load = (tokens.sum() * k / E).expand(E)
+    layer = torch.stack([load, first * tokens[0] + second * tokens[1]])
+    model.update_expert_bias(torch.stack([layer] * config.num_hidden_layers))
+    torch.testing.assert_close(model.decoder_layers[0].mlp.expert_bias, 0.5 * target)
+
+
+def test_balancing_bias_balances_a_drifted_batch(tiny_config):
+    rng = np.random.default_rng(0)
+    N, E, k = 512, tiny_config.n_routed_experts, tiny_config.num_experts_per_tok
+    logits = np.linspace(0.0, 0.8, E)[None] + 0.04 * rng.standard_normal((N, E))
+    scores = torch.from_numpy(logits).float().sigmoid()
+
+    def loads(bias):
+        return torch.bincount(torch.topk(scores + bias, k).indices.flatten(), minlength=E)
+
+    assert loads(torch.zeros(E)).max() == N  # unbiased: every token on the same 2 experts
+    bias = balancing_bias(scores, torch.zeros(E), k)
+    assert abs(bias.sum().item()) < 1e-6
+    assert loads(bias).max() / (N * k / E) <= 1.1, loads(bias)
 
 
 def test_aux_loss_matches_formula(tiny_config):
@@ -301,7 +336,7 @@ def test_aux_loss_matches_formula(tiny_config):
         per_sequence = []
         for b in range(B):
             s = naive_scores(mlp, x[b])  # (T, E)
-            idx = torch.topk(s + mlp.expert_bias, k).indices
+            idx = torch.topk(s, k).indices  # the raw scores' top-k (DeepSeek-V3, eq. 18)
             count = torch.zeros(E)
             for row in idx:
                 count[row] += 1
@@ -383,10 +418,10 @@ def test_grouped_experts_equal_the_per_expert_loop(tiny_config, autocast, monkey
         mlp.zero_grad()
         xg = x.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            y, aux, load = mlp(xg)
+            y, aux, routing = mlp(xg)
         (y.float().square().mean() + aux).backward()
         grads = {n: p.grad.clone() for n, p in mlp.named_parameters() if "routed" in n}
-        results[grouped] = (y.detach(), xg.grad, grads, load)
+        results[grouped] = (y.detach(), xg.grad, grads, routing[0])
         assert len(calls) == (2 if grouped else 0)
     (y0, gx0, gw0, load0), (y1, gx1, gw1, load1) = results[False], results[True]
     assert load0[3] == 0 and torch.equal(load0, load1)
@@ -508,7 +543,7 @@ def test_config_validation_errors():
         ({"rms_norm_eps": "x"}, "rms_norm_eps must be a number"),
         ({"rope_theta": -1}, "rope_theta must be positive"),
         ({"initializer_range": 0}, "initializer_range must be positive"),
-        ({"aux_loss_coef": -1e-4}, "aux_loss_coef must not be negative"),
+        ({"aux_loss_coef": -1e-4}, "aux_loss_coef must be finite and not negative"),
         ({"eos_token_id": 256}, "eos_token_id must be a token id below vocab_size=256"),
         ({"hidden_sise": 32}, "unknown field 'hidden_sise': did you mean 'hidden_size'"),
         # config.json stores the head dims: an edited head count is checked against them

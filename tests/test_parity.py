@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -65,7 +66,8 @@ def torch_model(config: ModelConfig, seed: int = 0, bias_std: float = 0.05) -> T
     model = TorchModel(config)
     with torch.no_grad():
         for layer in model.decoder_layers:
-            layer.mlp.expert_bias.normal_(0.0, bias_std)
+            if config.n_routed_experts:
+                layer.mlp.expert_bias.normal_(0.0, bias_std)
     return model.eval()
 
 
@@ -521,3 +523,97 @@ def test_both_trainers_take_the_same_steps(tmp_path):
             np.testing.assert_allclose(ours[key], theirs[key], atol=1e-6, err_msg=key)
             continue
         assert np.linalg.norm(moved - moved_too) <= 1e-3 * scale, key  # measured: 2e-5
+
+
+def test_balancing_bias_and_its_update_agree_across_frameworks():
+    """The same drifted scores and routing statistics give the same balancing bias and the same
+    bias after an update, in MLX and torch (the rule of docs/architecture.md, "Balancing")."""
+    from customllm_mlx.model import balancing_bias as mlx_solve
+    from customllm_torch.model import balancing_bias as torch_solve
+
+    rng = np.random.default_rng(7)
+    logits = np.linspace(0.0, 0.6, 7)[None] + 0.05 * rng.standard_normal((300, 7))
+    scores = (1 / (1 + np.exp(-logits))).astype(np.float32)
+    start = (0.01 * rng.standard_normal(7)).astype(np.float32)
+    a = np.array(mlx_solve(mx.array(scores), mx.array(start), 2))
+    b = torch_solve(torch.from_numpy(scores), torch.from_numpy(start), 2).numpy()
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert np.abs(a - start).max() > 0.05  # it moved far from where it started
+
+    config = ModelConfig.from_preset("tiny", vocab_size=256, bias_update_rate=0.7)
+    reference = torch_model(config)
+    mirror = mlx_copy(reference)
+    load = rng.integers(0, 50, (config.num_hidden_layers, 7)).astype(np.float32)
+    target = (0.1 * rng.standard_normal((config.num_hidden_layers, 7))).astype(np.float32)
+    routing = np.stack([load, target * load.sum(-1, keepdims=True) / 2], axis=1)
+    reference.update_expert_bias(torch.from_numpy(routing))
+    mirror.update_expert_bias(mx.array(routing))
+    for t_layer, m_layer in zip(reference.decoder_layers, mirror.decoder_layers, strict=True):
+        np.testing.assert_allclose(
+            np.array(m_layer.mlp.expert_bias), t_layer.mlp.expert_bias.numpy(), atol=1e-7
+        )
+
+
+def dense_config() -> ModelConfig:
+    """The tiny preset's dense baseline: no routed experts, the shared SwiGLU (1 + top-2) x
+    as wide, so that it has the MoE's active parameters."""
+    tiny = ModelConfig.from_preset("tiny", vocab_size=256, max_position_embeddings=64)
+    return ModelConfig.from_preset(
+        "tiny", vocab_size=256, max_position_embeddings=64, n_routed_experts=0,
+        intermediate_size=3 * tiny.intermediate_size,
+    )  # fmt: skip
+
+
+def test_dense_config_through_both_frameworks_and_both_converters(tmp_path):
+    config = dense_config()
+    reference = torch_model(config)
+    assert not any("router" in k or "routed" in k or "bias" in k.split(".")[-1]
+                   for k in reference.state_dict() if k != "lm_head.bias")  # fmt: skip
+    assert sum(p.numel() for p in reference.parameters()) == config.num_parameters()
+    src = customllm_torch.save(reference, tmp_path / "torch")
+    assert ModelConfig.from_json(src).n_routed_experts == 0
+    run_script(torch_to_mlx, "--src", src, "--dst", tmp_path / "mlx", "--verify")
+    run_script(mlx_to_torch, "--src", tmp_path / "mlx", "--dst", tmp_path / "back")
+    assert_same_tensors(src, tmp_path / "mlx")
+    assert_same_tensors(src, tmp_path / "back")
+    ids = np.random.default_rng(0).integers(0, 256, (2, 16))
+    mirror, _ = customllm_mlx.load(tmp_path / "mlx")
+    logits, aux, routing = mirror(mx.array(ids), return_aux=True)
+    assert routing.shape == (config.num_hidden_layers, 2, 0) and aux.item() == 0
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(np.array(logits), expected, atol=1e-5 * np.abs(expected).max())
+
+
+def test_eval_command_gives_the_same_loss_in_both_frameworks(tmp_path):
+    """`customllm-mlx eval` and `customllm-torch eval` on one folder and one text: the same
+    tokens, loss (1e-4), perplexity and MaxVio, printed and in --json."""
+    from customllm.tokenizer import train_tokenizer
+    from customllm_mlx.cli import main as mlx_cli
+    from customllm_torch.cli import main as torch_cli
+
+    text = tmp_path / "heldout.txt"
+    text.write_text("\n\n".join(f"Story {i}: the cat sat on mat {i % 7}." for i in range(300)))
+    tokenizer = train_tokenizer(str(text), 300, tmp_path / "tok")
+    config = ModelConfig.from_preset("tiny", vocab_size=len(tokenizer), max_position_embeddings=64)
+    folder = customllm_torch.save(torch_model(config), tmp_path / "model", tokenizer=tokenizer)
+    results = []
+    for name, cli in (("mlx", mlx_cli), ("torch", torch_cli)):
+        out = tmp_path / f"{name}.json"
+        args = ["eval", "--model", folder, "--data", text, "--seq-len", 32, "--batch-size", 4,
+                "--json", out]  # fmt: skip
+        result = CliRunner().invoke(cli, [str(a) for a in args])
+        assert result.exit_code == 0, result.output + repr(result.exception)
+        record = json.loads(out.read_text())
+        assert f"{record['tokens']:,} tokens | loss {record['loss']:.4f}" in result.output
+        results.append(record)
+    mlx_result, torch_result = results
+    assert mlx_result["tokens"] == torch_result["tokens"] > 1000
+    assert mlx_result["loss"] == pytest.approx(torch_result["loss"], abs=1e-4)
+    assert mlx_result["loss"] == pytest.approx(math.log(len(tokenizer)), abs=0.3)  # untrained
+    assert mlx_result["perplexity"] == pytest.approx(math.exp(mlx_result["loss"]))
+    assert mlx_result["max_vio"] == pytest.approx(torch_result["max_vio"], abs=1e-6)
+    assert mlx_result["max_vio"] > 0
+    bad = CliRunner().invoke(mlx_cli, ["eval", "--model", str(folder), "--data",
+                                       str(tmp_path / "missing.txt")])  # fmt: skip
+    assert bad.exit_code != 0 and "Error: --data" in bad.output

@@ -174,21 +174,20 @@ def test_sigterm_saves_then_resume_matches(tmp_path):
 
 # Expert balancing -------------------------------------------------------------------------------
 def test_bias_update_evens_expert_loads(tmp_path):
-    """Same data, same init: the aux-loss-free bias leaves the expert loads more even than
-    bias_update_rate 0 (expert_imbalance = max/mean load of the worst layer, last 15 steps).
-    A low lr: a tiny model's hidden states soon look alike and then all tokens move together."""
-    imbalance = {}
-    for rate in (0.0, 3e-3):
-        out = tmp_path / f"rate{rate}"
-        config = config_file(tmp_path / f"rate{rate}.json", bias_update_rate=rate)
-        train(out, config=config, steps=30, lr=3e-4)
+    """Same data, same init: the default balancing (the "solve" bias update) keeps the expert
+    loads even where no bias update (the "sign" rule at rate 0) lets them drift (max_vio of the
+    worst layer, last 15 of 30 steps: the collapse phase, where the hidden states look alike)."""
+    vio = {}
+    for name, change in (("off", dict(bias_update="sign", bias_update_rate=0.0)), ("on", {})):
+        out = tmp_path / name
+        train(out, config=config_file(tmp_path / f"{name}.json", **change), steps=30)
         records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
-        imbalance[rate] = float(np.mean([r["expert_imbalance"] for r in records[-15:]]))
-    assert imbalance[3e-3] < imbalance[0.0] - 0.25, imbalance
+        vio[name] = float(np.mean([r["max_vio"] for r in records[-15:]]))
+    assert vio["on"] < vio["off"] - 0.5, vio
     # The final biases moved under balancing and stayed 0 without it.
-    model, _ = load(tmp_path / "rate0.0" / "checkpoint-30")
+    model, _ = load(tmp_path / "off" / "checkpoint-30")
     assert all(np.all(np.array(layer.mlp.expert_bias) == 0) for layer in model.layers)
-    model, _ = load(tmp_path / "rate0.003" / "checkpoint-30")
+    model, _ = load(tmp_path / "on" / "checkpoint-30")
     assert any(np.any(np.array(layer.mlp.expert_bias) != 0) for layer in model.layers)
 
 
@@ -204,7 +203,7 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path):
     for x, y in zip(rb, ra, strict=True):
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
-        assert x["expert_imbalance"] == y["expert_imbalance"]
+        assert x["max_vio"] == y["max_vio"]
     wb, wa = weights(big / "checkpoint-3"), weights(accum / "checkpoint-3")
     for key in wb:
         if key.endswith("expert_bias"):
@@ -444,7 +443,7 @@ def test_metrics_have_exactly_the_keys(tmp_path):
         assert tuple(r) == TRAIN_RECORD_KEYS
         assert math.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["tokens_per_sec"] > 0
         assert r["learning_rate"] == pytest.approx(lr_at(r["step"] - 1, cfg))
-        assert r["peak_memory_gb"] > 0 and r["expert_imbalance"] >= 1.0
+        assert r["peak_memory_gb"] > 0 and r["max_vio"] >= 0.0
     for r in eval_records:
         assert tuple(r) == EVAL_RECORD_KEYS
         assert r["eval_ppl"] == pytest.approx(math.exp(r["eval_loss"]))

@@ -138,7 +138,7 @@ def test_loss_falls_and_metrics_have_the_keys(tmp_path):
     assert first - final >= 1.0, (first, final)
     assert eval_records[-1]["eval_loss"] < losses[0] - 1.0
     assert all(r["grad_norm"] > 0 and r["tokens_per_sec"] > 0 for r in train_records)
-    assert all(r["peak_memory_gb"] > 0 and r["expert_imbalance"] >= 1 for r in train_records)
+    assert all(r["peak_memory_gb"] > 0 and r["max_vio"] >= 0 for r in train_records)
     assert train_records[0]["learning_rate"] == pytest.approx(1e-3)  # warmup: 5e-3 * 1 / 5
 
     # the last checkpoint is a canonical model folder beside the Trainer's files
@@ -395,22 +395,21 @@ def test_compiled_training_matches_eager(reference, tmp_path, monkeypatch):
 
 
 # Expert balancing -------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_expert_bias_makes_loads_more_even(tmp_path):
-    # In the tiny model the routing collapses onto 2 of the 7 experts within ~10 steps (imbalance
-    # 3.5, the maximum) while every token's hidden state still looks alike; once tokens differ,
-    # the bias spreads them out again. Without it the collapse stays.
-    imbalance = {}
-    for rate in (0.0, 1e-2):
-        config = tmp_path / f"rate{rate}.json"
-        ModelConfig.from_preset("tiny", bias_update_rate=rate).to_json(config)
-        out = tmp_path / f"run{rate}"
-        train(tiny(out, config=str(config), batch_size=4, steps=150, eval_every=0, save_every=0))
+def test_bias_update_evens_expert_loads(tmp_path):
+    """Same data, same init: the default balancing (the "solve" bias update) keeps the expert
+    loads even where no bias update (the "sign" rule at rate 0) lets them drift (max_vio of the
+    worst layer, last 15 of 30 steps: the collapse phase, where the hidden states look alike); the twin of the MLX test."""
+    vio = {}
+    for name, change in (("off", dict(bias_update="sign", bias_update_rate=0.0)), ("on", {})):
+        config = tmp_path / f"{name}.json"
+        ModelConfig.from_preset("tiny", **change).to_json(config)
+        out = tmp_path / name
+        train(tiny(out, config=str(config), batch_size=4, steps=30, eval_every=0, save_every=0))
         records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
-        imbalance[rate] = sum(r["expert_imbalance"] for r in records[-30:]) / 30
+        vio[name] = sum(r["max_vio"] for r in records[-15:]) / 15
         bias = weights(latest_checkpoint(out))["decoder_layers.0.mlp.expert_bias"]
-        assert (bias.abs().sum() > 0) == (rate > 0)
-    assert imbalance[1e-2] < imbalance[0.0] - 0.5, imbalance
+        assert (bias.abs().sum() > 0) == (name == "on")
+    assert vio["on"] < vio["off"] - 0.5, vio
 
 
 # Longer runs ------------------------------------------------------------------------------------

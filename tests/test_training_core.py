@@ -24,7 +24,7 @@ from customllm.metrics import (
     EVAL_RECORD_KEYS,
     TRAIN_RECORD_KEYS,
     MetricsLogger,
-    expert_imbalance,
+    max_vio,
     plot_metrics,
     read_metrics,
 )
@@ -254,25 +254,40 @@ def _truncate(path: Path, keep_bytes_less: int) -> None:
 
 
 # Metrics ----------------------------------------------------------------------------------------
-def test_expert_imbalance_is_max_over_mean_in_the_worst_layer():
-    assert expert_imbalance([[3, 3, 3, 3]]) == (1.0, 0)
-    assert expert_imbalance(np.array([[2, 2, 2, 2], [4, 0, 0, 0], [3, 1, 2, 2]])) == (4.0, 1)
-    assert expert_imbalance([[0, 0, 0]]) == (1.0, 0)
+def test_max_vio_is_max_over_mean_minus_one_worst_layer_and_mean():
+    assert max_vio([[3, 3, 3, 3]]) == (0.0, 0.0, 0)
+    assert max_vio(np.array([[2, 2, 2, 2], [4, 0, 0, 0], [3, 1, 2, 2]])) == (3.0, 3.5 / 3, 1)
+    assert max_vio([[0, 0, 0]]) == (0.0, 0.0, 0)
+    assert max_vio(np.zeros((2, 0))) is None  # a dense model: no experts to balance
+
+
+def test_a_collapsed_layer_is_warned_about_once_after_5_steps(tmp_path):
+    console = io.StringIO()
+    log = MetricsLogger(tmp_path, stream=console)
+    balanced, collapsed = [1, 1, 1, 1], [4, 0, 0, 0]  # max/mean 4
+    for step in range(1, 12):
+        log.log_train(
+            step, 1.0, 1.0, 1e-3, 1.0, 0.0, [balanced, collapsed if step != 3 else balanced]
+        )
+    warnings = [line for line in console.getvalue().splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "step 8: the experts of layer 1 have collapsed" in warnings[0]
 
 
 def test_metrics_records_have_exactly_the_keys(tmp_path):
     console = io.StringIO()
     log = MetricsLogger(tmp_path, total_steps=10, stream=console)
     log.log_train(1, 5.0, 0.5, 1e-3, 1234.0, 0.25, [[1, 3], [2, 2]])
-    log.log_eval(1, 2.0)
+    log.log_eval(1, 2.0, [[10, 30], [30, 10]])
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert tuple(records[0]) == TRAIN_RECORD_KEYS
-    assert records[0]["expert_imbalance"] == 1.5
+    assert records[0]["max_vio"] == 0.5 and records[0]["max_vio_mean"] == 0.25
+    assert records[0]["max_vio_layer"] == 0
     assert tuple(records[1]) == EVAL_RECORD_KEYS
     assert records[1]["eval_ppl"] == pytest.approx(math.exp(2.0))
+    assert records[1]["eval_max_vio"] == 0.5
     text = console.getvalue()
     assert "step 1/10" in text and "loss 5.0000" in text and "1,234 tok/s" in text
-    assert "imbalance 1.50 (layer 0)" in text and "eval_loss 2.0000" in text
+    assert "max_vio 0.50 (layer 0), mean 0.25" in text and "eval_loss 2.0000" in text
 
 
 def test_metrics_console_every_n_steps_and_progress_bar_on_a_tty(tmp_path):
