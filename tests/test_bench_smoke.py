@@ -248,7 +248,7 @@ def test_bench_moe_counts_the_compiled_graphs_nodes():
 PARTS = ("router_shared_ms", "dispatch_ms", "routed_experts_ms")
 
 
-def test_bench_moe_no_gemm_variant_routes_rows_back():
+def test_bench_moe_no_gemm_variant_routes_rows_back(monkeypatch):
     """The breakdown's "no routed GEMMs" layer runs our blocked bookkeeping with each block row
     scaled by s: every token must come back as x * s * (sum of its routing weights)."""
     import types
@@ -288,6 +288,7 @@ def test_bench_moe_no_gemm_variant_routes_rows_back():
     # the "block GEMMs whole" row: chunks off while it runs (and traces), on again after
     from customllm_mlx import experts
 
+    monkeypatch.setattr(experts, "SMALL_BLOCK_GEMM", 100**3)  # an OpenBLAS with the kernel
     whole = bench_moe.whole_block_gemms(lambda: experts.chunk_columns(32, 256, 512))
     assert whole() is None and experts.chunk_columns(32, 256, 512) == 64
 

@@ -523,6 +523,23 @@ def test_both_trainers_take_the_same_steps(tmp_path):
             np.testing.assert_allclose(ours[key], theirs[key], atol=1e-6, err_msg=key)
             continue
         assert np.linalg.norm(moved - moved_too) <= 1e-3 * scale, key  # measured: 2e-5
+    # the routers train at router_lr_scale x the lr: AdamW moves a weight by at most about the
+    # lr per step (exactly lr x sign(g) at the first), so 5 steps bound each router weight
+    router_scale = ModelConfig.from_preset("tiny").router_lr_scale
+    lrs = sum(lr_at(s, mlx_cfg) for s in range(5))
+    for moved in (ours, theirs):
+        router = (
+            moved["decoder_layers.0.mlp.router.weight"]
+            - start["decoder_layers.0.mlp.router.weight"]
+        )
+        attn = (
+            moved["decoder_layers.0.self_attn.o_proj.weight"]
+            - start["decoder_layers.0.self_attn.o_proj.weight"]
+        )
+        assert (
+            lr_at(0, mlx_cfg) * router_scale / 2 < np.abs(router).max() < 1.1 * lrs * router_scale
+        )
+        assert np.abs(attn).max() > 3 * lrs * router_scale
 
 
 def test_balancing_bias_and_its_update_agree_across_frameworks():

@@ -98,6 +98,33 @@ def test_config_round_trips_through_a_dict():
     assert TrainConfig.from_dict({**cfg.to_dict(), "not_an_option": 1}) == cfg
 
 
+def test_a_config_written_before_the_balancing_fields_keeps_its_rule():
+    """A complete config.json without `bias_update` / `router_lr_scale` (as written before they
+    existed) loads with the rule it was trained with: the sign step and the router at the
+    full lr. A new config, and a partial one, take the current defaults."""
+    old = ModelConfig.from_preset("tiny").to_dict()
+    del old["bias_update"], old["router_lr_scale"]
+    old["bias_update_rate"] = 1e-3
+    config = ModelConfig.from_dict(old)
+    assert (config.bias_update, config.bias_update_rate, config.router_lr_scale) == (
+        "sign",
+        1e-3,
+        1.0,
+    )
+    assert ModelConfig.from_dict(config.to_dict()) == config  # and it is written out explicitly
+    new = ModelConfig.from_preset("tiny")
+    assert (new.bias_update, new.bias_update_rate, new.router_lr_scale) == ("solve", 1.0, 0.03)
+    assert (
+        ModelConfig.from_dict({"hidden_size": 64, "num_attention_heads": 2}).bias_update == "solve"
+    )
+    with pytest.raises(ValueError, match="bias_update_rate must be in"):
+        ModelConfig.from_preset("tiny", bias_update_rate=1.5)
+    with pytest.raises(ValueError, match="router_lr_scale must be positive"):
+        ModelConfig.from_preset("tiny", router_lr_scale=float("inf"))
+    with pytest.raises(ValueError, match="routed_scaling_factor must be positive"):
+        ModelConfig.from_preset("tiny", routed_scaling_factor=float("inf"))
+
+
 def _parse(*argv: str) -> TrainConfig:
     seen = {}
 
