@@ -104,6 +104,23 @@ def check_weights(weights: dict, config: ModelConfig, source: str = "weights") -
     check_shapes({key: tuple(value.shape) for key, value in weights.items()}, config, source)
 
 
+def check_loaded(folder: str | Path, config: ModelConfig, tokenizer, non_finite: list[str]) -> None:
+    """What a loader checks after reading a folder: no tensor holds NaN/inf (`non_finite`: the
+    keys that do), and the tokenizer has no token id past the model's vocabulary."""
+    if non_finite:
+        more = f" (and {len(non_finite) - 1} more)" if len(non_finite) > 1 else ""
+        raise ValueError(
+            f"{folder}: tensor {non_finite[0]!r}{more} holds NaN or inf values; the weights "
+            "are damaged (a diverged run?): use an earlier checkpoint"
+        )
+    if tokenizer is not None and len(tokenizer) > config.vocab_size:
+        raise ValueError(
+            f"{folder}: its tokenizer has {len(tokenizer)} tokens, more than the model's "
+            f"vocab_size {config.vocab_size} (ids past it have no embedding); put the tokenizer "
+            "the model was trained with in the folder"
+        )
+
+
 def check_shapes(shapes: dict, config: ModelConfig, source: str = "weights") -> None:
     """`check_weights` on the tensors' shapes alone (a safetensors header's, say)."""
     expected = canonical_shapes(config)

@@ -14,6 +14,7 @@ MODEL_TYPE = "customllm"
 KIND_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
 # What a complete config.json written before these fields existed trained with
 LEGACY_DEFAULTS = {"bias_update": "sign", "router_lr_scale": 1.0}
+DERIVED_FIELDS = ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 # Keys of transformers' configs (DeepseekV3, Llama) that lie near a field name: kept as extra
 FOREIGN_KEYS = ("head_dim", "qk_head_dim", "moe_intermediate_size", "attention_dropout")
 
@@ -219,6 +220,22 @@ class ModelConfig:
             raise ValueError(f"{path} is not valid JSON: {err}") from err
         if not isinstance(values, dict):
             raise ValueError(f"{path} must hold a JSON object")
+        legacy = "bias_update_rate" in values and "bias_update" not in values
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in values
+            and f.name not in DERIVED_FIELDS + ("extra",)
+            and not (legacy and f.name in LEGACY_DEFAULTS)
+        ]
+        if missing:  # no field falls back to the 973m preset's value unseen
+            raise ValueError(
+                f"{path} lacks {', '.join(missing[:4])}"
+                + (" ..." if len(missing) > 4 else "")
+                + ": a model's config.json lists every field; start from a complete one "
+                "(ModelConfig.from_preset(NAME).to_json(PATH), or the config.json of a model "
+                "folder)"
+            )
         try:
             return cls.from_dict(values)
         except ValueError as err:

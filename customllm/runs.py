@@ -111,6 +111,17 @@ def read_training_state(folder: str | Path) -> dict[str, Any]:
         ) from err
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise CheckpointError(f"checkpoint {folder} is corrupt: {path.name} has no integer 'step'")
+    if state["step"] < 1 or isinstance(state["step"], bool):
+        raise CheckpointError(
+            f"checkpoint {folder} is corrupt: {path.name} says step {state['step']!r}; a "
+            "checkpoint is written after a step >= 1"
+        )
+    for key, kind in (("tokens_seen", int), ("world_size", int), ("data_state", list)):
+        if key in state and not isinstance(state[key], kind):
+            raise CheckpointError(
+                f"checkpoint {folder} is corrupt: {path.name} field {key!r} is "
+                f"{type(state[key]).__name__}, not {kind.__name__}"
+            )
     return state
 
 
@@ -215,6 +226,36 @@ def resolve_resume(
                 folder = inner
     check_checkpoint(folder, required, framework)
     return folder
+
+
+@contextlib.contextmanager
+def run_lock(out: str | Path, enabled: bool = True) -> Iterator[None]:
+    """Hold `out` for this run: an exclusive lock on the folder itself (flock), so a second
+    run in the same --out stops with a TrainingError instead of interleaving checkpoints and
+    metrics. The kernel releases it when the process ends, however it ends: no stale lock.
+    Makes `out`. Data-parallel runs take it on rank 0 only (`enabled`)."""
+    if not enabled:
+        yield
+        return
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): nothing to hold the folder with
+        yield
+        return
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            raise TrainingError(
+                f"--out {out} is in use by another training run; wait for it to finish, or "
+                "choose another --out"
+            ) from err
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 @contextlib.contextmanager

@@ -74,9 +74,25 @@ def encode_prompt(tokenizer: Any, prompt: str | list[int]) -> list[int]:
 
 
 def read_prompt(prompt: str) -> str:
-    """mlx_lm's prompt handling: `\\n` and `\\t` escapes become characters, `-` reads stdin."""
-    prompt = prompt.replace("\\n", "\n").replace("\\t", "\t")
-    return sys.stdin.read() if prompt == "-" else prompt
+    """mlx_lm's prompt handling: `\\n` and `\\t` escapes become characters, `-` reads stdin.
+    A prompt that is not valid UTF-8 is a click error."""
+    if prompt == "-":
+        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+        try:
+            return data.decode("utf-8") if isinstance(data, bytes) else data
+        except UnicodeDecodeError as err:
+            raise click.BadParameter(
+                f"standard input is not valid UTF-8 text ({err.reason} at byte {err.start})",
+                param_hint="--prompt",
+            ) from err
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as err:  # undecodable bytes of argv arrive as lone surrogates
+        raise click.BadParameter(
+            f"the prompt is not valid UTF-8 text (byte {err.start}); pass UTF-8",
+            param_hint="--prompt",
+        ) from err
+    return prompt.replace("\\n", "\n").replace("\\t", "\t")
 
 
 def generation_budget(prompt_tokens: int, max_tokens: int, max_position_embeddings: int) -> int:
@@ -208,7 +224,12 @@ def generate_options(command: Callable) -> Callable:
             show_default=True,
             type=click.IntRange(min=1),
         ),
-        click.option("--seed", default=None, type=int, help="PRNG seed for sampling."),
+        click.option(
+            "--seed",
+            default=None,
+            type=click.IntRange(0, 2**32 - 1),
+            help="PRNG seed for sampling (0 to 2**32 - 1).",
+        ),
         click.option(
             "--max-kv-size",
             default=None,

@@ -115,9 +115,19 @@ class TrainConfig:
             raise TrainingError(
                 f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}"
             )
+        for name in ("lr", "min_lr", "weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise TrainingError(
+                    f"--{name.replace('_', '-')} must be a finite number, got {value}"
+                )
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "log_every"):
             if getattr(self, name) <= 0:
                 raise TrainingError(f"--{name.replace('_', '-')} must be positive")
+        if self.max_sample_tokens <= 0:
+            raise TrainingError(
+                "--max-sample-tokens must be positive (--sample-every 0 turns the samples off)"
+            )
         for name in (
             "warmup_steps",
             "eval_every",
@@ -125,7 +135,6 @@ class TrainConfig:
             "save_every",
             "keep_last",
             "shuffle_buffer",
-            "max_sample_tokens",
             "weight_decay",
             "max_grad_norm",
         ):
@@ -305,6 +314,14 @@ def check_finite(loss: float, step: int, out: str | Path | None = None, what: st
     if not math.isfinite(loss):
         last = latest_checkpoint(out) if out is not None else None
         raise NonFiniteLossError(step, loss, last, what)
+
+
+def check_finite_state(bad: list[str], step: int, out: str | Path) -> None:
+    """Before a checkpoint is written: raise NonFiniteLossError naming the first of the `bad`
+    tensors (model or optimizer state holding NaN/inf) and the last good checkpoint."""
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise NonFiniteLossError(step, math.nan, latest_checkpoint(out), f"tensor {bad[0]!r}{more}")
 
 
 def model_source(options: dict[str, Any]) -> tuple[str, Any]:

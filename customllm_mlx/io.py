@@ -13,6 +13,7 @@ import mlx.core as mx
 
 from customllm.checkpoint import (
     CONFIG_NAME,
+    check_loaded,
     check_weights,
     find_weights_file,
     ordered,
@@ -50,7 +51,12 @@ def load(path: str | Path, dtype: mx.Dtype | str | None = None) -> tuple[CustomL
     model.load_weights(list(model.sanitize(weights).items()), strict=True)
     mx.eval(model.parameters())
     model.eval()
-    return model, load_folder_tokenizer(path)
+    tokenizer = load_folder_tokenizer(path)
+    floats = [(k, v) for k, v in weights.items() if mx.issubdtype(v.dtype, mx.floating)]
+    finite = mx.stack([mx.isfinite(v).all() for _, v in floats]).tolist() if floats else []
+    bad = [k for (k, _), ok in zip(floats, finite, strict=True) if not ok]
+    check_loaded(path, config, tokenizer, bad)
+    return model, tokenizer
 
 
 def save(

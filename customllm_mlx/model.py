@@ -240,6 +240,8 @@ def balancing_bias(scores: mx.array, bias: mx.array, k: int, sweeps: int = 3) ->
     N, E = scores.shape
     rank = min(max(round(N * k / E), 1), N - 1)
     bias = bias.astype(mx.float32)
+    if k >= E or N < 2:  # every token takes every expert (or one token): nothing to balance
+        return bias - bias.mean()
     for _ in range(sweeps):
         biased = scores + bias
         top = mx.sort(biased, axis=-1)

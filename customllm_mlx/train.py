@@ -40,6 +40,7 @@ from customllm.runs import (
     removed_if_empty,
     resolve_resume,
     rotate_checkpoints,
+    run_lock,
     write_training_state,
 )
 from customllm.tokenizer import load_tokenizer
@@ -49,6 +50,7 @@ from customllm.training import (
     StopSignal,
     TrainConfig,
     check_finite,
+    check_finite_state,
     check_model_fits,
     check_resume,
     config_differences,
@@ -273,7 +275,11 @@ def all_gather_json(obj: Any, world) -> list[Any]:
 def save_checkpoint(
     out: Path, step: int, model: CustomLLM, optimizer, tokenizer, training_state: dict[str, Any]
 ) -> Path:
-    """`out/checkpoint-STEP/`, written under a temporary name and renamed when complete."""
+    """`out/checkpoint-STEP/`, written under a temporary name and renamed when complete;
+    never from a model or optimizer state holding NaN/inf."""
+    tensors = tree_flatten(model.parameters()) + tree_flatten(optimizer.state)
+    finite = mx.stack([mx.isfinite(v).all() for _, v in tensors]).tolist()
+    check_finite_state([k for (k, _), ok in zip(tensors, finite, strict=True) if not ok], step, out)
     with atomic_folder(checkpoint_dir(out, step)) as tmp:
         # The canonical model folder first: io.save replaces the (empty) tmp atomically.
         save(model, tmp, tokenizer=tokenizer)
@@ -331,8 +337,8 @@ def run_training(cfg: TrainConfig, stream=None) -> Path | None:
     state = read_training_state(resume) if resume else None
     if state:
         check_resume(state, resume, cfg, world_size, ("data_state", "rng_state", "train_config"))
-    check_new_run(out, resume)
-    with removed_if_empty(out), StopSignal() as stop:
+    with removed_if_empty(out), run_lock(out, rank == 0), StopSignal() as stop:
+        check_new_run(out, resume)
         tokenizer = load_tokenizer(tokenizer_source(cfg, resume))
         mx.random.seed(cfg.seed)  # the same initial weights on every rank
         model = build_model(cfg, resume, tokenizer)
@@ -375,12 +381,13 @@ def run_training(cfg: TrainConfig, stream=None) -> Path | None:
         parts = stream_parts(cfg.batch_size, world_size)
         train_step = make_train_step(model, optimizer, cfg, world, parts=parts)
         heldout = heldout_slices(model, parts) if eval_set else None
+        # a new run (0) drops the records of one killed before its first checkpoint
         metrics = MetricsLogger(
             out,
             total_steps=cfg.steps,
             log_every=cfg.log_every,
             stream=stream,
-            resume_step=step if state else None,
+            resume_step=step if state else 0,
             enabled=rank == 0,
         )
         _announce(metrics, cfg, model, world_size, resume, state, parts)
@@ -399,13 +406,14 @@ def run_training(cfg: TrainConfig, stream=None) -> Path | None:
                         mx.eval(acc, model.state, optimizer.state)
                 step += 1
                 tokens_seen += tokens_per_step
-                last_loss = acc["loss"].item()
+                last_loss, grad_norm = acc["loss"].item(), acc["grad_norm"].item()
                 check_finite(last_loss, step, out)
+                check_finite(grad_norm, step, out, what="grad_norm")
                 seconds = time.perf_counter() - tic
                 metrics.log_train(
                     step,
                     last_loss,
-                    acc["grad_norm"].item(),
+                    grad_norm,
                     lr,
                     tokens_per_step / max(seconds, 1e-9),
                     mx.get_peak_memory() / 1e9,

@@ -15,6 +15,7 @@ from torch import nn
 
 from customllm.checkpoint import (
     CONFIG_NAME,
+    check_loaded,
     check_weights,
     find_weights_file,
     ordered,
@@ -63,7 +64,12 @@ def load(
     model.to_empty(device=device)
     model.load_state_dict(weights, strict=True)
     model.eval()
-    return model, load_folder_tokenizer(path)
+    tokenizer = load_folder_tokenizer(path)
+    non_finite = [
+        k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()
+    ]
+    check_loaded(path, config, tokenizer, non_finite)
+    return model, tokenizer
 
 
 def save(

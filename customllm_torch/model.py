@@ -249,6 +249,8 @@ def balancing_bias(
     N, E = scores.shape
     rank = min(max(round(N * k / E), 1), N - 1)
     bias = bias.float()
+    if k >= E or N < 2:  # every token takes every expert (or one token): nothing to balance
+        return bias - bias.mean()
     for _ in range(sweeps):
         biased = scores + bias
         top = biased.sort(dim=-1).values

@@ -41,6 +41,7 @@ from customllm.runs import (
     removed_if_empty,
     resolve_resume,
     rotate_checkpoints,
+    run_lock,
     write_training_state,
 )
 from customllm.tokenizer import load_tokenizer
@@ -50,6 +51,7 @@ from customllm.training import (
     StopSignal,
     TrainConfig,
     check_finite,
+    check_finite_state,
     check_model_fits,
     check_resume,
     config_differences,
@@ -330,6 +332,7 @@ class CustomLLMTrainer(Trainer):
             )
         data_states = _all_gather(self.batches.stream.state_dict())
         if self.args.should_save:
+            check_finite_state(self._non_finite_tensors(), step, self.args.output_dir)
             with atomic_folder(checkpoint_dir(self.args.output_dir, step)) as tmp:
                 # The canonical model folder first: io.save replaces the (empty) tmp atomically.
                 io.save(self.model, tmp, tokenizer=self.tokenizer)
@@ -346,6 +349,19 @@ class CustomLLMTrainer(Trainer):
             self._save_rng_state(_broadcast(None))
             _barrier()
         self._step_started = time.perf_counter()
+
+    @torch.no_grad()
+    def _non_finite_tensors(self) -> list[str]:
+        """Names of the model's and the optimizer's tensors that hold NaN or inf."""
+        tensors = list(self.model.state_dict().items())
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        for param, state in self.optimizer.state.items():
+            tensors += [(f"{names.get(id(param), '?')} ({k})", v) for k, v in state.items()]
+        return [
+            name
+            for name, t in tensors
+            if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()
+        ]
 
     def _training_state(self, step: int, data_states: list[dict]) -> dict[str, Any]:
         return {
@@ -447,8 +463,9 @@ def run_training(
         if resume and not zipfile.is_zipfile(resume / name):
             raise CheckpointError(f"checkpoint {resume} is corrupt: {name} is damaged")
     state = None
-    with removed_if_empty(out), StopSignal() as stop:
+    with removed_if_empty(out), contextlib.ExitStack() as hold, StopSignal() as stop:
         args = training_arguments(cfg, device, compile_mode)
+        hold.enter_context(run_lock(out, args.process_index == 0))
         if resume:
             state = read_training_state(resume)
             check_resume(state, resume, cfg, args.world_size)
@@ -484,12 +501,13 @@ def run_training(
                 rank=args.process_index,
                 world_size=args.world_size,
             )
+        # a new run (0) drops the records of one killed before its first checkpoint
         metrics = MetricsLogger(
             out,
             total_steps=cfg.steps,
             log_every=cfg.log_every,
             stream=stream,
-            resume_step=state["step"] if state else None,
+            resume_step=state["step"] if state else 0,
             enabled=args.should_save,
         )
         _announce(metrics, cfg, model, args, resume, state)

@@ -26,6 +26,7 @@ import numpy as np
 from conftest import COSMO2_DIR, TRAIN_TXT, requires_training_data
 from mlx.utils import tree_flatten, tree_map
 
+from customllm.config import ModelConfig
 from customllm.metrics import read_metrics
 from customllm.training import TrainConfig
 from customllm_mlx import cpu_streams
@@ -119,9 +120,13 @@ def test_gpu_paths_cached_decoding_equals_full_forward(tiny_config, gpu_paths, a
 def test_gpu_paths_train_like_the_cpu(tmp_path, gpu_paths):
     """`customllm-mlx train` (the run_training it calls) for 6 tiny steps on the GPU branches:
     one stream per batch, no CPU buffer cache. Its losses equal the CPU branches' run (two
-    streams here) to float32 rounding, and they fall."""
+    streams here) to float32 rounding, and they fall. The "sign" bias update: the "solve"
+    rule averages the balancing biases of the CPU run's two slices (near, not equal to, the
+    one-stream run's), and routing ties then part the runs after a few steps."""
+    config = tmp_path / "sign.json"
+    ModelConfig.from_preset("tiny", bias_update="sign", bias_update_rate=1e-3).to_json(config)
     opts = dict(
-        preset="tiny", data=str(TRAIN_TXT), tokenizer=str(COSMO2_DIR), seq_len=32,
+        config=str(config), data=str(TRAIN_TXT), tokenizer=str(COSMO2_DIR), seq_len=32,
         batch_size=4, lr=1e-2, warmup_steps=2, steps=6, eval_every=3, save_every=0,
         keep_last=0, sample_every=3, max_sample_tokens=4,
     )  # fmt: skip

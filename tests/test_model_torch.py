@@ -716,7 +716,13 @@ def test_cli_init_errors_are_clear(tmp_path, cosmo2_path):
     assert not (tmp_path / "m").exists()
 
     bad_heads = tmp_path / "bad_heads.json"
-    bad_heads.write_text(json.dumps({"num_attention_heads": 9}))
+    bad_heads.write_text(json.dumps({**ModelConfig().to_dict(), "num_attention_heads": 9}))
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 2}))
+    result = runner.invoke(
+        cli_main, ["init", "--config", str(partial), "--out", str(tmp_path / "m")]
+    )
+    assert result.exit_code == 1 and "partial.json lacks vocab_size" in result.output
     result = runner.invoke(
         cli_main, ["init", "--config", str(bad_heads), "--out", str(tmp_path / "m")]
     )

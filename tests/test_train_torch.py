@@ -297,9 +297,10 @@ def test_eval_and_samples_run_in_eval_mode(monkeypatch):
     dropout = dict(embd_dropout=0.3, attn_dropout=0.3, mlp_dropout=0.3)
     model = torch_model.CustomLLM(ModelConfig.from_preset("tiny", **dropout)).train()
     batches = [np.random.default_rng(0).integers(0, 49152, (2, 17))]
-    loss = torch_train.evaluate_loss(model, batches, "cpu", contextlib.nullcontext)
+    loss, load = torch_train.evaluate_loss(model, batches, "cpu", contextlib.nullcontext)
     assert model.training
-    assert torch_train.evaluate_loss(model, batches, "cpu", contextlib.nullcontext) == loss
+    assert torch_train.evaluate_loss(model, batches, "cpu", contextlib.nullcontext)[0] == loss
+    assert load.shape == (2, 7) and load.sum() == 2 * 2 * 2 * 16  # layers x k x B x T
     ids = torch.from_numpy(batches[0])
     with torch.no_grad():
         lm_loss = model.eval()(input_ids=ids[:, :-1], shift_labels=ids[:, 1:]).lm_loss
@@ -452,3 +453,41 @@ def test_two_data_parallel_ranks_resume_exactly(tmp_path):
         s: v for s, v in train_losses(tmp_path / "full").items() if s > 2
     }
     assert_same_weights(tmp_path / "resumed" / "checkpoint-4", tmp_path / "full" / "checkpoint-4")
+
+
+# A run never saves a broken model and owns its --out -------------------------------------------
+def test_a_diverging_run_never_saves_a_non_finite_checkpoint(tmp_path):
+    """The twin of the MLX test: --lr 1e6 stops at the first non-finite loss, gradient norm or
+    weight, and every checkpoint left holds finite weights."""
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError) as err:
+        train(tiny(out, steps=30, lr=1e6, warmup_steps=1, save_every=1, keep_last=1,
+                   eval_every=0))  # fmt: skip
+    left = sorted(out.glob("checkpoint-*"))
+    assert len(left) <= 1
+    for folder in left:
+        assert folder.name in str(err.value)
+        assert all(torch.isfinite(w).all() for w in weights(folder).values()), folder
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(weight_decay=float("nan")), "--weight-decay must be a finite number"),
+        (dict(max_grad_norm=float("nan")), "--max-grad-norm must be a finite number"),
+        (dict(max_sample_tokens=0), "--max-sample-tokens must be positive"),
+    ],
+)
+def test_options_that_would_break_the_run_are_refused_at_start(tmp_path, change, message):
+    with pytest.raises(TrainingError, match=message):
+        train(tiny(tmp_path / "run", **change))
+
+
+def test_a_second_run_on_the_same_out_is_refused(tmp_path):
+    from customllm.runs import run_lock
+
+    out = tmp_path / "run"
+    with run_lock(out):
+        with pytest.raises(TrainingError, match="in use by another training run"):
+            train(tiny(out, steps=1, eval_every=0, save_every=0))
+    assert train(tiny(out, steps=1, eval_every=0, save_every=0)) == out / "checkpoint-1"
