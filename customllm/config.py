@@ -197,8 +197,7 @@ class ModelConfig:
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         """Build from a config.json dict; unknown keys (model_type, architectures...) go to extra."""
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        if "bias_update_rate" in values and "bias_update" not in values:  # written before them
-            values = {**LEGACY_DEFAULTS, **values}
+        values = with_legacy_defaults(values)
         known = {k: v for k, v in values.items() if k in names}
         extra = {k: v for k, v in values.items() if k not in names}
         for key in extra:  # a misspelt field would be dropped and its default used
@@ -220,22 +219,7 @@ class ModelConfig:
             raise ValueError(f"{path} is not valid JSON: {err}") from err
         if not isinstance(values, dict):
             raise ValueError(f"{path} must hold a JSON object")
-        legacy = "bias_update_rate" in values and "bias_update" not in values
-        missing = [
-            f.name
-            for f in dataclasses.fields(cls)
-            if f.name not in values
-            and f.name not in DERIVED_FIELDS + ("extra",)
-            and not (legacy and f.name in LEGACY_DEFAULTS)
-        ]
-        if missing:  # no field falls back to the 973m preset's value unseen
-            raise ValueError(
-                f"{path} lacks {', '.join(missing[:4])}"
-                + (" ..." if len(missing) > 4 else "")
-                + ": a model's config.json lists every field; start from a complete one "
-                "(ModelConfig.from_preset(NAME).to_json(PATH), or the config.json of a model "
-                "folder)"
-            )
+        check_complete(values, str(path))
         try:
             return cls.from_dict(values)
         except ValueError as err:
@@ -249,6 +233,34 @@ class ModelConfig:
 
     def to_json(self, path: str | Path, **extra: Any) -> None:
         Path(path).write_text(json.dumps({**self.to_dict(), **extra}, indent=2, sort_keys=True))
+
+
+def check_complete(values: dict[str, Any], source: str) -> None:
+    """A model's config.json lists every field (the derived head dims may be left out): raise
+    ValueError naming the missing ones, so that none falls back to the 973m preset's value
+    unseen. Fields added later (LEGACY_DEFAULTS) may be missing from a file written before."""
+    legacy = "bias_update_rate" in values and "bias_update" not in values
+    missing = [
+        f.name
+        for f in dataclasses.fields(ModelConfig)
+        if f.name not in values
+        and f.name not in (*DERIVED_FIELDS, "extra")
+        and not (legacy and f.name in LEGACY_DEFAULTS)
+    ]
+    if missing:
+        raise ValueError(
+            f"{source} lacks {', '.join(missing[:4])}"
+            + (" ..." if len(missing) > 4 else "")
+            + ": a model's config.json lists every field; start from a complete one "
+            "(ModelConfig.from_preset(NAME).to_json(PATH), or the config.json of a model folder)"
+        )
+
+
+def with_legacy_defaults(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with what a config.json written before LEGACY_DEFAULTS' fields trained with."""
+    if "bias_update_rate" in values and "bias_update" not in values:
+        return {**LEGACY_DEFAULTS, **values}
+    return values
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -229,6 +229,35 @@ def resolve_resume(
 
 
 @contextlib.contextmanager
+def checkpoint_writing(out: str | Path, step: int, needed_bytes: int) -> Iterator[None]:
+    """Around the writing of checkpoint-STEP: refuse to start when the disk has less room than
+    the checkpoint needs, and turn a failed write (a full disk mid-save, a permission) into a
+    TrainingError that says the last good checkpoint is intact (atomic_folder leaves it)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out).free
+    last = latest_checkpoint(out)
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
+    if free < needed_bytes:
+        raise TrainingError(
+            f"not enough disk space for checkpoint-{step} in {out}: it needs about "
+            f"{needed_bytes / 1e9:.2f} GB, {free / 1e9:.2f} GB are free ({kept}); free some "
+            "space, lower --keep-last, or choose another --out, then continue with --resume"
+        )
+    try:
+        yield
+    except TrainingError:
+        raise
+    except Exception as err:
+        full = shutil.disk_usage(out).free < needed_bytes or "space" in str(err).lower()
+        reason = "the disk is full" if full else f"{type(err).__name__}: {err}"
+        raise TrainingError(
+            f"cannot write checkpoint-{step} in {out}: {reason} ({kept}, unchanged); free "
+            "some space or choose another --out, then continue with --resume"
+        ) from err
+
+
+@contextlib.contextmanager
 def run_lock(out: str | Path, enabled: bool = True) -> Iterator[None]:
     """Hold `out` for this run: an exclusive lock on the folder itself (flock), so a second
     run in the same --out stops with a TrainingError instead of interleaving checkpoints and

@@ -532,8 +532,10 @@ class CustomLLM(nn.Module):
     def update_expert_bias(self, routing: mx.array) -> None:
         """Aux-loss-free balancing, once per optimizer step, from `routing` (num_layers, 2, E)
         summed over the whole global batch (`hidden_states`). "solve": each layer's bias moves
-        `bias_update_rate` of the way to the token-weighted mean of the micro-batches'
-        balancing biases; "sign": bias_i += rate * sign(mean(load) - load_i)."""
+        toward the token-weighted mean of the micro-batches' balancing biases, by
+        `bias_update_rate` + the layer's MaxVio of the way (at most all of it): at once where
+        the loads are far apart, averaged over batches where they are close. "sign":
+        bias_i += rate * sign(mean(load) - load_i)."""
         config = self.model_config
         if not config.n_routed_experts:
             return
@@ -541,10 +543,12 @@ class CustomLLM(nn.Module):
         if config.bias_update == "solve":
             tokens = load.sum(-1, keepdims=True) / config.num_experts_per_tok
             target = routing[:, 1] / mx.maximum(tokens, 1)
+            mean = mx.maximum(load.mean(-1), 1e-9)
+            share = mx.minimum(rate + load.max(-1) / mean - 1, 1.0)  # rate + MaxVio, at most 1
         for i, layer in enumerate(self.decoder_layers):
             bias = layer.mlp.expert_bias
             if config.bias_update == "solve":
-                step = rate * (target[i] - bias.astype(mx.float32))
+                step = share[i] * (target[i] - bias.astype(mx.float32))
             else:  # exact counts: sign(mean - load_i) = sign(total - E * load_i)
                 counts = load[i].astype(mx.int32)
                 step = rate * mx.sign(counts.sum() - counts.size * counts).astype(mx.float32)

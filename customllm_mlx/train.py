@@ -35,6 +35,7 @@ from customllm.runs import (
     TrainingError,
     check_new_run,
     checkpoint_dir,
+    checkpoint_writing,
     latest_checkpoint,
     read_training_state,
     removed_if_empty,
@@ -280,7 +281,8 @@ def save_checkpoint(
     tensors = tree_flatten(model.parameters()) + tree_flatten(optimizer.state)
     finite = mx.stack([mx.isfinite(v).all() for _, v in tensors]).tolist()
     check_finite_state([k for (k, _), ok in zip(tensors, finite, strict=True) if not ok], step, out)
-    with atomic_folder(checkpoint_dir(out, step)) as tmp:
+    needed = int(sum(v.nbytes for _, v in tensors) * 1.05) + (1 << 20)
+    with checkpoint_writing(out, step, needed), atomic_folder(checkpoint_dir(out, step)) as tmp:
         # The canonical model folder first: io.save replaces the (empty) tmp atomically.
         save(model, tmp, tokenizer=tokenizer)
         mx.save_safetensors(str(tmp / OPTIMIZER_NAME), dict(tree_flatten(optimizer.state)))

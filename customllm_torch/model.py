@@ -14,7 +14,7 @@ from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
-from customllm.config import MODEL_TYPE, ModelConfig
+from customllm.config import MODEL_TYPE, ModelConfig, check_complete, with_legacy_defaults
 from customllm_torch.loss import IGNORE_INDEX, compute_dtype, linear_cross_entropy
 
 
@@ -33,6 +33,13 @@ class CustomLLMConfig(PretrainedConfig):
         super().__init__(
             eos_token_id=config.eos_token_id, bos_token_id=config.bos_token_id, **kwargs
         )
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """A config.json read by `from_pretrained`: complete (no field takes the 973m
+        preset's value unseen), with the balancing rule of files written before it existed."""
+        check_complete(config_dict, "config.json")
+        return super().from_dict(with_legacy_defaults(config_dict), **kwargs)
 
     @classmethod
     def from_model_config(cls, config: ModelConfig) -> CustomLLMConfig:
@@ -465,6 +472,23 @@ class CustomLLM(PreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' loader, but weights that do not fit config.json are an error: its
+        load report alone left random layers in (or dropped trained ones) without a word."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        wrong = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
+        if wrong:
+            kind, keys = next(iter(wrong.items()))
+            source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            raise ValueError(
+                f"{source}: the weights do not fit config.json ({kind.replace('_', ' ')}: "
+                f"{keys[0]!r}, {len(keys)} in all); do the weights and config.json belong "
+                "together?"
+            )
+        return (model, info) if want_info else model
+
     def _init_weights(self, module: nn.Module) -> None:
         std = self.model_config.initializer_range
         if isinstance(module, nn.Linear):
@@ -551,8 +575,10 @@ class CustomLLM(PreTrainedModel, GenerationMixin):
     def update_expert_bias(self, routing: torch.Tensor) -> None:
         """Aux-loss-free balancing, once per optimizer step, from `routing` (num_layers, 2, E)
         summed over the whole global batch (`CustomLLMOutput.routing`). "solve": each layer's
-        bias moves `bias_update_rate` of the way to the token-weighted mean of the
-        micro-batches' balancing biases; "sign": bias_i += rate * sign(mean(load) - load_i)."""
+        bias moves toward the token-weighted mean of the micro-batches' balancing biases, by
+        `bias_update_rate` + the layer's MaxVio of the way (at most all of it): at once where
+        the loads are far apart, averaged over batches where they are close. "sign":
+        bias_i += rate * sign(mean(load) - load_i)."""
         config = self.model_config
         if not config.n_routed_experts:
             return
@@ -560,10 +586,12 @@ class CustomLLM(PreTrainedModel, GenerationMixin):
         if config.bias_update == "solve":
             tokens = load.sum(-1, keepdim=True) / config.num_experts_per_tok
             target = routing[:, 1] / tokens.clamp(min=1)
+            mean = load.mean(-1).clamp(min=1e-9)
+            share = (rate + load.amax(-1) / mean - 1).clamp(max=1.0)  # rate + MaxVio, at most 1
         for i, layer in enumerate(self.decoder_layers):
             bias = layer.mlp.expert_bias
             if config.bias_update == "solve":
-                step = rate * (target[i] - bias.float())
+                step = share[i] * (target[i] - bias.float())
             else:  # exact counts: sign(mean - load_i) = sign(total - E * load_i)
                 counts = load[i].long()
                 step = rate * torch.sign(counts.sum() - counts.numel() * counts).float()

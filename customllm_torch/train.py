@@ -36,6 +36,7 @@ from customllm.runs import (
     TrainingError,
     check_new_run,
     checkpoint_dir,
+    checkpoint_writing,
     latest_checkpoint,
     read_training_state,
     removed_if_empty,
@@ -333,7 +334,10 @@ class CustomLLMTrainer(Trainer):
         data_states = _all_gather(self.batches.stream.state_dict())
         if self.args.should_save:
             check_finite_state(self._non_finite_tensors(), step, self.args.output_dir)
-            with atomic_folder(checkpoint_dir(self.args.output_dir, step)) as tmp:
+            with (
+                checkpoint_writing(self.args.output_dir, step, self._checkpoint_bytes()),
+                atomic_folder(checkpoint_dir(self.args.output_dir, step)) as tmp,
+            ):
                 # The canonical model folder first: io.save replaces the (empty) tmp atomically.
                 io.save(self.model, tmp, tokenizer=self.tokenizer)
                 _broadcast(str(tmp))  # then the other ranks write their RNG states into it
@@ -349,6 +353,13 @@ class CustomLLMTrainer(Trainer):
             self._save_rng_state(_broadcast(None))
             _barrier()
         self._step_started = time.perf_counter()
+
+    def _checkpoint_bytes(self) -> int:
+        """About what a checkpoint takes on disk: the model and the optimizer's state."""
+        tensors = list(self.model.state_dict().values())
+        for state in self.optimizer.state.values():
+            tensors += [v for v in state.values() if torch.is_tensor(v)]
+        return int(sum(t.numel() * t.element_size() for t in tensors) * 1.05) + (1 << 20)
 
     @torch.no_grad()
     def _non_finite_tensors(self) -> list[str]:

@@ -628,6 +628,32 @@ def test_from_pretrained_and_save_pretrained(tiny_config, tmp_path):
     torch.testing.assert_close(logits_of(loaded, ids), logits_of(model, ids), rtol=0, atol=0)
 
 
+def test_from_pretrained_refuses_a_config_that_does_not_fit_the_weights(tiny_config, tmp_path):
+    """transformers' loader alone builds 30 layers from a config.json without
+    num_hidden_layers (28 random) or drops layer 1 with num_hidden_layers 1, with only a load
+    report; both are errors here, and so are NaN weights and a tokenizer past the vocabulary."""
+    from transformers import AutoModelForCausalLM
+
+    folder = customllm_torch.save(build(tiny_config), tmp_path / "m")
+    values = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(
+        json.dumps({k: v for k, v in values.items() if k != "num_hidden_layers"})
+    )
+    with pytest.raises(ValueError, match="lacks num_hidden_layers"):
+        AutoModelForCausalLM.from_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps({**values, "num_hidden_layers": 1}))
+    with pytest.raises(ValueError, match="do not fit config.json.*unexpected keys"):
+        AutoModelForCausalLM.from_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps(values))
+    assert AutoModelForCausalLM.from_pretrained(folder).model_config == tiny_config
+
+    weights = load_file(str(folder / WEIGHTS_NAME))
+    weights["decoder_layers.1.mlp.router.weight"][0, 0] = float("nan")
+    save_file(weights, str(folder / WEIGHTS_NAME))
+    with pytest.raises(ValueError, match="'decoder_layers.1.mlp.router.weight' holds NaN"):
+        customllm_torch.load(folder)
+
+
 def test_load_errors_name_the_file_or_tensor(tiny_config, tmp_path):
     folder = tmp_path / "m"
     customllm_torch.save(build(tiny_config), folder)

@@ -668,3 +668,32 @@ def test_a_new_run_drops_the_metrics_of_a_run_killed_before_its_first_checkpoint
     (out / "metrics.jsonl").write_text('{"step": 1, "loss": 99.0}\n{"step": 2, "loss": 98.0}\n')
     train(out, steps=2)
     assert [r["loss"] != 99.0 for r in read_metrics(out / "metrics.jsonl")] == [True, True]
+
+
+def test_a_full_disk_is_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    """Too little room: refused before writing; a write that fails midway (the disk filled
+    up): a TrainingError naming the last good checkpoint, which stays intact."""
+    import collections
+
+    import customllm.runs as runs
+
+    out = tmp_path / "run"
+    train(out, steps=1)
+    before = weights(out / "checkpoint-1")
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(runs.shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
+    with pytest.raises(TrainingError, match="not enough disk space for checkpoint-2.*checkpoint-1"):
+        train(out, steps=2, save_every=1, resume="latest")
+
+    monkeypatch.undo()
+
+    def full(*args, **kwargs):
+        monkeypatch.setattr(runs.shutil, "disk_usage", lambda path: usage(10**9, 10**9, 0))
+        raise RuntimeError("[write] Unable to write 2980796 bytes")
+
+    monkeypatch.setattr(train_mod.mx, "save_safetensors", full)
+    with pytest.raises(TrainingError, match="cannot write checkpoint-2.*the disk is full"):
+        train(out, steps=2, save_every=1, resume="latest")
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]
+    after = weights(out / "checkpoint-1")
+    assert all(np.array_equal(before[k], after[k]) for k in before)

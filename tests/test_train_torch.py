@@ -491,3 +491,17 @@ def test_a_second_run_on_the_same_out_is_refused(tmp_path):
         with pytest.raises(TrainingError, match="in use by another training run"):
             train(tiny(out, steps=1, eval_every=0, save_every=0))
     assert train(tiny(out, steps=1, eval_every=0, save_every=0)) == out / "checkpoint-1"
+
+
+def test_a_full_disk_is_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import collections
+
+    import customllm.runs as runs
+
+    out = tmp_path / "run"
+    train(tiny(out, steps=1, eval_every=0, save_every=0))
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(runs.shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
+    with pytest.raises(TrainingError, match="not enough disk space for checkpoint-2.*checkpoint-1"):
+        train(tiny(out, steps=2, eval_every=0, save_every=1, resume="latest"))
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]
