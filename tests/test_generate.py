@@ -9,6 +9,7 @@ customllm_mlx, customllm_torch, `mlx_lm.load` and transformers' `from_pretrained
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 
 import numpy as np
@@ -20,6 +21,8 @@ pytest.importorskip("mlx_lm")
 
 import mlx.core as mx
 from click.testing import CliRunner
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
 
 import customllm_mlx.generate as mlx_gen
 import customllm_torch.generate as torch_gen
@@ -611,6 +614,45 @@ def test_cli_errors_name_the_problem(cli, extra, model_dir, tmp_path):
             bad = runner.invoke(cli, ["generate", "--model", str(model_dir), flag, value, *extra])
             assert bad.exit_code == 2 and flag in bad.output and "x>=1" in bad.output, bad.output
             assert bad.exception is None or isinstance(bad.exception, SystemExit)
+
+
+@pytest.mark.parametrize(("cli", "extra"), CLIS, ids=["mlx", "torch"])
+def test_cli_refuses_bad_prompts_seeds_and_damaged_folders(cli, extra, model_dir, tmp_path):
+    """Invalid UTF-8 (an argument or stdin), a seed out of range, NaN weights and a tokenizer
+    larger than the vocabulary: an `Error:` naming the problem, never a traceback."""
+    import shutil
+
+    runner = CliRunner()
+    args = ["generate", "--model", str(model_dir), "-m", "2", *extra]
+    surrogate = b"caf\xe9".decode("utf-8", "surrogateescape")  # how argv carries bad bytes
+    for result in (
+        runner.invoke(cli, [*args, "-p", surrogate]),
+        runner.invoke(cli, [*args, "-p", "-"], input=b"caf\xe9 au lait"),
+    ):
+        assert result.exit_code == 2 and "not valid UTF-8" in result.output, result.output
+    for seed in ("-1", str(2**70)):
+        result = runner.invoke(cli, [*args, "--seed", seed])
+        assert result.exit_code == 2 and "--seed" in result.output, result.output
+
+    damaged = tmp_path / "nan"
+    shutil.copytree(model_dir, damaged)
+    weights = load_numpy(str(damaged / WEIGHTS_NAME))
+    weights["lm_head.bias"][3] = np.nan
+    save_numpy(weights, str(damaged / WEIGHTS_NAME))
+    result = runner.invoke(cli, ["generate", "--model", str(damaged), *extra])
+    assert result.exit_code == 1 and "'lm_head.bias' holds NaN" in result.output, result.output
+
+    small = tmp_path / "small_vocab"
+    shutil.copytree(model_dir, small)
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "vocab_size": 1000}))
+    weights = load_numpy(str(model_dir / WEIGHTS_NAME))
+    weights["token_embeddings.weight"] = weights["token_embeddings.weight"][:1000]
+    weights["lm_head.weight"] = weights["lm_head.weight"][:1000]
+    weights["lm_head.bias"] = weights["lm_head.bias"][:1000]
+    save_numpy(weights, str(small / WEIGHTS_NAME))
+    result = runner.invoke(cli, ["generate", "--model", str(small), *extra])
+    assert result.exit_code == 1 and "more than the model's vocab_size 1000" in result.output
 
 
 @pytest.mark.parametrize(("cli", "extra"), CLIS, ids=["mlx", "torch"])

@@ -537,3 +537,23 @@ def test_new_model_config_takes_the_tokenizers_vocabulary_for_small_presets(tmp_
     small_vocab = dataclasses.replace(tiny, vocab_size=100)
     with pytest.raises(TrainingError, match="8000 tokens, more than the model's vocab_size 100"):
         check_model_fits(small_vocab, FakeTokenizer(), 64)
+
+
+def test_a_damaged_training_state_is_named(tmp_path):
+    """A negative or zero step (which trained with negative learning rates), or fields of the
+    wrong kind: a CheckpointError naming the file, before anything trains."""
+    from customllm.runs import CheckpointError, read_training_state
+
+    state = tmp_path / "training_state.json"
+    for bad, message in (
+        ({"step": -5}, "says step -5"),
+        ({"step": 0}, "says step 0"),
+        ({"step": 3, "data_state": "x"}, "field 'data_state' is str, not list"),
+        ({"step": 3, "tokens_seen": "many"}, "field 'tokens_seen' is str"),
+        ({"step": "3"}, "has no integer 'step'"),
+    ):
+        state.write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match=f"training_state.json.*{message}|{message}"):
+            read_training_state(tmp_path)
+    state.write_text(json.dumps({"step": 3, "data_state": [], "tokens_seen": 96}))
+    assert read_training_state(tmp_path)["step"] == 3
