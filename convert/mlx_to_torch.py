@@ -10,10 +10,13 @@ registers the model) with every tensor loaded and, with --verify, a logits compa
 
 from __future__ import annotations
 
+import shutil
+
 import click
 
 import customllm_mlx  # before anything imports mlx.core: preloads OpenBLAS
 from customllm.convert import DTYPES, convert_folder
+from customllm.tokenizer import load_folder_tokenizer
 
 VERIFY_TOKENS = 16
 
@@ -39,8 +42,12 @@ def main(src: str, dst: str, dtype: str, force: bool, verify: bool, atol: float 
         raise click.ClickException(str(err)) from err
     try:
         model = open_with_transformers(dst)
+        load_folder_tokenizer(dst)  # a damaged tokenizer.json copied from --src fails here
     except Exception as err:
-        raise click.ClickException(f"{dst} was written but from_pretrained fails: {err}") from err
+        shutil.rmtree(dst, ignore_errors=True)  # a folder that does not open is no result
+        raise click.ClickException(
+            f"{dst} was written but does not open, so it was removed: {err}"
+        ) from err
     click.echo(f"wrote {dst} ({dtype}); it opens with AutoModelForCausalLM.from_pretrained")
     if verify:
         diff = max_logits_diff(src, model)

@@ -9,6 +9,8 @@ script adds the check that the result opens in MLX and, with --verify, a logits 
 
 from __future__ import annotations
 
+import shutil
+
 import click
 
 import customllm_mlx  # before anything imports mlx.core: preloads OpenBLAS
@@ -39,8 +41,9 @@ def main(src: str, dst: str, dtype: str, force: bool, verify: bool, atol: float 
     try:
         model, _ = customllm_mlx.load(dst, dtype="float32" if verify else None)
     except Exception as err:
+        shutil.rmtree(dst, ignore_errors=True)  # a folder that does not open is no result
         raise click.ClickException(
-            f"{dst} was written but customllm_mlx.load fails: {err}"
+            f"{dst} was written but customllm_mlx.load fails, so it was removed: {err}"
         ) from err
     click.echo(f"wrote {dst} ({dtype}); it opens with customllm_mlx.load")
     if verify:

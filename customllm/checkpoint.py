@@ -286,6 +286,7 @@ def atomic_folder(dst: str | Path) -> Iterator[Path]:
         yield tmp
         for f in tmp.rglob("*"):
             if f.is_file():
+                os.chmod(f, 0o666 & ~umask)  # some writers (safetensors' torch) make 0600
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         if dst.exists():

@@ -635,6 +635,7 @@ def test_from_pretrained_refuses_a_config_that_does_not_fit_the_weights(tiny_con
     from transformers import AutoModelForCausalLM
 
     folder = customllm_torch.save(build(tiny_config), tmp_path / "m")
+    assert (folder / WEIGHTS_NAME).stat().st_mode & 0o044 == 0o044  # readable like MLX's
     values = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(
         json.dumps({k: v for k, v in values.items() if k != "num_hidden_layers"})

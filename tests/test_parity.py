@@ -639,3 +639,13 @@ def test_eval_command_gives_the_same_loss_in_both_frameworks(tmp_path):
     bad = CliRunner().invoke(mlx_cli, ["eval", "--model", str(folder), "--data",
                                        str(tmp_path / "missing.txt")])  # fmt: skip
     assert bad.exit_code != 0 and "Error: --data" in bad.output
+
+
+def test_converters_refuse_a_damaged_tokenizer_and_leave_nothing_behind(tmp_path, cosmo2_path):
+    src = tiny_torch_folder(tmp_path, cosmo2_path)
+    (src / "tokenizer.json").write_text("{")
+    for module in (torch_to_mlx, mlx_to_torch):
+        dst = tmp_path / f"out_{module.__name__}"
+        result = CliRunner().invoke(module.main, ["--src", str(src), "--dst", str(dst)])
+        assert result.exit_code == 1 and "so it was removed" in result.output, result.output
+        assert not dst.exists()
