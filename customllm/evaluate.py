@@ -60,10 +60,12 @@ def eval_options(command: Callable) -> Callable:
     return command
 
 
-def heldout_batches(
-    model_dir: str, tokenizer: Any, vocab_size: int, max_positions: int, options: dict
-) -> list[np.ndarray]:
-    """The batches of `--data` for `eval`, or a click error naming the option at fault."""
+def heldout_batches(model_dir: str, tokenizer: Any, config: Any, options: dict) -> list[np.ndarray]:
+    """The batches of `--data` for `eval` of the model folder `model_dir` (its tokenizer and
+    ModelConfig), or a click error naming the option or file at fault."""
+    if tokenizer is None:
+        raise click.ClickException(f"{model_dir} has no tokenizer files to read --data with")
+    vocab_size, max_positions = config.vocab_size, config.max_position_embeddings
     if options["seq_len"] is None:
         options["seq_len"] = min(256, max_positions - 1)
     if options["seq_len"] + 1 > max_positions:

@@ -507,10 +507,6 @@ def train_command(**options) -> None:
         raise click.ClickException(str(err)) from err
 
 
-if __name__ == "__main__":  # python -m customllm_mlx.train
-    sys.exit(train_command())
-
-
 # `customllm-mlx eval` ----------------------------------------------------------------------------
 @click.command("eval")
 @eval_options
@@ -521,12 +517,7 @@ def eval_command(model_dir: str, **options) -> None:
         model, tokenizer = load(model_dir)
     except (OSError, ValueError) as err:
         raise click.ClickException(str(err)) from err
-    if tokenizer is None:
-        raise click.ClickException(f"{model_dir} has no tokenizer files to read --data with")
-    config = model.model_config
-    batches = heldout_batches(
-        model_dir, tokenizer, config.vocab_size, config.max_position_embeddings, options
-    )
+    batches = heldout_batches(model_dir, tokenizer, model.model_config, options)
     try:
         parts = stream_parts(options["batch_size"])
     except ValueError as err:
@@ -534,3 +525,7 @@ def eval_command(model_dir: str, **options) -> None:
     world = mx.distributed.init()
     loss, routed = evaluate_loss(model, batches, world, heldout_slices(model, parts))
     report(model_dir, batches, loss, routed, options)
+
+
+if __name__ == "__main__":  # python -m customllm_mlx.train
+    sys.exit(train_command())

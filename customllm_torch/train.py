@@ -590,10 +590,6 @@ def train_command(device: str, compile_mode: str | None, **options) -> None:
         _close_process_group()
 
 
-if __name__ == "__main__":  # python -m customllm_torch.train
-    sys.exit(train_command())
-
-
 # `customllm-torch eval` --------------------------------------------------------------------------
 @click.command("eval")
 @eval_options
@@ -605,11 +601,10 @@ def eval_command(model_dir: str, device: str, **options) -> None:
         model, tokenizer = io.load(model_dir, device=device)
     except (OSError, ValueError) as err:
         raise click.ClickException(str(err)) from err
-    if tokenizer is None:
-        raise click.ClickException(f"{model_dir} has no tokenizer files to read --data with")
-    config = model.model_config
-    batches = heldout_batches(
-        model_dir, tokenizer, config.vocab_size, config.max_position_embeddings, options
-    )
+    batches = heldout_batches(model_dir, tokenizer, model.model_config, options)
     loss, routed = evaluate_loss(model, batches, device, contextlib.nullcontext)
     report(model_dir, batches, loss, routed, options)
+
+
+if __name__ == "__main__":  # python -m customllm_torch.train
+    sys.exit(train_command())
