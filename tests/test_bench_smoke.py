@@ -7,6 +7,7 @@ with them bench_train's torch rows as on a CUDA machine without MLX (in bfloat16
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -508,3 +509,43 @@ def test_count_ops_grouped_experts_launch_fewer_ops(tmp_path):
     assert all(
         r["all_ops_per_layer"] > r["kernel_ops_per_layer"] > 0 for r in result["rows"].values()
     )
+
+
+def test_bench_quality_and_balance_report(tmp_path):
+    """bench_quality.py on the tiny preset, 3 steps, one seed: both models train with the
+    same command line, both are evaluated on any --eval-data file, and the table, JSON, PNG
+    and samples come out; balance_report.py reads the MoE's metrics."""
+    from customllm.tokenizer import train_tokenizer
+
+    text = tmp_path / "heldout.txt"
+    text.write_text("\n\n".join(f"Tom had {i} red balls and a dog." for i in range(200)))
+    train_tokenizer("builtin", 400, tmp_path / "tok")
+    out = tmp_path / "quality"
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_quality.py", "--preset", "tiny", "--steps", "3",
+         "--batch-size", "2", "--seq-len", "32", "--seeds", "0", "--data", "builtin",
+         "--eval-data", str(text), "--tokenizer", str(tmp_path / "tok"), "--out", str(out)],
+        cwd=REPO_DIR, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((out / "quality.json").read_text())
+    kinds = {r["kind"]: r for r in report["runs"]}
+    assert set(kinds) == {"moe", "dense"} and report["tokens_per_model"] == 3 * 2 * 32
+    assert (
+        kinds["moe"]["train_max_vio_mean"] is not None and kinds["dense"]["heldout_max_vio"] is None
+    )
+    for r in kinds.values():
+        assert 4 < r["heldout_loss"] < 12 and len(r["curve"]) == 3 and r["sample"]
+    assert report["paired_difference"] == [
+        pytest.approx(kinds["dense"]["heldout_loss"] - kinds["moe"]["heldout_loss"])
+    ]
+    assert "paired difference dense - MoE" in proc.stdout
+    dense = json.loads((out / "dense.json").read_text())
+    assert dense["n_routed_experts"] == 0 and dense["intermediate_size"] == 3 * 128
+    if importlib.util.find_spec("matplotlib"):
+        assert (out / "quality.png").stat().st_size > 1000
+    proc = subprocess.run(
+        [sys.executable, "scripts/balance_report.py", str(out / "seed0" / "moe"), "--from-step", "2"],
+        cwd=REPO_DIR, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "3 steps | from step 2:" in proc.stdout, proc.stderr
