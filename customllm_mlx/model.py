@@ -247,7 +247,9 @@ def balancing_bias(scores: mx.array, bias: mx.array, k: int, sweeps: int = 3) ->
         top = mx.sort(biased, axis=-1)
         kth, next_ = top[:, E - k : E - k + 1], top[:, E - k - 1 : E - k]  # k-th, (k+1)-th
         others = mx.where(biased >= kth, next_, kth)  # k-th largest among the other experts
-        margin = mx.sort(others - scores, axis=0)  # (N, E): bias_i needed to win each token
+        # (N, E): the bias_i needed to win each token, sorted (a full sort: MLX's CPU
+        # partition is slower; torch takes its k-th values)
+        margin = mx.sort(others - scores, axis=0)
         bias = (margin[rank - 1] + margin[rank]) / 2
         bias = bias - bias.mean()
     return bias

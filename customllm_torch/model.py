@@ -263,8 +263,11 @@ def balancing_bias(
         top = biased.sort(dim=-1).values
         kth, next_ = top[:, E - k : E - k + 1], top[:, E - k - 1 : E - k]  # k-th, (k+1)-th
         others = torch.where(biased >= kth, next_, kth)  # k-th largest among the other experts
-        margin = (others - scores).sort(dim=0).values  # (N, E): bias_i needed to win each token
-        bias = (margin[rank - 1] + margin[rank]) / 2
+        # (N, E): the bias_i needed to win each token; its rank-th and (rank+1)-th smallest
+        margin = others - scores
+        low = margin.kthvalue(rank, dim=0).values
+        high = margin.kthvalue(rank + 1, dim=0).values
+        bias = (low + high) / 2
         bias = bias - bias.mean()
     return bias
 

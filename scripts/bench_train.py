@@ -203,7 +203,7 @@ def torch_system(system: str, cfg: ModelConfig, ids: np.ndarray, mode: str, args
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if system == OURS:
-            model.update_expert_bias(out.expert_load)
+            model.update_expert_bias(out.routing)
         bc.torch_sync(device)
 
     sizes = bc.named_sizes_torch(model)

@@ -63,7 +63,7 @@ def step_ops(model, ids: torch.Tensor, ours: bool) -> collections.Counter:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if ours:
-            model.update_expert_bias(out.expert_load)
+            model.update_expert_bias(out.routing)
 
     step()
     counter = OpCounter()
