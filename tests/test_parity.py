@@ -259,7 +259,7 @@ def test_bfloat16_conversion_rounds_like_torch_and_stays_close(tmp_path):
 def test_trainer_checkpoint_with_wrapper_prefixes_converts(tmp_path, cosmo2_path):
     """A `checkpoint-N/` written by transformers (save_pretrained), keys prefixed as
     torch.compile and DDP leave them, beside optimizer and trainer state files."""
-    config = ModelConfig.from_preset("tiny", vocab_size=256, max_position_embeddings=64)
+    config = ModelConfig.from_preset("tiny", vocab_size=49152, max_position_embeddings=64)
     model = torch_model(config)
     ckpt = tmp_path / "run" / "checkpoint-100"
     model.save_pretrained(str(ckpt))
