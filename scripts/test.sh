@@ -18,8 +18,10 @@ if [ "${1:-}" = --compat ]; then
         [ -d "$1" ] || pip install -q --target "$@" >&2
         echo "$PWD/$1"
     }
-    tf=$(overlay ".venv/compat/transformers-$(floor transformers)" \
-        "transformers==$(floor transformers)")
+    # with the kernels of its day: the venv's newer kernels (a dependency of current
+    # transformers) breaks an older transformers at import
+    tf=$(overlay ".venv/compat/transformers-$(floor transformers)-kernels" \
+        "transformers==$(floor transformers)" "kernels>=0.10.2,<0.11")
     PYTHONPATH="$tf" python -c "import transformers as t; print('transformers', t.__version__)"
     PYTHONPATH="$tf" python -m pytest -q tests/test_model_torch.py tests/test_loss_torch.py \
         tests/test_train_torch.py tests/test_generate.py tests/test_parity.py "$@"
