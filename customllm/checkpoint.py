@@ -44,7 +44,7 @@ WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_fsdp_wrapped_module.")
 
 
 def canonical_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every canonical key with its shape, in ARCHITECTURE.md order."""
+    """Every canonical key with its shape, in docs/architecture.md order."""
     d, h = config.hidden_size, config.num_attention_heads
     attn_shapes = {
         "kv_proj_d": (config.kv_latent_dim, d),
@@ -183,7 +183,7 @@ def unstack_experts(weights: dict) -> dict:
 
 
 def ordered(weights: dict, config: ModelConfig) -> dict:
-    """Canonical order of ARCHITECTURE.md (stable file layout)."""
+    """Canonical order of docs/architecture.md (stable file layout)."""
     return {k: weights[k] for k in canonical_keys(config) if k in weights}
 
 

@@ -21,7 +21,7 @@ FOREIGN_KEYS = ("head_dim", "qk_head_dim", "moe_intermediate_size", "attention_d
 
 @dataclass
 class ModelConfig:
-    """Every field of ARCHITECTURE.md; the defaults are the 973M preset."""
+    """Every field of docs/architecture.md; the defaults are the 973M preset."""
 
     vocab_size: int = 49152
     hidden_size: int = 768

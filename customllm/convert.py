@@ -1,6 +1,6 @@
 """Model-folder conversion at the numpy level: the one mapping both converters share.
 
-The folder format is canonical (ARCHITECTURE.md keys, Linear weights `(out, in)`), so torch
+The folder format is canonical (docs/architecture.md keys, Linear weights `(out, in)`), so torch
 -> MLX and MLX -> torch are the same operation: read a folder, bring its weights to the
 canonical keys (strip `_orig_mod.`/`module.` wrapper prefixes, unstack stacked experts),
 check them against config.json, cast, and write the destination atomically.

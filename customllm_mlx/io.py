@@ -1,6 +1,6 @@
 """Load and save the canonical model folder (config.json, model.safetensors, tokenizer files).
 
-The file holds the canonical keys of ARCHITECTURE.md (one tensor per routed expert); the MLX
+The file holds the canonical keys of docs/architecture.md (one tensor per routed expert); the MLX
 model holds the routed experts stacked (E, out, in). Weights are checked under the canonical
 keys before stacking, so an error names the tensor as it appears in the file.
 """

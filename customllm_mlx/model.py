@@ -561,7 +561,7 @@ class CustomLLM(nn.Module):
         return stack_experts(weights, self.model_config, mx.stack)
 
     def canonical_weights(self) -> dict[str, mx.array]:
-        """This module's parameters under the canonical keys of ARCHITECTURE.md."""
+        """This module's parameters under the canonical keys of docs/architecture.md."""
         return unstack_experts(dict(tree_flatten(self.parameters())))
 
 

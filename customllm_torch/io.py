@@ -1,6 +1,6 @@
 """Load and save the canonical model folder (config.json, model.safetensors, tokenizer files).
 
-The torch state-dict keys are already the canonical keys of ARCHITECTURE.md (RoPE keeps no
+The torch state-dict keys are already the canonical keys of docs/architecture.md (RoPE keeps no
 buffers), so saving is a contiguous copy of the state dict and
 loading is a checked, strict `load_state_dict`.
 """

@@ -1,4 +1,4 @@
-"""CustomLLM in PyTorch: the reference implementation of ARCHITECTURE.md.
+"""CustomLLM in PyTorch: the reference implementation of docs/architecture.md.
 
 Twin of customllm_mlx/model.py: same classes, same order, same variable names.
 """

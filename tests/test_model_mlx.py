@@ -1,4 +1,4 @@
-"""The MLX model against ARCHITECTURE.md, plus its folder IO and `init` CLI."""
+"""The MLX model against docs/architecture.md, plus its folder IO and `init` CLI."""
 
 # ruff: noqa: E402  (customllm_mlx must be imported before mlx.core: it preloads OpenBLAS)
 

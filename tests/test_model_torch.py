@@ -1,4 +1,4 @@
-"""The PyTorch reference model against ARCHITECTURE.md, plus its folder IO and `init` CLI."""
+"""The PyTorch reference model against docs/architecture.md, plus its folder IO and `init` CLI."""
 
 from __future__ import annotations
 
