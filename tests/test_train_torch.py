@@ -505,3 +505,17 @@ def test_a_full_disk_is_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, mo
     with pytest.raises(TrainingError, match="not enough disk space for checkpoint-2.*checkpoint-1"):
         train(tiny(out, steps=2, eval_every=0, save_every=1, resume="latest"))
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]
+
+
+def test_the_dense_baseline_trains_from_a_config_file(tmp_path):
+    """`n_routed_experts: 0` through the Trainer: no router, no bias, no MaxVio in the records;
+    the checkpoint holds the dense layout and the loss falls."""
+    config = tmp_path / "dense.json"
+    ModelConfig.from_preset("tiny", n_routed_experts=0, intermediate_size=384).to_json(config)
+    out = tmp_path / "run"
+    train(tiny(out, config=str(config), preset=None, steps=6, lr=1e-2, eval_every=0))
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert all(r["max_vio"] is None for r in records)
+    assert records[-1]["loss"] < records[0]["loss"] - 0.5
+    keys = set(weights(out / "checkpoint-6"))
+    assert not any("router" in k or "routed" in k or "expert_bias" in k for k in keys)
