@@ -65,7 +65,7 @@ def heldout_batches(model_dir: str, tokenizer: Any, config: Any, options: dict) 
     ModelConfig), or a click error naming the option or file at fault."""
     if tokenizer is None:
         raise click.ClickException(f"{model_dir} has no tokenizer files to read --data with")
-    vocab_size, max_positions = config.vocab_size, config.max_position_embeddings
+    max_positions = config.max_position_embeddings  # the vocabulary: checked at load
     if options["seq_len"] is None:
         options["seq_len"] = min(256, max_positions - 1)
     if options["seq_len"] + 1 > max_positions:
@@ -73,11 +73,6 @@ def heldout_batches(model_dir: str, tokenizer: Any, config: Any, options: dict) 
             f"{options['seq_len']} + 1 tokens exceed the model's context of {max_positions} "
             f"(max_position_embeddings of {model_dir}); pass a smaller --seq-len",
             param_hint="--seq-len",
-        )
-    if len(tokenizer) > vocab_size:
-        raise click.ClickException(
-            f"{model_dir}: its tokenizer has {len(tokenizer)} tokens, more than the model's "
-            f"vocab_size {vocab_size}; evaluate with the tokenizer the model was trained with"
         )
     try:
         batches = eval_batches(
