@@ -241,9 +241,19 @@ class StreamDataset:
         """Epoch of the next token to be packed (0 during the first pass)."""
         return self._pending_docs[0][0] if self._pending_docs else self._next_position[0]
 
+    def _files(self) -> list[list[Any]]:
+        """[name, size in bytes] of each local file: the stream's positions index this list."""
+        root = Path(self.source.spec)
+        root = root if root.is_dir() else root.parent
+        return [
+            [str(p.relative_to(root)) if p.is_relative_to(root) else str(p), p.stat().st_size]
+            for p in (Path(f).absolute() for f in self.source.files)
+        ]
+
     def _identity(self) -> dict[str, Any]:
         return {
             "source": self.source.spec,
+            "files": self._files(),
             "seq_len": self.seq_len,
             "split": self.split,
             "text_column": self.text_column,
@@ -277,14 +287,24 @@ class StreamDataset:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unsupported data state version {state.get('version')!r}")
+        identity = self._identity()
+        files = identity.pop("files")
         mismatched = [
             f"{key}: saved {state.get(key)!r}, now {value!r}"
-            for key, value in self._identity().items()
+            for key, value in identity.items()
             if state.get(key) != value
         ]
         if mismatched:
             raise ValueError(
                 "data state belongs to a different stream (" + "; ".join(mismatched) + ")"
+            )
+        # a state saved before file lists were kept has none to compare
+        if "files" in state and state["files"] != files:
+            raise ValueError(
+                "the --data files changed since the checkpoint: "
+                f"{_files_changed(state['files'], files)}; the saved position would point into "
+                "another stream. Restore the files to resume exactly, or start a new run from "
+                "these weights with --init CHECKPOINT"
             )
         self._seek(state["epoch"], state["file"], state["doc"], state["offset"])
         self._blocks_read = state["blocks_read"]
@@ -293,6 +313,19 @@ class StreamDataset:
         shuffle = np.frombuffer(base64.b64decode(state["shuffle"]), dtype="<i4")
         self._shuffle = list(shuffle.reshape(-1, self.seq_len + 1).astype(np.int32))
         self._exhausted = False
+
+
+def _files_changed(saved: list, now: list) -> str:
+    """What differs between two [name, size] lists, in words."""
+    before, after = dict(map(tuple, saved)), dict(map(tuple, now))
+    parts = [f"added {n}" for n in after if n not in before]
+    parts += [f"removed {n}" for n in before if n not in after]
+    parts += [
+        f"{n} was {before[n]:,} bytes, now {after[n]:,}"
+        for n in after
+        if n in before and before[n] != after[n]
+    ]
+    return ", ".join(parts) or "the files' order"
 
 
 def eval_batches(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import signal
 import sys
 import threading
@@ -456,6 +457,50 @@ def new_model_config(cfg: TrainConfig, tokenizer) -> ModelConfig:
     if getattr(tokenizer, "bos_token_id", None) is not None:
         ids["bos_token_id"] = tokenizer.bos_token_id
     return dataclasses.replace(config, **ids)
+
+
+def memory_bytes() -> int | None:
+    """The memory a run can take: MemAvailable on Linux, the physical memory elsewhere (a Mac's
+    unified memory), None where neither is known."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_batch_fits(
+    config: ModelConfig, batch_size: int, seq_len: int, memory: int | None, where: str = "memory"
+) -> None:
+    """Refuse a micro-batch that cannot fit before the first step allocates it. The estimate is
+    a lower bound, so nothing that fits is refused: 8 bytes per parameter (weights, gradients
+    and AdamW's two moments at 2 bytes each) and, per token and layer, two float32 vectors of
+    the hidden size kept for the backward pass (a real step keeps several times more)."""
+    if memory is None:
+        return
+    fixed = 8 * config.num_parameters()
+    per_row = seq_len * config.num_hidden_layers * config.hidden_size * 8
+    needed = fixed + batch_size * per_row
+    if needed <= memory:
+        return
+    gib = 2**30
+    fits = max(0, (memory - fixed) // per_row)
+    advice = (
+        f"at most --batch-size {fits} fits at --seq-len {seq_len} (fewer in practice; "
+        "--grad-accum keeps the tokens per step)"
+        if fits
+        else "the model alone does not fit; use a smaller preset"
+    )
+    raise TrainingError(
+        f"--batch-size {batch_size} x --seq-len {seq_len} needs at least {needed / gib:,.1f} GiB, "
+        f"more than the {memory / gib:,.1f} GiB of {where}: {advice}"
+    )
 
 
 def check_model_fits(config: ModelConfig, tokenizer, seq_len: int) -> None:

@@ -50,6 +50,7 @@ from customllm.training import (
     ADAMW_EPS,
     StopSignal,
     TrainConfig,
+    check_batch_fits,
     check_finite,
     check_finite_state,
     check_model_fits,
@@ -58,6 +59,7 @@ from customllm.training import (
     decays,
     is_router,
     lr_at,
+    memory_bytes,
     new_model_config,
     tokenizer_source,
     train_options,
@@ -345,6 +347,7 @@ def run_training(cfg: TrainConfig, stream=None) -> Path | None:
         mx.random.seed(cfg.seed)  # the same initial weights on every rank
         model = build_model(cfg, resume, tokenizer)
         check_model_fits(model.model_config, tokenizer, cfg.seq_len)
+        check_batch_fits(model.model_config, cfg.batch_size, cfg.seq_len, memory_bytes())
         if rank:  # its own dropout masks: key (rank, seed), which no plain seed gives
             mx.random.seed((rank << 32) | cfg.seed)
         train_stream = StreamDataset(

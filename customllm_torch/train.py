@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import sys
 import time
 import zipfile
@@ -51,6 +52,7 @@ from customllm.training import (
     ADAMW_EPS,
     StopSignal,
     TrainConfig,
+    check_batch_fits,
     check_finite,
     check_finite_state,
     check_model_fits,
@@ -59,6 +61,7 @@ from customllm.training import (
     decays,
     is_router,
     lr_at,
+    memory_bytes,
     new_model_config,
     tokenizer_source,
     train_options,
@@ -470,9 +473,6 @@ def run_training(
         require_matplotlib()
     out = Path(cfg.out)
     resume = resolve_resume(cfg.resume, out, required=TRAINER_FILES, framework="torch")
-    for name in ("optimizer.pt", "scheduler.pt"):  # torch.save writes zip archives
-        if resume and not zipfile.is_zipfile(resume / name):
-            raise CheckpointError(f"checkpoint {resume} is corrupt: {name} is damaged")
     state = None
     with removed_if_empty(out), contextlib.ExitStack() as hold, StopSignal() as stop:
         args = training_arguments(cfg, device, compile_mode)
@@ -480,11 +480,15 @@ def run_training(
         if resume:
             state = read_training_state(resume)
             check_resume(state, resume, cfg, args.world_size)
+            check_trainer_files(resume, state["step"])
         check_new_run(out, resume)
         tokenizer = load_tokenizer(tokenizer_source(cfg, resume))
         set_seed(cfg.seed)
         model = build_model(cfg, resume, tokenizer)
         check_model_fits(model.model_config, tokenizer, cfg.seq_len)
+        check_batch_fits(
+            model.model_config, cfg.batch_size, cfg.seq_len, *device_memory(args.device)
+        )
         train_stream = StreamDataset(
             cfg.train_data(),
             tokenizer,
@@ -547,6 +551,34 @@ def run_training(
     if cfg.plot and args.should_save:
         metrics.print(f"plot: {plot_metrics(out / METRICS_NAME, out / 'metrics.png')}")
     return last
+
+
+def device_memory(device: torch.device) -> tuple[int | None, str]:
+    """The memory a micro-batch can take on `device`, and its name."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, f"{device} memory"
+    return memory_bytes(), "memory"
+
+
+def check_trainer_files(resume: Path, step: int) -> None:
+    """The HF Trainer's own files in a checkpoint open: a damaged one is named here, not met as
+    an unpickling traceback inside `Trainer.train`."""
+    archives = ["optimizer.pt", "scheduler.pt", *(p.name for p in resume.glob("rng_state*.pth"))]
+    for name in archives:  # torch.save writes zip archives
+        if not zipfile.is_zipfile(resume / name):
+            raise CheckpointError(f"checkpoint {resume} is corrupt: {name} is damaged")
+    try:
+        trainer_state = json.loads((resume / "trainer_state.json").read_text(encoding="utf-8"))
+        global_step = trainer_state["global_step"]
+    except (ValueError, TypeError, KeyError) as err:
+        raise CheckpointError(
+            f"checkpoint {resume} is corrupt: trainer_state.json is damaged ({err})"
+        ) from err
+    if global_step != step:
+        raise CheckpointError(
+            f"checkpoint {resume} is corrupt: trainer_state.json has global_step "
+            f"{global_step!r}, training_state.json step {step}"
+        )
 
 
 def _announce(metrics, cfg, model, args, resume, state) -> None:

@@ -122,6 +122,30 @@ def test_resume_matches_uninterrupted_stream_across_epochs(tok, tiny_txt, shuffl
     assert max(epochs) >= 2  # some cuts fall after an epoch boundary
 
 
+def test_resume_refuses_a_data_folder_whose_files_changed(tok, tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_text("\n\n".join(DOCS), encoding="utf-8")
+    first = StreamDataset(folder, tok, 7)
+    take(first, 3)
+    state = json.loads(json.dumps(first.state_dict()))
+    assert state["files"] == [["a.txt", (folder / "a.txt").stat().st_size]]
+    StreamDataset(folder, tok, 7).load_state_dict(state)  # unchanged: resumes
+
+    (folder / "0.txt").write_text("A new first file.", encoding="utf-8")
+    with pytest.raises(
+        ValueError, match=r"files changed since the checkpoint: added 0\.txt.*--init"
+    ):
+        StreamDataset(folder, tok, 7).load_state_dict(state)
+    (folder / "0.txt").unlink()
+    with (folder / "a.txt").open("a", encoding="utf-8") as f:
+        f.write("\n\nOne more story.")
+    with pytest.raises(ValueError, match=r"a\.txt was \d+ bytes, now \d+"):
+        StreamDataset(folder, tok, 7).load_state_dict(state)
+    del state["files"]  # a state saved before file lists were kept still resumes
+    StreamDataset(folder, tok, 7).load_state_dict(state)
+
+
 def test_resume_on_real_corpus_with_shuffle_and_ranks(tok):
     kwargs = dict(shuffle_buffer=16, seed=7, rank=1, world_size=2)
     reference = take(StreamDataset(TRAIN_TXT, tok, 128, **kwargs), 60)

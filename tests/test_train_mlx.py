@@ -641,6 +641,7 @@ def test_a_diverging_run_never_saves_a_non_finite_checkpoint(tmp_path):
         (dict(max_grad_norm=float("nan")), "--max-grad-norm must be a finite number"),
         (dict(lr=float("inf")), "--lr must be a finite number"),
         (dict(max_sample_tokens=0), "--max-sample-tokens must be positive"),
+        (dict(batch_size=100_000_000), r"--batch-size 100000000 x --seq-len \d+ needs at least"),
     ],
 )
 def test_options_that_would_break_the_run_are_refused_at_start(tmp_path, change, message):

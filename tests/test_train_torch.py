@@ -242,9 +242,22 @@ def test_a_corrupt_checkpoint_gives_a_clear_error(reference, tmp_path):
     assert "corrupt" in result.output and str(folder) in result.output, result.output
 
     shutil.copy2(reference / "checkpoint-3" / "model.safetensors", weights_file)
-    (folder / "optimizer.pt").write_bytes(b"garbage")
-    result = CliRunner().invoke(cli, argv)
-    assert result.exit_code == 1 and "optimizer.pt is damaged" in result.output, result.output
+    for name, garbage, message in [
+        ("optimizer.pt", b"garbage", "optimizer.pt is damaged"),
+        ("rng_state.pth", b"garbage", "rng_state.pth is damaged"),
+        ("trainer_state.json", b"{not json", "trainer_state.json is damaged"),
+        (
+            "trainer_state.json",
+            b'{"global_step": -5}',
+            "global_step -5, training_state.json step 3",
+        ),
+    ]:
+        original = (folder / name).read_bytes()
+        (folder / name).write_bytes(garbage)
+        result = CliRunner().invoke(cli, argv)
+        assert result.exit_code == 1 and message in result.output, (name, result.output)
+        assert str(folder) in result.output
+        (folder / name).write_bytes(original)
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
@@ -476,6 +489,7 @@ def test_a_diverging_run_never_saves_a_non_finite_checkpoint(tmp_path):
         (dict(weight_decay=float("nan")), "--weight-decay must be a finite number"),
         (dict(max_grad_norm=float("nan")), "--max-grad-norm must be a finite number"),
         (dict(max_sample_tokens=0), "--max-sample-tokens must be positive"),
+        (dict(batch_size=100_000_000), r"--batch-size 100000000 x --seq-len \d+ needs at least"),
     ],
 )
 def test_options_that_would_break_the_run_are_refused_at_start(tmp_path, change, message):

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -557,3 +558,20 @@ def test_a_damaged_training_state_is_named(tmp_path):
             read_training_state(tmp_path)
     state.write_text(json.dumps({"step": 3, "data_state": [], "tokens_seen": 96}))
     assert read_training_state(tmp_path)["step"] == 3
+
+
+def test_a_batch_that_cannot_fit_is_refused_naming_the_size_that_does():
+    from customllm.training import check_batch_fits
+
+    config = ModelConfig.from_preset("tiny")
+    gib = 2**30
+    check_batch_fits(config, 8, 256, 1 * gib)  # the tiny preset's batch fits in 1 GiB
+    check_batch_fits(config, 10**9, 256, None)  # unknown memory: nothing to compare
+    with pytest.raises(TrainingError, match=r"at most --batch-size (\d+) fits") as err:
+        check_batch_fits(config, 100_000_000, 32, 1 * gib)
+    fits = int(re.search(r"at most --batch-size (\d+)", str(err.value)).group(1))
+    check_batch_fits(config, fits, 32, 1 * gib)
+    with pytest.raises(TrainingError):
+        check_batch_fits(config, fits + 1, 32, 1 * gib)
+    with pytest.raises(TrainingError, match="the model alone does not fit"):
+        check_batch_fits(ModelConfig.from_preset("973m"), 1, 32, 1 * gib)
