@@ -7,6 +7,7 @@ A model folder holds ``config.json``, ``model.safetensors`` (canonical keys, Lin
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -339,3 +340,17 @@ def save_tokenizer_files(tokenizer, folder: Path) -> None:
         tokenizer.save_pretrained(str(folder))
     else:
         raise ValueError(f"cannot save tokenizer {tokenizer!r}: not a folder or a tokenizer")
+    with_pad_token(folder)
+
+
+def with_pad_token(folder: Path) -> None:
+    """Give the tokenizer in `folder` a pad token where it has none: its end-of-text token.
+    Padded batches need one (`tokenizer(texts, padding=True)`, pipelines); the attention mask,
+    not the id, tells padding from text."""
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    settings = json.loads(path.read_text(encoding="utf-8"))
+    if settings.get("pad_token") is None and settings.get("eos_token") is not None:
+        settings["pad_token"] = settings["eos_token"]
+        path.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -110,10 +110,12 @@ class RotaryEmbedding(nn.Module):
         self.dim, self.theta = dim, theta
 
     def angles(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (T, dim) of positions `pos` (T,)."""
+        """cos, sin (T, dim) of positions `pos` (T,), or (B, 1, T, dim) of per-row `pos` (B, T)."""
         arange = torch.arange(0, self.dim, 2, dtype=torch.float32, device=pos.device)
         inv_freq = 1.0 / self.theta ** (arange / self.dim)
-        angles = pos.float()[:, None] * inv_freq[None, :]  # (T, dim/2)
+        angles = pos.float()[..., None] * inv_freq  # (..., T, dim/2)
+        if angles.dim() == 3:
+            angles = angles[:, None]  # (B, 1, T, dim/2): one row of positions per sequence
         angles = torch.cat([angles, angles], dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -147,25 +149,33 @@ class MultiHeadLatentAttention(nn.Module):
         cache: LatentKVCache | None = None,
         layer_idx: int = 0,
         absorb: bool = False,
+        keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`keys` (B, S) bool: the positions that hold tokens (False: padding), cache included;
+        None: all of them."""
         B, T, _ = x.shape
         H = self.num_heads
         q_nope, q_rope, c_kv, k_rope = self.project(x, rope)
         if cache is not None:
             c_kv, k_rope = cache.update(layer_idx, c_kv, k_rope)
         S = c_kv.shape[1]
+        # the absorbed form reads k_proj_u / v_proj_u's weights: a plain Linear's only (an
+        # adapter or a quantized layer around them computes with other weights)
+        absorb = absorb and type(self.k_proj_u) is nn.Linear and type(self.v_proj_u) is nn.Linear
+        # No padding nor cached prefix: SDPA's own causal kernel (flash on CPU and CUDA); else
+        # a boolean mask aligned to the end
+        causal = keys is None and T == S and T > 1 and not absorb
+        if keys is not None:
+            mask = padded_causal_mask(T, keys)
+        else:
+            mask = None if causal else causal_mask(T, S, x.device)
         if absorb:
-            mask = causal_mask(T, S, x.device)
             out = self.absorbed_attention(q_nope, q_rope, c_kv, k_rope, mask)
         else:
             k_nope = self.k_proj_u(c_kv).view(B, S, H, self.nope_dim).transpose(1, 2)
             v = self.v_proj_u(c_kv).view(B, S, H, self.v_dim).transpose(1, 2)
             q = torch.cat([q_nope, q_rope], dim=-1)  # (B, H, T, qk_head_dim)
             k = torch.cat([k_nope, k_rope], dim=-1)  # (B, H, S, qk_head_dim)
-            # No cached prefix: SDPA's own causal kernel (flash on CPU and CUDA); after a
-            # prefix, the boolean mask aligned to the end.
-            causal = T == S and T > 1
-            mask = None if causal else causal_mask(T, S, x.device)
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale
             )
@@ -214,6 +224,16 @@ class MultiHeadLatentAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
 
 
+def padded_causal_mask(T: int, keys: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, S) boolean mask for T queries at the end of S keys, of which `keys` (B, S)
+    hold tokens: causal, no padding, and each query its own position always (a padding
+    query then attends to itself alone, not to nothing, which would give NaN)."""
+    S = keys.shape[1]
+    rows = torch.arange(T, device=keys.device)[:, None] + (S - T)
+    cols = torch.arange(S, device=keys.device)[None, :]
+    return ((cols <= rows) & keys[:, None, None, :]) | (cols == rows)
+
+
 def causal_mask(T: int, S: int, device) -> torch.Tensor | None:
     """Boolean mask for T queries at the end of S keys (True = attend); None when T == 1."""
     if T == 1:
@@ -235,12 +255,15 @@ class DeepSeekExpertLayer(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-def expert_counts(idx: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """(..., n) expert choices -> (..., num_experts) int64 counts over the last axis. A
-    scatter-add, not bincount or one_hot: on CUDA both read their input's range on the host,
-    a device sync in every layer's forward."""
+def expert_counts(
+    idx: torch.Tensor, num_experts: int, counted: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(..., n) expert choices -> (..., num_experts) int64 counts over the last axis, of the
+    choices where `counted` (same shape, bool) is True if given. A scatter-add, not bincount
+    or one_hot: on CUDA both read their input's range on the host, a sync in every layer."""
     counts = idx.new_zeros((*idx.shape[:-1], num_experts))
-    return counts.scatter_add_(-1, idx, torch.ones_like(idx))
+    ones = torch.ones_like(idx) if counted is None else counted.long()
+    return counts.scatter_add_(-1, idx, ones)
 
 
 def balancing_bias(
@@ -325,12 +348,13 @@ class LlamaMLP(nn.Module):
             weights = weights / weights.sum(-1, keepdim=True)
         return scores, idx, weights * self.routed_scaling_factor
 
-    def forward(self, x: torch.Tensor, with_aux: bool = True):
+    def forward(self, x: torch.Tensor, with_aux: bool = True, valid: torch.Tensor | None = None):
         """Returns (y, aux_loss, routing): routing (2, E) float32 holds the token-expert
         assignments per expert (the layer's expert load) and, in training with the "solve"
         bias update, the bias that would have balanced this batch times its token count
         (sums over micro-batches give a token-weighted mean; `balancing_bias`). aux_loss is 0
-        without `with_aux` (a cached, generating call has no use for it)."""
+        without `with_aux` (a cached, generating call has no use for it). `valid` (B, T)
+        bool: the tokens that count in all three (False: padding); None: every token."""
         B, T, D = x.shape
         x_flat = x.reshape(-1, D)  # (N, D)
         aux_loss = x.new_zeros((), dtype=torch.float32)
@@ -338,17 +362,23 @@ class LlamaMLP(nn.Module):
             y = sum(expert(x_flat) for expert in self.shared_experts)
             return y.view(B, T, D), aux_loss, x.new_zeros((2, 0), dtype=torch.float32)
         scores, idx, weights = self.route(x_flat)
-        load = expert_counts(idx.flatten(), self.num_experts)
+        load = expert_counts(idx.flatten(), self.num_experts)  # every pair: dispatch runs them
         y = self.dispatch(x_flat, idx, weights.to(x.dtype), load)
         for expert in self.shared_experts:
             y = y + expert(x_flat)
         if with_aux:
-            aux_loss = self.sequence_aux_loss(scores.view(B, T, -1))
+            aux_loss = self.sequence_aux_loss(scores.view(B, T, -1), valid)
+        counted, kept = load, scores.detach()
+        if valid is not None:
+            keep = valid.reshape(-1)
+            counted = expert_counts(
+                idx.flatten(), self.num_experts, keep.repeat_interleave(self.top_k)
+            )
+            kept = kept[keep]
         target = torch.zeros_like(self.expert_bias, dtype=torch.float32)
         if self.training and self.solve_bias:
-            target = balancing_bias(scores.detach(), self.expert_bias, self.top_k)
-            target = target * x_flat.shape[0]
-        return y.view(B, T, D), aux_loss, torch.stack([load.float(), target])
+            target = balancing_bias(kept, self.expert_bias, self.top_k) * kept.shape[0]
+        return y.view(B, T, D), aux_loss, torch.stack([counted.float(), target])
 
     def dispatch(self, x_flat, idx, weights, load):
         """Run each routed expert only on its tokens: sort token-expert pairs by expert, gather
@@ -398,16 +428,27 @@ class LlamaMLP(nn.Module):
         gate, up = h.chunk(2, dim=-1)  # expert e's rows: its gate outputs, then its up outputs
         return F.grouped_mm(F.silu(gate) * up, down.to(dtype).transpose(-2, -1), offs=offs)
 
-    def sequence_aux_loss(self, scores: torch.Tensor) -> torch.Tensor:
+    def sequence_aux_loss(
+        self, scores: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """aux_loss_coef * sum_i f_i P_i per sequence, averaged over the batch; f_i counts the
-        top-k of the raw scores, without the bias (DeepSeek-V3, eq. 18)."""
+        top-k of the raw scores, without the bias (DeepSeek-V3, eq. 18); over the `valid`
+        tokens (B, T) where given."""
         if self.aux_loss_coef == 0:
             return scores.new_zeros(())
-        T = scores.shape[1]
+        B, T, _ = scores.shape
         raw_top = torch.topk(scores.detach(), self.top_k, dim=-1).indices  # (B, T, k)
-        counts = expert_counts(raw_top.flatten(1), self.num_experts).float()  # (B, E)
-        f = counts * self.num_experts / (self.top_k * T)
-        P = (scores / scores.sum(-1, keepdim=True)).mean(1)  # (B, E)
+        probs = scores / scores.sum(-1, keepdim=True)
+        if valid is None:
+            counts = expert_counts(raw_top.flatten(1), self.num_experts).float()  # (B, E)
+            f = counts * self.num_experts / (self.top_k * T)
+            P = probs.mean(1)  # (B, E)
+        else:
+            counted = valid[..., None].expand(-1, -1, self.top_k).flatten(1)
+            counts = expert_counts(raw_top.flatten(1), self.num_experts, counted).float()
+            tokens = valid.sum(1, keepdim=True).clamp(min=1)  # (B, 1)
+            f = counts * self.num_experts / (self.top_k * tokens)
+            P = (probs * valid[..., None]).sum(1) / tokens
         return self.aux_loss_coef * (f * P).sum(-1).mean()
 
 
@@ -422,12 +463,14 @@ class DecoderLayer(nn.Module):
         self.attn_dropout = nn.Dropout(config.attn_dropout)
         self.mlp_dropout = nn.Dropout(config.mlp_dropout)
 
-    def forward(self, x, rope, cache=None, absorb=False):
+    def forward(self, x, rope, cache=None, absorb=False, keys=None):
+        """`keys` (B, S) bool: the positions that hold tokens, cache included (None: all)."""
         x = x + self.attn_dropout(
-            self.self_attn(self.input_norm(x), rope, cache, self.layer_idx, absorb)
+            self.self_attn(self.input_norm(x), rope, cache, self.layer_idx, absorb, keys)
         )
         with_aux = cache is None or self.training  # generating: no use for the aux loss
-        mlp_out, aux_loss, routing = self.mlp(self.post_attn_norm(x), with_aux)
+        valid = None if keys is None else keys[:, keys.shape[1] - x.shape[1] :]
+        mlp_out, aux_loss, routing = self.mlp(self.post_attn_norm(x), with_aux, valid)
         return x + self.mlp_dropout(mlp_out), aux_loss, routing
 
 
@@ -517,6 +560,8 @@ class CustomLLM(PreTrainedModel, GenerationMixin):
     def forward(
         self,
         input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         cache: LatentKVCache | None = None,
         use_cache: bool | None = None,
@@ -528,7 +573,12 @@ class CustomLLM(PreTrainedModel, GenerationMixin):
     ) -> CustomLLMOutput:
         """`labels` as in transformers (shifted here), or `shift_labels` already shifted:
         position t predicts shift_labels[:, t]. When training with labels, the loss is fused with
-        lm_head (`linear_cross_entropy`) and `logits` is None unless `return_logits=True`."""
+        lm_head (`linear_cross_entropy`) and `logits` is None unless `return_logits=True`.
+
+        `attention_mask` (B, cached + T), 1 on tokens and 0 on padding, as a tokenizer pads
+        (left for generation, right for training): padding is neither attended to nor counted
+        in the loss, the expert loads or the aux loss, and each row's positions start at its
+        first token (unless `position_ids` (B, T) are given)."""
         cache = kwargs.pop("past_key_values", None) if cache is None else cache
         if use_cache and cache is None:
             cache = LatentKVCache(len(self.decoder_layers))
@@ -540,12 +590,28 @@ class CustomLLM(PreTrainedModel, GenerationMixin):
                 f"{self.model_config.max_position_embeddings} (max_position_embeddings)"
             )
         absorb = cache is not None and T == 1 if absorb is None else absorb
-        pos = torch.arange(offset, offset + T, device=input_ids.device)
+        keys = None
+        if attention_mask is not None:
+            if attention_mask.shape != (B, offset + T):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
+                    f"({B}, {offset + T}): the cached tokens and the new ones"
+                )
+            keys = attention_mask.bool()
+            keys = None if keys.all() else keys  # no padding: the unmasked kernels
+        if position_ids is not None:
+            pos = position_ids
+        elif keys is not None:
+            pos = (keys.long().cumsum(-1) - 1).clamp(min=0)[:, offset:]
+        else:
+            pos = torch.arange(offset, offset + T, device=input_ids.device)
+        if labels is not None and keys is not None:
+            labels = labels.masked_fill(~keys[:, offset:], IGNORE_INDEX)
         x = self.dropout(self.token_embeddings(input_ids) + self.position_embeddings(pos))
         rope = self.decoder_layers[0].self_attn.rotary_emb.angles(pos, compute_dtype(x))
         aux_loss, routing = x.new_zeros((), dtype=torch.float32), []
         for layer in self.decoder_layers:
-            x, layer_aux, stats = layer(x, rope, cache, absorb)
+            x, layer_aux, stats = layer(x, rope, cache, absorb, keys)
             aux_loss = aux_loss + layer_aux
             routing.append(stats)
         routing = torch.stack(routing)
@@ -600,11 +666,12 @@ class CustomLLM(PreTrainedModel, GenerationMixin):
                 step = rate * torch.sign(counts.sum() - counts.numel() * counts).float()
             bias.add_(step.to(bias))
 
-    def prepare_inputs_for_generation(self, input_ids, cache=None, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, **kwargs):
         cache = kwargs.get("past_key_values") if cache is None else cache  # transformers < 5.2x
         if cache is not None and cache.offset:
             input_ids = input_ids[:, cache.offset :]
-        return {"input_ids": input_ids, "cache": cache, "use_cache": True}
+        inputs = {"input_ids": input_ids, "cache": cache, "use_cache": True}
+        return inputs | {"attention_mask": attention_mask}
 
     def _supports_default_dynamic_cache(self) -> bool:
         return False

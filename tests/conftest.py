@@ -74,3 +74,14 @@ def sharp_config(tiny_config: ModelConfig) -> ModelConfig:
     the cache and the absorbed projections move the logits (at N(0, 0.02) attention is
     nearly uniform, and a key left unrotated moved tiny's logits by less than 1e-6)."""
     return dataclasses.replace(tiny_config, initializer_range=0.3)
+
+
+@pytest.fixture(scope="session")
+def builtin_tokenizer(tmp_path_factory) -> Path:
+    """A 512-token BPE tokenizer folder trained on the built-in corpus: needs no download and
+    nothing outside the repository."""
+    from customllm.tokenizer import train_tokenizer
+
+    folder = tmp_path_factory.mktemp("builtin-tokenizer")
+    train_tokenizer("builtin", 512, folder)
+    return folder

@@ -1,0 +1,77 @@
+"""Hugging Face users' own tools on CustomLLM model folders: padded batches and attention masks,
+`pipeline`, PEFT adapters in cached decoding, gradient checkpointing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+from customllm_torch import io
+from customllm_torch.model import CustomLLM
+
+PROMPTS = ["Once upon a time", "The cat", "A little girl named Lily went to the park with her"]
+
+
+@pytest.fixture
+def folder(tmp_path, sharp_config, builtin_tokenizer):
+    """A saved random model (weights N(0, 0.3): greedy tokens far from ties) and a tokenizer."""
+    torch.manual_seed(0)
+    config = dataclasses.replace(sharp_config, vocab_size=512, initializer_range=0.1)
+    io.save(CustomLLM(config).eval(), tmp_path / "model", tokenizer=builtin_tokenizer)
+    return tmp_path / "model"
+
+
+def greedy(model, tokenizer, texts, n=10):
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    out = model.generate(**batch, max_new_tokens=n, do_sample=False)
+    return [row[batch.input_ids.shape[1] :].tolist() for row in out]
+
+
+def test_model_folders_give_the_tokenizer_a_pad_token(folder):
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|endoftext|>"
+
+
+def test_a_left_padded_batch_generates_what_each_prompt_generates_alone(folder):
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    assert (batch.attention_mask == 0).any()  # the batch is padded
+    alone = [greedy(model, tokenizer, [p])[0] for p in PROMPTS]
+    assert greedy(model, tokenizer, PROMPTS) == alone
+    with torch.no_grad():  # and the full forward: each row's logits as its prompt's alone
+        logits = model(**batch).logits
+        for row, prompt in zip(logits, PROMPTS, strict=True):
+            single = model(**tokenizer(prompt, return_tensors="pt")).logits[0]
+            torch.testing.assert_close(row[-len(single) :], single, atol=1e-4, rtol=1e-4)
+
+
+def test_a_right_padded_batch_leaves_padding_out_of_the_loss_and_the_expert_loads(folder):
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="right")
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model(**batch, labels=batch.input_ids)
+        losses, counts = [], []
+        for prompt in PROMPTS:
+            one = tokenizer(prompt, return_tensors="pt")
+            single = model(**one, labels=one.input_ids)
+            losses.append(single.lm_loss * (one.input_ids.shape[1] - 1))
+            counts.append(one.input_ids.shape[1] - 1)
+    torch.testing.assert_close(out.lm_loss, sum(losses) / sum(counts), atol=1e-5, rtol=1e-5)
+    tokens = int(batch.attention_mask.sum())
+    k = model.model_config.num_experts_per_tok
+    assert out.expert_load.sum(-1).tolist() == [tokens * k] * model.model_config.num_hidden_layers
+
+
+def test_generate_with_the_tokenizers_output_and_the_text_generation_pipeline(folder):
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    alone = tokenizer.decode(greedy(model, tokenizer, [PROMPTS[0]], n=8)[0])
+    generator = pipeline("text-generation", model=str(folder))
+    results = generator(PROMPTS[:2], max_new_tokens=8, do_sample=False, batch_size=2)
+    assert results[0][0]["generated_text"] == PROMPTS[0] + alone
+    assert all(r[0]["generated_text"].startswith(p) for r, p in zip(results, PROMPTS, strict=False))
