@@ -340,7 +340,11 @@ class LlamaMLP(nn.Module):
         # the router in float32, autocast or not: its scores differ by less than bfloat16's
         # spacing once the hidden states grow alike
         with torch.autocast(x_flat.device.type, enabled=False):
-            logits = F.linear(x_flat.float(), self.router.weight.float())
+            if type(self.router) is nn.Linear:
+                logits = F.linear(x_flat.float(), self.router.weight.float())
+            else:  # an adapter around it: its own forward, in its weights' dtype
+                dtype = next(self.router.parameters()).dtype
+                logits = self.router(x_flat.to(dtype)).float()
         scores = logits.sigmoid() if self.router_score == "sigmoid" else logits.softmax(-1)
         idx = torch.topk(scores.detach() + self.expert_bias.float(), self.top_k, dim=-1).indices
         weights = scores.gather(-1, idx)

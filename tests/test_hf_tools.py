@@ -75,3 +75,27 @@ def test_generate_with_the_tokenizers_output_and_the_text_generation_pipeline(fo
     results = generator(PROMPTS[:2], max_new_tokens=8, do_sample=False, batch_size=2)
     assert results[0][0]["generated_text"] == PROMPTS[0] + alone
     assert all(r[0]["generated_text"].startswith(p) for r, p in zip(results, PROMPTS, strict=False))
+
+
+def test_peft_lora_holds_in_cached_decoding(folder):
+    """LoRA on every linear layer, k_proj_u and v_proj_u included (which the absorbed decode
+    would read as plain weights): cached greedy generation equals the merged model's, and the
+    last step's logits equal the full forward's."""
+    peft = pytest.importorskip("peft")
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    config = peft.LoraConfig(target_modules="all-linear", r=4, init_lora_weights=False)
+    adapted = peft.get_peft_model(model, config).eval()
+    assert type(adapted.base_model.model.decoder_layers[0].self_attn.k_proj_u).__name__ == "Linear"
+    batch = tokenizer(PROMPTS[0], return_tensors="pt")
+    with torch.no_grad():
+        out = adapted.generate(**batch, max_new_tokens=6, do_sample=False)
+        cached = adapted(input_ids=out[:, :-1], use_cache=True)  # prefill, then one step
+        step = adapted(input_ids=out[:, -1:], cache=cached.cache, use_cache=True).logits[0, -1]
+        full = adapted(input_ids=out).logits[0, -1]
+    torch.testing.assert_close(step, full, atol=1e-4, rtol=1e-4)
+    merged = adapted.merge_and_unload().eval()  # plain Linears again: the absorbed decode
+    with torch.no_grad():
+        cached = merged(input_ids=out[:, :-1], use_cache=True)
+        merged_step = merged(input_ids=out[:, -1:], cache=cached.cache, use_cache=True)
+    torch.testing.assert_close(merged_step.logits[0, -1], step, atol=1e-4, rtol=1e-4)
