@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from customllm.config import MODEL_TYPE, ModelConfig, check_complete, with_legacy_defaults
@@ -456,7 +457,11 @@ class LlamaMLP(nn.Module):
         return self.aux_loss_coef * (f * P).sum(-1).mean()
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm attention and MLP blocks. A GradientCheckpointingLayer: after
+    `model.gradient_checkpointing_enable()` its forward is recomputed in the backward pass
+    instead of keeping its activations (x is passed by position for that)."""
+
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -506,6 +511,7 @@ class CustomLLM(PreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
     _no_split_modules = ["DecoderLayer"]
     _supports_sdpa = True
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: CustomLLMConfig | ModelConfig):
         if isinstance(config, ModelConfig):

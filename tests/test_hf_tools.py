@@ -99,3 +99,29 @@ def test_peft_lora_holds_in_cached_decoding(folder):
         cached = merged(input_ids=out[:, :-1], use_cache=True)
         merged_step = merged(input_ids=out[:, -1:], cache=cached.cache, use_cache=True)
     torch.testing.assert_close(merged_step.logits[0, -1], step, atol=1e-4, rtol=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(folder):
+    model = AutoModelForCausalLM.from_pretrained(folder).train()
+    tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="right")
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+
+    calls = []
+    model.decoder_layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))
+
+    def loss_and_grads():
+        calls.clear()
+        model.zero_grad()
+        torch.manual_seed(0)  # the same dropout masks (checkpointing replays them)
+        loss = model(**batch, labels=batch.input_ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss, grads = loss_and_grads()
+    assert len(calls) == 1
+    model.gradient_checkpointing_enable()
+    checkpointed_loss, checkpointed = loss_and_grads()
+    assert len(calls) == 2  # the layer ran again in the backward pass
+    torch.testing.assert_close(checkpointed_loss, loss, atol=0, rtol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5, msg=name)
