@@ -403,6 +403,16 @@ class LlamaMLP(nn.Module):
         return self.aux_loss_coef * (f * P).sum(-1).mean()
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout that can draw its mask from a given `key`."""
+
+    def __call__(self, x: mx.array, key: mx.array | None = None) -> mx.array:
+        if self._p_1 == 1 or not self.training:
+            return x
+        mask = mx.random.bernoulli(self._p_1, x.shape, key=key)
+        return (mask * x) * (1 / self._p_1)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -411,17 +421,21 @@ class DecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
         self.input_norm = CustomRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attn_norm = CustomRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn_dropout = nn.Dropout(config.attn_dropout)
-        self.mlp_dropout = nn.Dropout(config.mlp_dropout)
+        self.attn_dropout = Dropout(config.attn_dropout)
+        self.mlp_dropout = Dropout(config.mlp_dropout)
         self._decode_in = self._decode_out = None  # compiled on the first decode_step
 
-    def __call__(self, x, offset, cache=None, absorb=False):
+    def __call__(self, x, offset, cache=None, absorb=False, key=None):
+        """`key`: draw the dropout masks from it (a checkpointed layer's recomputation draws
+        the same), else from the global random state."""
         if absorb and cache is not None and x.shape[1] == 1 and not self.training:
             return self.decode_step(x, offset, cache)
-        x = x + self.attn_dropout(self.self_attn(self.input_norm(x), offset, cache, absorb))
+        keys = (None, None) if key is None else mx.random.split(key)
+        attn = self.self_attn(self.input_norm(x), offset, cache, absorb)
+        x = x + self.attn_dropout(attn, keys[0])
         with_aux = cache is None or self.training  # generating: no use for the aux loss
         mlp_out, aux_loss, routing = self.mlp(self.post_attn_norm(x), with_aux)
-        return x + self.mlp_dropout(mlp_out), aux_loss, routing
+        return x + self.mlp_dropout(mlp_out, keys[1]), aux_loss, routing
 
     def decode_step(self, x, offset, cache):
         """The same layer for one token with the latent cache (absorbed attention, no dropout,
@@ -448,6 +462,20 @@ class DecoderLayer(nn.Module):
         return x + mlp_out, routing
 
 
+def checkpointed(layer: DecoderLayer, x: mx.array, offset: int):
+    """`layer(x, offset)` under `mx.checkpoint`: its activations are recomputed in the backward
+    pass instead of kept. Its dropout masks come from a key that is an input of the
+    checkpointed function, so the recomputation draws the same ones."""
+
+    def forward(params, key, x):
+        layer.update(params)
+        return layer(x, offset, key=mx.stop_gradient(key))  # the masks take no gradient
+
+    # a key (two uint32 words) drawn from the global state, as the masks would have been
+    key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)
+    return mx.checkpoint(forward)(layer.trainable_parameters(), key, x)
+
+
 class CustomLLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -458,6 +486,7 @@ class CustomLLM(nn.Module):
         self.dropout = nn.Dropout(config.embd_dropout)
         self.decoder_layers = [DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
+        self.checkpoint_layers = False  # training: recompute each layer in the backward pass
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -525,8 +554,12 @@ class CustomLLM(nn.Module):
         pos = mx.arange(offset, offset + T)
         x = self.dropout(self.token_embeddings(inputs) + self.position_embeddings(pos))
         aux_loss, routing = mx.array(0.0), []
+        checkpoint = self.checkpoint_layers and self.training and cache is None
         for i, layer in enumerate(self.decoder_layers):
-            x, layer_aux, stats = layer(x, offset, None if cache is None else cache[i], absorb)
+            if checkpoint:
+                x, layer_aux, stats = checkpointed(layer, x, offset)
+            else:
+                x, layer_aux, stats = layer(x, offset, None if cache is None else cache[i], absorb)
             aux_loss = aux_loss + layer_aux
             routing.append(stats)
         return x, aux_loss, mx.stack(routing)

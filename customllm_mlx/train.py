@@ -346,6 +346,7 @@ def run_training(cfg: TrainConfig, stream=None) -> Path | None:
         tokenizer = load_tokenizer(tokenizer_source(cfg, resume))
         mx.random.seed(cfg.seed)  # the same initial weights on every rank
         model = build_model(cfg, resume, tokenizer)
+        model.checkpoint_layers = cfg.gradient_checkpointing
         check_model_fits(model.model_config, tokenizer, cfg.seq_len)
         check_batch_fits(model.model_config, cfg.batch_size, cfg.seq_len, memory_bytes())
         if rank:  # its own dropout masks: key (rank, seed), which no plain seed gives

@@ -439,6 +439,7 @@ def training_arguments(
         ignore_data_skip=True,  # the data stream resumes from its saved position, not by replay
         seed=cfg.seed,
         bf16=cfg.dtype == "bfloat16",
+        gradient_checkpointing=cfg.gradient_checkpointing,
         use_cpu=device == "cpu",
         dataloader_num_workers=0,
         remove_unused_columns=False,

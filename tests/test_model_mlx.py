@@ -864,3 +864,32 @@ def test_cached_inference_skips_the_aux_loss(tiny_config):
     assert full_aux.item() > 0 and cached_aux.item() == 0.0
     assert np.allclose(np.array(training_aux), np.array(full_aux), rtol=1e-6)
     assert np.allclose(np.array(cached_logits), np.array(full_logits), atol=1e-5)
+
+
+def test_gradient_checkpointing_replays_the_dropout_masks(tiny_config, monkeypatch):
+    """With dropout on, a checkpointed layer's recomputation draws the masks its forward drew:
+    the gradients equal those of the same forward (same keys) without mx.checkpoint."""
+    config = dataclasses.replace(tiny_config, attn_dropout=0.2, mlp_dropout=0.2)
+    mx.random.seed(0)
+    model = CustomLLM(config)
+    model.train()
+    model.checkpoint_layers = True
+    tokens = mx.random.randint(0, config.vocab_size, (2, 17))
+
+    def loss_and_grads():
+        def loss_fn(m):
+            lm, aux, _ = m.training_loss(tokens[:, :-1], tokens[:, 1:])
+            return lm + aux
+
+        mx.random.seed(5)
+        loss, grads = nn.value_and_grad(model, loss_fn)(model)
+        return loss.item(), dict(tree_flatten(grads))
+
+    loss, grads = loss_and_grads()
+    with monkeypatch.context() as patch:
+        patch.setattr(mx, "checkpoint", lambda fn: fn)
+        plain_loss, plain = loss_and_grads()
+    assert loss == plain_loss
+    for name, grad in grads.items():
+        np.testing.assert_allclose(np.array(grad), np.array(plain[name]), atol=1e-6, err_msg=name)
+    assert any(float(mx.abs(g).max()) > 0 for g in grads.values())

@@ -698,3 +698,17 @@ def test_a_full_disk_is_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, mo
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]
     after = weights(out / "checkpoint-1")
     assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tmp_path):
+    """--gradient-checkpointing recomputes each layer in the backward pass: without dropout
+    (the tiny preset) the run is the same to rounding; with dropout, the recomputation draws
+    the masks the forward drew (test_model_mlx.py)."""
+    plain = train(tmp_path / "plain", steps=3)
+    checkpointed = train(tmp_path / "checkpointed", steps=3, gradient_checkpointing=True)
+    np.testing.assert_allclose(
+        list(losses(tmp_path / "checkpointed").values()),
+        list(losses(tmp_path / "plain").values()),
+        rtol=1e-5,
+    )
+    assert_same_weights(plain, checkpointed, atol=1e-5)

@@ -533,3 +533,13 @@ def test_the_dense_baseline_trains_from_a_config_file(tmp_path):
     assert records[-1]["loss"] < records[0]["loss"] - 0.5
     keys = set(weights(out / "checkpoint-6"))
     assert not any("router" in k or "routed" in k or "expert_bias" in k for k in keys)
+
+
+def test_gradient_checkpointing_trains_the_same_weights(dropout_run, tmp_path):
+    """--gradient-checkpointing recomputes each layer in the backward pass, dropout masks
+    included (torch replays the RNG): the same run as without."""
+    config, reference_run = dropout_run
+    last = train(tiny(tmp_path, config=config, gradient_checkpointing=True))
+    assert train_losses(tmp_path) == pytest.approx(train_losses(reference_run), rel=1e-6)
+    for key, value in weights(reference_run / "checkpoint-6").items():
+        torch.testing.assert_close(weights(last)[key], value, atol=1e-6, rtol=1e-5, msg=key)
