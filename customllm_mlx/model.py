@@ -162,7 +162,7 @@ class MultiHeadLatentAttention(nn.Module):
         if cache is not None:
             c_kv, k_rope = cache.update_and_fetch(c_kv, k_rope)
         mask = "causal" if T > 1 else None  # lower-right aligned: queries sit at the end
-        if absorb:
+        if absorb and self.absorbable:
             out = self.absorbed_attention(q_nope, q_rope, c_kv, k_rope, mask)
         else:
             S = c_kv.shape[1]
@@ -196,15 +196,22 @@ class MultiHeadLatentAttention(nn.Module):
         out_latent = self.latent_attention(self.absorb_query(q_nope), q_rope, c_kv, k_rope, mask)
         return self.absorb_values(out_latent)
 
+    @property
+    def absorbable(self) -> bool:
+        """Whether the up-projections' matrices can be read (`linear_weight`) to absorb them."""
+        return linear_weight(self.k_proj_u) is not None and linear_weight(self.v_proj_u) is not None
+
     def absorb_query(self, q_nope: mx.array) -> mx.array:
         """q_nope (B, H, T, nope) -> q_nope W_uk,h (B, H, T, kv_latent_dim)."""
-        w_uk = self.k_proj_u.weight.reshape(self.num_heads, self.nope_dim, self.kv_latent_dim)
-        return q_nope @ w_uk[None]
+        w_uk = linear_weight(self.k_proj_u)
+        w_uk = w_uk.reshape(self.num_heads, self.nope_dim, self.kv_latent_dim)
+        return q_nope @ w_uk[None].astype(q_nope.dtype)
 
     def absorb_values(self, out_latent: mx.array) -> mx.array:
         """Attention output over the latent (B, H, T, kv_latent_dim) -> per-head values."""
-        w_uv = self.v_proj_u.weight.reshape(self.num_heads, self.v_dim, self.kv_latent_dim)
-        return out_latent @ w_uv.transpose(0, 2, 1)[None]  # (B, H, T, v_dim)
+        w_uv = linear_weight(self.v_proj_u)
+        w_uv = w_uv.reshape(self.num_heads, self.v_dim, self.kv_latent_dim)
+        return out_latent @ w_uv.transpose(0, 2, 1)[None].astype(out_latent.dtype)
 
     def latent_attention(self, q_latent, q_rope, c_kv, k_rope, mask):
         """SDPA of q_latent (B, H, T, L) over the latent c_kv (B, S, L) as keys and values,
@@ -216,6 +223,29 @@ class MultiHeadLatentAttention(nn.Module):
             rope_scores = mx.where(causal_mask(*rope_scores.shape[-2:]), rope_scores, -mx.inf)
         c_kv = c_kv[:, None]  # (B, 1, S, L)
         return attention(q_latent, c_kv, c_kv, self.scale, rope_scores.astype(q_latent.dtype))
+
+
+def linear_weight(layer: nn.Module) -> mx.array | None:
+    """The (out, in) matrix that `layer` applies, for the absorbed attention: a Linear's weight,
+    a QuantizedLinear's dequantized, an mlx_lm LoRA layer's base plus its low-rank update; None
+    for any other module (the attention then runs unabsorbed, through the module itself)."""
+    if type(layer) is nn.Linear:
+        return layer.weight
+    if isinstance(layer, nn.QuantizedLinear):
+        return mx.dequantize(
+            layer.weight,
+            layer.scales,
+            layer.get("biases"),
+            group_size=layer.group_size,
+            bits=layer.bits,
+            mode=layer.mode,
+        )
+    if type(layer).__name__ == "LoRALinear" and {"linear", "lora_a", "lora_b"} <= set(layer):
+        base = linear_weight(layer.linear)
+        if base is not None:
+            update = (layer.scale * (layer.lora_a @ layer.lora_b)).T  # (out, in)
+            return base + update.astype(base.dtype)
+    return None
 
 
 def causal_mask(T: int, S: int) -> mx.array:
@@ -428,6 +458,7 @@ class DecoderLayer(nn.Module):
     def __call__(self, x, offset, cache=None, absorb=False, key=None):
         """`key`: draw the dropout masks from it (a checkpointed layer's recomputation draws
         the same), else from the global random state."""
+        absorb = absorb and self.self_attn.absorbable
         if absorb and cache is not None and x.shape[1] == 1 and not self.training:
             return self.decode_step(x, offset, cache)
         keys = (None, None) if key is None else mx.random.split(key)

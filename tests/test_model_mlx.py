@@ -893,3 +893,52 @@ def test_gradient_checkpointing_replays_the_dropout_masks(tiny_config, monkeypat
     for name, grad in grads.items():
         np.testing.assert_allclose(np.array(grad), np.array(plain[name]), atol=1e-6, err_msg=name)
     assert any(float(mx.abs(g).max()) > 0 for g in grads.values())
+
+
+def wide_config(config: ModelConfig) -> ModelConfig:
+    """`config` at widths that quantize in groups of 32 (973m's ratios, narrow)."""
+    return dataclasses.replace(
+        config, hidden_size=128, q_latent_dim=64, kv_latent_dim=64, intermediate_size=256,
+        qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=64, initializer_range=0.1,
+    )  # fmt: skip
+
+
+def wrap_quantized(model: CustomLLM, bits: int) -> None:
+    nn.quantize(model, group_size=32, bits=bits)
+
+
+def wrap_lora(model: CustomLLM, bits: int) -> None:
+    """mlx_lm's LoRA on every linear layer (random, non-zero adapters), over a quantized
+    model where `bits`."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    if bits:
+        nn.quantize(model, group_size=32, bits=bits)
+    linear_to_lora_layers(model, len(model.layers), {"rank": 4, "scale": 2.0, "dropout": 0.0})
+    mx.random.seed(3)
+    for _, module in model.named_modules():
+        if "lora_b" in module:
+            module.lora_b = 0.05 * mx.random.normal(module.lora_b.shape)
+
+
+@pytest.mark.parametrize(
+    "wrap, bits", [(wrap_quantized, 4), (wrap_quantized, 8), (wrap_lora, 0), (wrap_lora, 4)]
+)
+def test_cached_decode_through_quantized_and_adapted_layers_equals_full_forward(
+    tiny_config, wrap, bits
+):
+    """The absorbed decode reads the up-projections' effective matrices (dequantized, base +
+    low-rank update): cached generation equals the full forward of the same model."""
+    model = build(wide_config(tiny_config))
+    wrap(model, bits)
+    assert type(model.layers[0].self_attn.k_proj_u) is not nn.Linear
+    assert model.layers[0].self_attn.absorbable
+    model.eval()
+    ids = random_ids(tiny_config, T=20)
+    full = model(ids)
+    cache = model.make_cache()
+    chunks = [model(ids[:, :6], cache=cache)]
+    chunks += [model(ids[:, t : t + 1], cache=cache) for t in range(6, 20)]
+    np.testing.assert_allclose(
+        np.array(mx.concatenate(chunks, axis=1)), np.array(full), atol=1e-3, rtol=1e-4
+    )
