@@ -102,7 +102,19 @@ def strip_wrapper_prefixes(weights: dict) -> dict:
 
 def check_weights(weights: dict, config: ModelConfig, source: str = "weights") -> None:
     """Raise ValueError naming the first missing, extra or mis-shaped tensor."""
+    check_not_quantized(config, source)
     check_shapes({key: tuple(value.shape) for key, value in weights.items()}, config, source)
+
+
+def check_not_quantized(config: ModelConfig, source: str) -> None:
+    """Quantized weights (config.json's "quantization") are for customllm_mlx and mlx_lm only."""
+    quantized = config.extra.get("quantization")
+    if quantized:
+        bits = quantized.get("bits", "?") if isinstance(quantized, dict) else "?"
+        raise ValueError(
+            f"{source} holds {bits}-bit quantized weights, which only customllm_mlx and mlx_lm "
+            "read; use the full-precision folder it was quantized from"
+        )
 
 
 def check_loaded(folder: str | Path, config: ModelConfig, tokenizer, non_finite: list[str]) -> None:

@@ -23,6 +23,7 @@ from customllm.checkpoint import (
     CONFIG_NAME,
     TOKENIZER_FILES,
     WEIGHTS_NAME,
+    check_not_quantized,
     check_not_source,
     check_replaceable,
     check_weights,
@@ -101,6 +102,7 @@ def read_config(folder: Path) -> ModelConfig:
 
 def canonical_numpy_weights(folder: Path, config: ModelConfig) -> dict[str, np.ndarray]:
     """The folder's weights under canonical keys, checked against `config`, in canonical order."""
+    check_not_quantized(config, str(folder))
     weights, source = read_numpy_weights(folder)
     weights = unstack_experts(strip_wrapper_prefixes(weights))
     check_weights(weights, config, source=source)

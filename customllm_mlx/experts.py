@@ -85,6 +85,43 @@ class StackedExpertLinear(nn.Module):
             return out.astype(x.dtype)
         return mx.gather_mm(x, weight, rhs_indices=expert, sorted_indices=sorted_indices)
 
+    def to_quantized(self, group_size: int | None = None, bits: int | None = None, **kwargs):
+        """`nn.quantize` (and mlx_lm's convert -q) turns the experts into this."""
+        return QuantizedStackedExpertLinear.from_stacked(self, group_size, bits, **kwargs)
+
+
+class QuantizedStackedExpertLinear(nn.Module):
+    """StackedExpertLinear with quantized weights (`mx.quantize` per expert's rows), applied
+    with `mx.gather_qmm`. Keys: weight (packed), scales, biases (affine mode)."""
+
+    def __init__(self, weight, scales, biases, group_size: int, bits: int, mode: str = "affine"):
+        super().__init__()
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+        self.weight, self.scales = weight, scales
+        if biases is not None:
+            self.biases = biases
+        self.freeze()
+
+    @classmethod
+    def from_stacked(cls, layer, group_size=None, bits=None, mode="affine", **kwargs):
+        group_size, bits = group_size or 64, bits or 4
+        weight, scales, *biases = mx.quantize(layer.weight, group_size, bits, mode=mode)
+        return cls(weight, scales, biases[0] if biases else None, group_size, bits, mode)
+
+    def __call__(self, x: mx.array, expert: mx.array, sorted_indices: bool = True) -> mx.array:
+        return mx.gather_qmm(
+            x,
+            self.weight,
+            self.scales,
+            self.get("biases"),
+            rhs_indices=expert,
+            transpose=True,
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+            sorted_indices=sorted_indices,
+        )
+
 
 # multiply-adds of a block GEMM that OpenBLAS runs unpacked (its small-matrix kernel), at most;
 # 0 where the BLAS has no such kernel (another core, Accelerate, the reference BLAS): there

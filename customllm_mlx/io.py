@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from customllm.checkpoint import (
     CONFIG_NAME,
@@ -42,13 +44,21 @@ def load(path: str | Path, dtype: mx.Dtype | str | None = None) -> tuple[CustomL
         weights = mx.load(str(weights_path))
     except Exception as err:
         raise ValueError(f"cannot read {weights_path}: {err}") from err
-    weights = unstack_experts(strip_wrapper_prefixes(weights))
-    check_weights(weights, config, source=str(weights_path))
-    if dtype is not None:
-        weights = {k: cast(k, v, dtype) for k, v in weights.items()}
-
     model = CustomLLM(config)  # the random init is lazy and is replaced before it is computed
-    model.load_weights(list(model.sanitize(weights).items()), strict=True)
+    quantization = config.extra.get("quantization")
+    if quantization:  # mlx_lm's layout: the model's own keys, experts stacked
+        weights = strip_wrapper_prefixes(weights)
+        quantize(model, quantization, lambda p: f"{p}.scales" in weights)
+        try:
+            model.load_weights(list(weights.items()), strict=True)
+        except ValueError as err:
+            raise ValueError(f"{weights_path} does not fit config.json: {err}") from err
+    else:
+        weights = unstack_experts(strip_wrapper_prefixes(weights))
+        check_weights(weights, config, source=str(weights_path))
+        if dtype is not None:
+            weights = {k: cast(k, v, dtype) for k, v in weights.items()}
+        model.load_weights(list(model.sanitize(weights).items()), strict=True)
     mx.eval(model.parameters())
     model.eval()
     tokenizer = load_folder_tokenizer(path)
@@ -83,6 +93,41 @@ def save(
 
     def write_weights(file: Path) -> None:
         mx.save_safetensors(str(file), weights, metadata={"format": "pt"})
+
+    return save_model_folder(path, config, write_weights, tokenizer)
+
+
+def quantize(model: CustomLLM, settings: dict, chosen=None) -> None:
+    """Quantize `model` in place as config.json's "quantization" says ({group_size, bits,
+    mode}, and per-layer entries as mlx_lm writes them): every layer `chosen(path)` accepts,
+    else every layer `model.quant_predicate` keeps (not the routers) whose width the group
+    size divides."""
+    group_size, bits = settings.get("group_size", 64), settings.get("bits", 4)
+
+    def predicate(path: str, module: nn.Module):
+        if not hasattr(module, "to_quantized"):
+            return False
+        if chosen is not None:
+            if not chosen(path):
+                return False
+            return settings.get(path, True)  # a layer quantized its own way, as mlx_lm writes
+        return model.quant_predicate(path, module) and module.weight.shape[-1] % group_size == 0
+
+    mode = settings.get("mode", "affine")
+    nn.quantize(model, group_size, bits, mode=mode, class_predicate=predicate)
+
+
+def save_quantized(
+    model: CustomLLM, path: str | Path, settings: dict, tokenizer: object | None = None
+) -> Path:
+    """Write a quantized model's folder as mlx_lm does: its own keys (experts stacked, with
+    scales and biases), config.json with "quantization"."""
+    config = ModelConfig.from_dict({**model.model_config.to_dict(), "quantization": settings})
+    weights = dict(tree_flatten(model.parameters()))
+    mx.eval(weights)
+
+    def write_weights(file: Path) -> None:
+        mx.save_safetensors(str(file), weights, metadata={"format": "mlx"})
 
     return save_model_folder(path, config, write_weights, tokenizer)
 

@@ -18,6 +18,7 @@ from customllm.config import ModelConfig
 from customllm_mlx.experts import (
     CPU_BLOCK_ROWS,
     SORT_MIN_PAIRS,
+    StackedExpertLinear,
     StackedExperts,
     blocks_to_pairs,
     cpu_block_rows,
@@ -381,7 +382,10 @@ class LlamaMLP(nn.Module):
 
     def blocked_dispatch(self, pairs: int) -> bool:
         """Whether `pairs` token-expert pairs (sorted) take the blocked CPU dispatch."""
-        return mx.default_device() == mx.cpu and pairs >= self.num_experts * CPU_BLOCK_ROWS
+        plain = isinstance(self.routed_experts.up_proj, StackedExpertLinear)  # not quantized
+        return (
+            plain and mx.default_device() == mx.cpu and pairs >= self.num_experts * CPU_BLOCK_ROWS
+        )
 
     def block_rows(self, pairs: int) -> int:
         """Rows per block of the blocked CPU dispatch (`experts.cpu_block_rows`)."""
@@ -536,6 +540,11 @@ class CustomLLM(nn.Module):
     @property
     def layers(self) -> list[DecoderLayer]:
         return self.decoder_layers
+
+    def quant_predicate(self, path: str, module: nn.Module) -> bool:
+        """What quantization leaves in full precision (`nn.quantize`'s class_predicate, read
+        by mlx_lm's convert -q): the routers, whose scores decide the experts."""
+        return not path.endswith("mlp.router")
 
     def make_cache(self) -> list[LatentKVCache]:
         return [LatentKVCache() for _ in self.decoder_layers]

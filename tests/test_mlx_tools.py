@@ -1,0 +1,115 @@
+"""MLX users' own tools on CustomLLM model folders: quantization (this package's command and
+mlx_lm's convert -q), mlx_lm's loader and generation on quantized folders."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("mlx_lm")
+
+import mlx.core as mx  # noqa: E402
+import mlx_lm  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+from customllm.config import ModelConfig  # noqa: E402
+from customllm_mlx.cli import main as mlx_cli  # noqa: E402
+from customllm_mlx.generate import stream_generate  # noqa: E402
+from customllm_mlx.io import load, save  # noqa: E402
+from customllm_mlx.model import CustomLLM  # noqa: E402
+
+PROMPT = "Once upon a time"
+CONVERT_DIR = Path(__file__).resolve().parents[1] / "convert"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, builtin_tokenizer):
+    """A random model at widths that quantize in groups of 32 (973m's ratios, narrow)."""
+    config = ModelConfig.from_preset(
+        "tiny", vocab_size=512, hidden_size=128, q_latent_dim=64, kv_latent_dim=64,
+        intermediate_size=256, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=64,
+        initializer_range=0.1, max_position_embeddings=128,
+    )  # fmt: skip
+    mx.random.seed(0)
+    path = tmp_path_factory.mktemp("mlx-tools") / "model"
+    save(CustomLLM(config), path, tokenizer=builtin_tokenizer)
+    return path
+
+
+def greedy(model, tokenizer, n=12) -> list[int]:
+    return [r.token for r in stream_generate(model, tokenizer, PROMPT, max_tokens=n)]
+
+
+def theirs(path, n=12) -> list[int]:
+    model, tokenizer = mlx_lm.load(str(path), trust_remote_code=True)
+    return [r.token for r in mlx_lm.stream_generate(model, tokenizer, PROMPT, max_tokens=n)]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_command_writes_a_folder_both_loaders_generate_alike_from(folder, tmp_path, bits):
+    out = tmp_path / f"q{bits}"
+    argv = ["quantize", "--model", str(folder), "--out", str(out), "--bits", str(bits)]
+    result = CliRunner().invoke(mlx_cli, [*argv, "--group-size", "32"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == bits
+    with safe_open(out / "model.safetensors", "np") as f:
+        keys = set(f.keys())
+    assert "decoder_layers.0.mlp.routed_experts.gate_proj.scales" in keys  # experts quantized
+    assert "decoder_layers.0.self_attn.k_proj_u.scales" in keys
+    assert "decoder_layers.0.mlp.router.scales" not in keys  # the router stays full precision
+
+    model, tokenizer = load(out)
+    ours = greedy(model, tokenizer)
+    assert theirs(out) == ours
+    per_weight = float(result.output.split(", ")[-1].split()[0])
+    assert per_weight < {4: 6.1, 8: 10.1}[bits]  # bfloat16 scales and biases per 32 weights
+
+    again = CliRunner().invoke(mlx_cli, [*argv, "--group-size", "32"])
+    assert again.exit_code != 0 and "exists and is not empty" in again.output
+
+
+def test_mlx_lm_convert_q_folders_load_here_and_the_converters_refuse_them(folder, tmp_path):
+    from mlx_lm import convert
+
+    out = tmp_path / "mlx-lm-q4"
+    convert(str(folder), str(out), quantize=True, q_bits=4, q_group_size=32, trust_remote_code=True)
+    model, tokenizer = load(out)
+    assert greedy(model, tokenizer) == theirs(out)
+
+    spec = importlib.util.spec_from_file_location("mlx_to_torch", CONVERT_DIR / "mlx_to_torch.py")
+    mlx_to_torch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mlx_to_torch)
+    result = CliRunner().invoke(
+        mlx_to_torch.main, ["--src", str(out), "--dst", str(tmp_path / "torch")]
+    )
+    assert result.exit_code != 0 and "quantized" in result.output
+    assert not (tmp_path / "torch").exists()
+
+
+def test_a_quantized_model_generates_what_its_full_forward_predicts(folder, tmp_path):
+    from customllm_mlx.io import quantize
+
+    model, tokenizer = load(folder)
+    quantize(model, {"group_size": 32, "bits": 4})
+    tokens = greedy(model, tokenizer, n=8)
+    ids = tokenizer.encode(PROMPT, add_special_tokens=False) + tokens
+    logits = model(mx.array([ids]))[0]
+    predicted = mx.argmax(logits[len(ids) - len(tokens) - 1 : -1], axis=-1).tolist()
+    assert predicted == tokens
+
+
+def test_routed_experts_quantize_with_the_model(folder):
+    from customllm_mlx.experts import QuantizedStackedExpertLinear
+    from customllm_mlx.io import quantize
+
+    model, _ = load(folder)
+    quantize(model, {"group_size": 32, "bits": 4})
+    mlp = model.layers[0].mlp
+    assert isinstance(mlp.routed_experts.gate_proj, QuantizedStackedExpertLinear)
+    assert type(mlp.router).__name__ == "Linear"
+    assert dataclasses.is_dataclass(model.model_config)
