@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The prepared GPU run of the benchmarks (issue 6): on a lent CUDA machine, in one command,
+# The prepared GPU run of the benchmarks (docs/benchmarks.md): on a CUDA machine, in one command,
 #   1. bench_train.py, torch rows (ours and transformers' DeepseekV3), 973m, bfloat16 autocast
 #      with float32 weights (as `customllm-torch train --dtype bfloat16`), batch 8 x 256 (the
-#      issue's configuration), MFU against the bf16 GEMM peak measured in the same run;
+#      benchmark configuration), MFU against the bf16 GEMM peak measured in the same run;
 #   2. the same with torch.compile;
 #   3. `customllm-torch train` itself for a few steps on that device (tokens/s from its log);
 #      stage product_compiled: the same with `--compile ${PRODUCT_COMPILE_MODE:-default}`;
@@ -24,7 +24,7 @@
 # bench_generate.py's torch rows, prefill and decode, with ours' per-expert loop as a row on
 # CUDA; a call returns at most 8 files, and each
 # step writes a log and a JSON); DEADLINE (seconds, 0 = none) stops each step at what is left
-# of it, so a lease's limit cuts a step, not the whole run and its files; RUN_DIR is where
+# of it, so a time limit cuts a step, not the whole run and its files; RUN_DIR is where
 # step 3 writes its 973m checkpoint (not OUT, whose files travel back); TORCH_ONLY, the --only
 # of step 1 (default: every eager torch row); TORCH_COMPILED_ONLY, step 2's (default: both;
 # transformers' compiled model ran out of 5 minutes on an H200: 'customllm/torch/compiled'
