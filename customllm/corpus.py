@@ -80,6 +80,8 @@ class DataSource:
     kind: str  # "builtin" | "files" | "hub"
     spec: str  # canonical form: "builtin", a resolved path or pattern, or "name[:config]"
     files: tuple[Path, ...] = ()
+    # mlx_lm's layout (a folder with train.jsonl): valid.jsonl is the held-out split, by file
+    heldout_files: tuple[Path, ...] = ()
     name: str = ""
     config: str | None = None
 
@@ -96,6 +98,9 @@ def parse_source(spec: str | Path) -> DataSource:
         if not files:
             raise FileNotFoundError(f"no {'/'.join(FILE_SUFFIXES)} files match {text!r}")
         return DataSource("files", str(path.absolute()), files)
+    if path.is_dir() and (path / "train.jsonl").is_file():
+        valid = (path / "valid.jsonl",) if (path / "valid.jsonl").is_file() else ()
+        return DataSource("files", str(path.resolve()), (path / "train.jsonl",), valid)
     if path.is_dir():
         files = tuple(
             sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES)

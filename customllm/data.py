@@ -14,6 +14,7 @@ stored and resuming costs at most one re-read of the current file.
 from __future__ import annotations
 
 import base64
+import dataclasses
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,6 +90,10 @@ class StreamDataset:
         if shuffle_buffer < 0 or not 0.0 <= heldout_fraction < 1.0:
             raise ValueError("shuffle_buffer must be >= 0 and heldout_fraction in [0, 1)")
         self.source = source if isinstance(source, DataSource) else parse_source(source)
+        if self.source.heldout_files and split != "all":  # split by file, not by document
+            files = self.source.files if split == "train" else self.source.heldout_files
+            self.source = dataclasses.replace(self.source, files=files, heldout_files=())
+            split = "all"
         self.tokenizer = tokenizer
         self.seq_len = seq_len
         self.text_column = text_column

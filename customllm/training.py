@@ -193,7 +193,8 @@ OPTION_HELP = {
     "preset": "Model size of a new model (default: small).",
     "config": "config.json of a new model (instead of --preset).",
     "init": "Start from the weights of this model folder (fresh optimizer).",
-    "data": "builtin, a .txt/.jsonl/.parquet path or folder, or a hub dataset name[:config]. "
+    "data": "builtin, a .txt/.jsonl/.parquet path or folder (one with mlx_lm's train.jsonl: "
+    "trains on it, evaluates on valid.jsonl), or a hub dataset name[:config]. "
     "Default: builtin (tiny, small), the hub corpus (973m).",
     "eval_data": "Text to evaluate on. Default: the held-out split of --data.",
     "text_column": "Field holding the text in .jsonl/.parquet/hub rows.",

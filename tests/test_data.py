@@ -146,6 +146,18 @@ def test_resume_refuses_a_data_folder_whose_files_changed(tok, tmp_path):
     StreamDataset(folder, tok, 7).load_state_dict(state)
 
 
+def test_an_mlx_lm_data_folder_trains_on_train_jsonl_and_holds_out_valid_jsonl(tok, tmp_path):
+    for name, docs in [("train", DOCS[:3]), ("valid", DOCS[3:]), ("test", ["Never read."])]:
+        rows = "".join(json.dumps({"text": d}) + "\n" for d in docs)
+        (tmp_path / f"{name}.jsonl").write_text(rows, encoding="utf-8")
+    train = StreamDataset(tmp_path, tok, 7, loop=False)
+    blocks = np.concatenate(list(train))
+    np.testing.assert_array_equal(blocks, expected_stream(tok, DOCS[:3])[: len(blocks)])
+    assert len(blocks) > len(expected_stream(tok, DOCS[:3])) - 8  # every document, none held out
+    heldout = np.concatenate(eval_batches(None, tmp_path, tok, 7, 2)).reshape(-1)
+    np.testing.assert_array_equal(heldout, expected_stream(tok, DOCS[3:])[: len(heldout)])
+
+
 def test_resume_on_real_corpus_with_shuffle_and_ranks(tok):
     kwargs = dict(shuffle_buffer=16, seed=7, rank=1, world_size=2)
     reference = take(StreamDataset(TRAIN_TXT, tok, 128, **kwargs), 60)
