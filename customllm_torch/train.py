@@ -67,6 +67,7 @@ from customllm.training import (
     train_options,
 )
 from customllm_torch import io
+from customllm_torch.balancing import ExpertBiasCallback
 from customllm_torch.generate import generate, peak_memory_gb, resolve_device
 from customllm_torch.model import CustomLLM
 
@@ -193,10 +194,11 @@ class CustomLLMTrainer(Trainer):
         self.metrics, self.stop = metrics, stop
         self.start_step, self.tokens_seen = start_step, tokens_seen
         self.remove_callback(PrinterCallback)
+        self.expert_bias = ExpertBiasCallback()  # first: StepCallback logs the loads it applied
+        self.add_callback(self.expert_bias)
         self.add_callback(StepCallback(self))
         self._loss_sum = torch.zeros((), device=args.device)
         self._micro_batches = 0
-        self._routing: torch.Tensor | None = None
         self._step_started = time.perf_counter()
         self.last_loss = self.last_eval_loss = None
 
@@ -219,8 +221,6 @@ class CustomLLMTrainer(Trainer):
         if model.training:
             self._loss_sum += lm_loss.detach()
             self._micro_batches += 1
-            routing = out.routing.detach()
-            self._routing = routing if self._routing is None else self._routing + routing
         return (loss, out) if return_outputs else loss
 
     def create_optimizer(self, model=None):
@@ -281,10 +281,10 @@ class CustomLLMTrainer(Trainer):
 
     def after_update(self, model: CustomLLM, control) -> None:
         step, cfg = self.state.global_step, self.cfg
-        routing = _all_reduce(self._routing)  # (layers, 2, experts), whole global batch
-        model.update_expert_bias(routing)
+        # (layers, 2, experts) over the whole global batch, applied by ExpertBiasCallback
+        routing = self.expert_bias.collector.last_routing
         self._loss_sum.zero_()
-        self._micro_batches, self._routing = 0, None
+        self._micro_batches = 0
         tokens = cfg.tokens_per_step(self.args.world_size)
         self.tokens_seen += tokens
         seconds = time.perf_counter() - self._step_started

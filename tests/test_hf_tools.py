@@ -125,3 +125,33 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(folder):
     torch.testing.assert_close(checkpointed_loss, loss, atol=0, rtol=0)
     for name, grad in grads.items():
         torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_a_plain_trainer_balances_the_experts_with_the_callback(folder, tmp_path):
+    """Without ExpertBiasCallback a plain Trainer never moves the expert bias; with it, each
+    optimizer step moves the bias as this package's trainers do (`update_expert_bias` over the
+    step's routing)."""
+    from transformers import Trainer, TrainingArguments
+
+    from customllm_torch import ExpertBiasCallback
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer(" ".join(PROMPTS), return_tensors="pt").input_ids[0]
+    data = [{"input_ids": ids, "labels": ids}]
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=1,
+        learning_rate=0.0, report_to="none", save_strategy="no", use_cpu=True,
+    )  # fmt: skip
+
+    def trained(callbacks):
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks).train()
+        return torch.stack([layer.mlp.expert_bias for layer in model.decoder_layers])
+
+    assert not trained([]).any()
+    biased = trained([ExpertBiasCallback()])
+    reference = AutoModelForCausalLM.from_pretrained(folder).train()
+    reference.update_expert_bias(reference(input_ids=ids[None], labels=ids[None]).routing)
+    expected = torch.stack([layer.mlp.expert_bias for layer in reference.decoder_layers])
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(biased, expected)
