@@ -85,3 +85,39 @@ def prepare_init(
     except TrainingError as err:
         raise click.ClickException(f"{err} (tokenizer {tokenizer!r})") from err
     return config, tok, out_dir
+
+
+def export_command(framework: str, load: Callable) -> click.Command:
+    """`export` for one framework's CLI; `load(folder)` checks that the model opens there."""
+
+    @click.command("export")
+    @click.option(
+        "--model",
+        "model_dir",
+        required=True,
+        type=click.Path(file_okay=False, exists=True),
+        help="A model folder or checkpoint.",
+    )
+    @click.option("--out", required=True, type=click.Path(file_okay=False), help="New folder.")
+    @click.option("--force", is_flag=True, help="Replace --out if it holds a model folder.")
+    def export(model_dir: str, out: str, force: bool) -> None:
+        """A hub-ready folder: the model without optimizer or training state, a model card,
+        generation_config.json and the modeling code transformers runs with
+        trust_remote_code=True where this package is not installed."""
+        from customllm.checkpoint import check_not_source
+        from customllm.export import export_folder
+
+        if Path(out).exists() and any(Path(out).iterdir()) and not force:
+            raise click.UsageError(
+                f"--out {out} exists and is not empty; add --force to replace it"
+            )
+        try:
+            check_not_source(out, model_dir)
+            check_replaceable(out)
+            load(model_dir)  # the weights open and hold no NaN; the tokenizer fits
+            export_folder(model_dir, out, framework)
+        except (OSError, ValueError) as err:
+            raise click.ClickException(str(err)) from err
+        click.echo(f"wrote {out}: upload it with `huggingface-cli upload NAME {out}`")
+
+    return export

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 import customllm_mlx  # noqa: F401  (first: preloads OpenBLAS before mlx.core is imported)
-from customllm.cli import init_options, prepare_init
+from customllm.cli import export_command, init_options, prepare_init
 
 
 @click.group()
@@ -81,6 +81,10 @@ from customllm_mlx.train import eval_command, train_command  # noqa: E402
 
 main.add_command(train_command)
 main.add_command(eval_command)
+
+from customllm_mlx.io import load  # noqa: E402
+
+main.add_command(export_command("mlx", load))
 
 
 if __name__ == "__main__":

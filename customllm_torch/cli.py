@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 import torch
 
-from customllm.cli import init_options, prepare_init
-from customllm_torch.io import save
+from customllm.cli import export_command, init_options, prepare_init
+from customllm_torch.io import load, save
 from customllm_torch.model import CustomLLM
 
 
@@ -39,6 +39,8 @@ from customllm_torch.train import eval_command, train_command  # noqa: E402
 
 main.add_command(train_command)
 main.add_command(eval_command)
+
+main.add_command(export_command("torch", load))
 
 
 if __name__ == "__main__":

@@ -155,3 +155,54 @@ def test_a_plain_trainer_balances_the_experts_with_the_callback(folder, tmp_path
     expected = torch.stack([layer.mlp.expert_bias for layer in reference.decoder_layers])
     assert expected.abs().max() > 0
     torch.testing.assert_close(biased, expected)
+
+
+BLOCKED_PACKAGE = """
+import importlib.abc, json, sys
+class Blocked(importlib.abc.MetaPathFinder):  # as if the package were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("customllm", "customllm_torch", "customllm_mlx"):
+            raise ImportError(name)
+sys.meta_path.insert(0, Blocked())
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
+out = model.generate(**tokenizer(sys.argv[2], return_tensors="pt"), max_new_tokens=8)
+print(json.dumps([type(model).__module__, out[0].tolist()]))
+"""
+
+
+def test_an_exported_folder_loads_and_generates_without_the_package(folder, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from click.testing import CliRunner
+
+    from customllm_torch.cli import main as torch_cli
+
+    (folder / "optimizer.safetensors").write_bytes(b"")  # what a checkpoint holds beside
+    (folder / "training_state.json").write_text('{"step": 7, "tokens_seen": 1234}')
+    out = tmp_path / "hub"
+    result = CliRunner().invoke(torch_cli, ["export", "--model", str(folder), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    names = {p.name for p in out.iterdir()}
+    assert {"modeling_customllm.py", "generation_config.json", "README.md"} <= names
+    assert not names & {"optimizer.safetensors", "training_state.json"}
+    assert json.loads((out / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"]
+    assert "1,234 tokens in 7 steps" in (out / "README.md").read_text()
+
+    done = subprocess.run(
+        [sys.executable, "-c", BLOCKED_PACKAGE, str(out), PROMPTS[0]],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    module, tokens = json.loads(done.stdout.splitlines()[-1])
+    assert module.startswith("transformers_modules.")  # the folder's code, not the package's
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    batch = tokenizer(PROMPTS[0], return_tensors="pt")
+    assert tokens == model.generate(**batch, max_new_tokens=8, do_sample=False)[0].tolist()
+
+    again = CliRunner().invoke(torch_cli, ["export", "--model", str(folder), "--out", str(out)])
+    assert again.exit_code != 0 and "--force" in again.output

@@ -113,3 +113,11 @@ def test_routed_experts_quantize_with_the_model(folder):
     assert isinstance(mlp.routed_experts.gate_proj, QuantizedStackedExpertLinear)
     assert type(mlp.router).__name__ == "Linear"
     assert dataclasses.is_dataclass(model.model_config)
+
+
+def test_export_writes_a_folder_this_package_and_mlx_lm_load(folder, tmp_path):
+    out = tmp_path / "hub"
+    result = CliRunner().invoke(mlx_cli, ["export", "--model", str(folder), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "modeling_customllm.py").is_file() and (out / "README.md").is_file()
+    assert greedy(*load(out)) == theirs(out) == greedy(*load(folder))
