@@ -76,6 +76,14 @@ class LatentKVCache:
     def meta_state(self, value):
         pass
 
+    def to_quantized(self, group_size: int = 64, bits: int = 4):
+        """mlx_lm's `--kv-bits` asks each cache for this."""
+        raise ValueError(
+            "--kv-bits: CustomLLM's cache already holds a compressed latent "
+            f"({self.c_kv.shape[-1] if self.c_kv is not None else '?'} numbers per token and "
+            "layer, plus the rope keys) and is not quantized further; leave --kv-bits out"
+        )
+
     def is_trimmable(self) -> bool:
         return True
 

@@ -121,3 +121,14 @@ def test_export_writes_a_folder_this_package_and_mlx_lm_load(folder, tmp_path):
     assert result.exit_code == 0, result.output
     assert (out / "modeling_customllm.py").is_file() and (out / "README.md").is_file()
     assert greedy(*load(out)) == theirs(out) == greedy(*load(folder))
+
+
+def test_kv_bits_is_refused_with_a_clear_message(folder):
+    """mlx_lm's --kv-bits asks each cache for to_quantized: the latent cache says why not."""
+    from mlx_lm.generate import maybe_quantize_kv_cache
+
+    model, _ = load(folder)
+    cache = model.make_cache()
+    model(mx.array([[1, 2, 3]]), cache=cache)
+    with pytest.raises(ValueError, match="--kv-bits: CustomLLM's cache already holds a compressed"):
+        maybe_quantize_kv_cache(cache, quantized_kv_start=0, kv_group_size=64, kv_bits=4)
