@@ -1,8 +1,8 @@
 """Make MLX's Linux CPU backend use an optimised BLAS.
 
-The Linux `mlx[cpu]` wheel links a reference BLAS (~2.6 GFLOP/s for float32 matmul here).
-Loading OpenBLAS with RTLD_GLOBAL before the first `import mlx.core` makes MLX's BLAS symbols
-resolve to it (~125 GFLOP/s on 2 cores). Set CUSTOMLLM_NO_OPENBLAS=1 to opt out, or
+The Linux `mlx[cpu]` wheel links a reference BLAS, far slower for float32 matmuls
+(docs/benchmarks.md). Loading OpenBLAS with RTLD_GLOBAL before the first `import mlx.core`
+makes MLX's BLAS symbols resolve to it. Set CUSTOMLLM_NO_OPENBLAS=1 to opt out, or
 CUSTOMLLM_OPENBLAS=/path/to/libopenblas.so to choose the library. `threads` / `set_threads`
 read and set its thread count (cpu_streams.py runs its training step on fewer).
 """

@@ -3,9 +3,9 @@
 MLX's CPU allocator caches at most 32 MiB of freed buffers (`CommonAllocator` in
 mlx/backend/no_gpu/allocator.cpp); Metal's cache is as large as its memory limit. Past 32 MiB,
 every buffer a step frees goes back to the OS and the next step's allocation comes back as
-fresh, zero-filled pages. On the 2-core test machine a 50M-float `x + 1` took 143 ms with the
-default cache and 15 ms with a large one, and a small-preset training step 4.4 s against 3.7 s
-(`python scripts/bench_train.py --preset small`, rows compiled and compiled-mlxcache).
+fresh, zero-filled pages: large elementwise ops and the training step run markedly slower
+(docs/benchmarks.md, "MLX's CPU buffer cache"; `python scripts/bench_train.py`, rows compiled
+and compiled-mlxcache).
 """
 
 from __future__ import annotations

@@ -1,20 +1,18 @@
 """Data parallel over MLX CPU streams, inside one process, for MLX's Linux CPU backend.
 
 MLX runs every CPU op on its stream's one thread; only the matmuls (OpenBLAS) use more cores.
-On the 2-core test machine an OpenBLAS thread therefore spins idle through the ~30% of a
-training step that is elementwise work, gathers and small matmuls (perf: small preset). The
-training step can instead split each micro-batch into `parts` equal slices, run each slice's
-forward and backward on its own CPU stream (its own thread) with OpenBLAS at cores / parts
-threads, and average the gradients: the same update to float32 rounding, every core busy.
+On a 2-core CPU an OpenBLAS thread therefore spins idle through the part of a training step
+that is elementwise work, gathers and small matmuls. The training step can instead split each
+micro-batch into `parts` equal slices, run each slice's forward and backward on its own CPU
+stream (its own thread) with OpenBLAS at cores / parts threads, and average the gradients: the
+same update to float32 rounding, every core busy.
 
 MLX orders an evaluation breadth-first only up to `MLX_BFS_MAX_WIDTH` (20) arrays wide, then
 depth-first, and keeps at most 10 tasks in flight: at 20 the slices' ops reach the streams one
-slice after the other and the split step ran at 0.62x (small preset). `import customllm_mlx`
+slice after the other, and the split step is slower than one stream. `import customllm_mlx`
 therefore sets MLX_BFS_MAX_WIDTH (unless set) where it loads OpenBLAS, before MLX reads it, and
-the split is used only there. `python scripts/bench_train.py --preset tiny|small` (rows
-compiled and compiled-onestream): tiny 3,539 against 2,590 tokens/s (1.37x), small 875 against
-775 (1.13x), and steadier (the one-stream step swings by ~20% from run to run here); peak
-memory +0.07 GiB (tiny).
+the split is used only there. `python scripts/bench_train.py --preset tiny|small` compares the
+two (rows compiled and compiled-onestream; docs/benchmarks.md, "Two CPU streams").
 
 `CUSTOMLLM_CPU_STREAMS=N` forces N slices (1: no split); by default 2 where OpenBLAS was loaded
 with 2 threads or more, in a single-process run, with an even batch. CPU device only.
@@ -71,9 +69,8 @@ def sliced_value_and_grad(model, loss_and_grad: Callable, parts: int, compiled: 
     apart from them. One compile over all slices merges their identical ops (MLX's compile
     merges equal constants and the broadcasts of them, whatever their stream) onto the first
     slice's stream, where the other slices' fused kernels cannot absorb them and read them as
-    strided inputs: the second half's elementwise kernels ran their slow strided variants
-    (perf), and the compiled tiny / small step took 683 / 2,353 ms against 549 / 2,172 with
-    the slices compiled apart (same-process A/B, one-off)."""
+    strided inputs, and the second half's elementwise kernels run their slow strided variants
+    (docs/benchmarks.md, "Two CPU streams")."""
     if parts == 1:
         return lambda inputs, targets: loss_and_grad(model, inputs, targets)
     slices = on_streams(

@@ -25,9 +25,8 @@ def _sigmoid(x: mx.array) -> mx.array:
 @mx.custom_function
 def sigmoid(x: mx.array) -> mx.array:
     """`mx.sigmoid` through `loss.exp`, for the router's scores; its gradient from the output.
-    Equals `mx.sigmoid` to float32 rounding, values and gradients (tests/test_model_mlx.py).
-    Same-process A/B of the tiny MoE layer fwd+bwd, one-off: compiled 14.70 -> 14.41 ms,
-    eager unchanged (23.78 / 23.85)."""
+    Equals `mx.sigmoid` to float32 rounding, values and gradients (tests/test_model_mlx.py);
+    faster in a compiled layer, as fast eager (docs/benchmarks.md)."""
     return _sigmoid(x)
 
 
@@ -41,14 +40,12 @@ def swiglu(gate: mx.array, up: mx.array) -> mx.array:
     """silu(gate) * up, the sigmoid through `loss.exp`: MLX's Linux CPU exp is slow (see
     loss.py). The same function as `nn.silu(gate) * up` to float32 rounding, values and
     gradients (tests/test_model_mlx.py); the MLP layers use it (`scripts/bench_moe.py`).
-    One custom function for the product (it was `silu(gate) * up`, silu the custom function):
-    its vjp forms both gradients in one compiled function (the sigmoid recomputed). On
-    (4,320, 128) numbers (one-off): fwd+bwd 4.5 ms against 8.1 outside `mx.compile`, the same
-    1.8 inside it; a compiled forward 1.3 against 2.2 (the custom function's output is
-    materialised, so the product after it was a pass more). Training steps: no change
-    (same-process A/B, tiny and small, compiled and eager).
+    One custom function for the product, not `silu(gate) * up` with silu the custom function:
+    a custom function's output is materialised, so the product after it would be one pass
+    more, and its vjp forms both gradients in one compiled function (the sigmoid recomputed).
     Its helpers are compiled; inside a transformation (`mx.grad` outside `mx.compile`) MLX
-    runs them op by op, so the gain over `nn.silu` is largest in a compiled step."""
+    runs them op by op, so the gain over `nn.silu` is largest in a compiled step
+    (docs/benchmarks.md)."""
     return gate * _sigmoid(gate) * up
 
 
@@ -129,11 +126,8 @@ class QuantizedStackedExpertLinear(nn.Module):
 SMALL_BLOCK_GEMM = 100**3 if _blas.small_gemm_kernel() else 0
 CHUNK_COLUMNS = 16  # output columns of a chunked block GEMM: a multiple of this (AVX-512 floats)
 # Input width from which a chunked forward reads its weight as a transposed view, uncopied
-# (the small kernel's NT form); narrower, it copies the weight into untransposed chunks.
-# Same-process A/Bs of the compiled layer (one-off), view against copy: 973m at 512 pairs per
-# CPU stream fwd 90.5 -> 73.0 ms, fwd+bwd 245 -> 227; at 2,048 pairs 736 -> 730; small (its
-# down projection only, 512 wide) 100.4 -> 98.1. A 256-wide input read as the view was
-# slower: 10.4 against 7.5 ms for small's gate over 2,240 rows (one thread).
+# (the small kernel's NT form); narrower, it copies the weight into untransposed chunks, which
+# the kernel reads faster there (docs/benchmarks.md, "Blocked MoE dispatch").
 CHUNK_VIEW_MIN_IN = 512
 
 
@@ -149,13 +143,8 @@ def chunk_columns(rows: int, d_in: int, d_out: int) -> int | None:
     does, or the blocks have more rows.
     A packed GEMM repacks its weight operand on every call, once per block here: a copy as
     large against the block's work as the block has few rows. The chunks' operands are read
-    unpacked. Same-process A/Bs, one projection over 2,240 rows, one thread (one-off),
-    forward and input gradient, whole -> chunked: 32-row blocks, small preset 8.3 -> 7.1 and
-    7.6 -> 7.1 ms (gate), 8.0 -> 6.8 and 8.0 -> 7.0 (down); 973m 74 -> 62 and 66 -> 72
-    (gate, 16-column chunks in the input gradient), 71 -> 61 and 69 -> 69 (down). 973m in
-    16-row blocks (chunks twice as wide): 60 and 64 (gate), 64 and 58 (down). 64-row blocks
-    amortise the packing, and there 16-column chunks were no faster (973m: 119 -> 121 and
-    117 -> 117, 118 -> 119 and 119 -> 134)."""
+    unpacked. 64-row blocks amortise the packing, so they are never chunked
+    (docs/benchmarks.md, "Blocked MoE dispatch")."""
     if rows > CPU_BLOCK_ROWS or small_block_gemm(rows, d_in, d_out):
         return None
     fits = [
@@ -179,13 +168,8 @@ def cpu_block_rows(hidden_size: int, intermediate_size: int, pairs: int, num_exp
     - else 64 where the padding that 64-row blocks add (half a block per expert, on
       average) is at most 1/16 of the pairs (a packed GEMM pays a fixed cost per call, a
       padded row a row's work), or 32.
-    Measured (same-process A/Bs of the compiled layer's fwd+bwd, 2 CPU streams, one-off):
-    16-row chunked blocks against 32-row chunked ones at 2,048 pairs per stream,
-    973m 809 -> 754 ms, small 101.6 -> 101.4; against 64-row whole blocks at 4,096 pairs,
-    973m 1,549 -> 1,417, small 195.6 -> 186.4. Before the chunks: 64 against 32 rows at
-    4,096 pairs, small 115 -> 110 ms, 973m 832 -> 797; tiny (small kernel) 15.0 -> 15.2 ms
-    with 64; a forward alone (prefill, small) at 256 / 512 / 1,024 / 2,048 pairs 7% / 4%
-    slower, equal, equal with 64 rows."""
+    The layer's fwd+bwd timings behind these choices: docs/benchmarks.md, "Blocked MoE
+    dispatch"."""
     if small_block_gemm(CPU_BLOCK_ROWS, hidden_size, intermediate_size):
         return CPU_BLOCK_ROWS
     shapes = ((hidden_size, intermediate_size), (intermediate_size, hidden_size))
@@ -209,9 +193,8 @@ def _block_gemm(x: mx.array, weight: mx.array, block_expert: mx.array, forward: 
     if columns is None:
         w = weight.swapaxes(-1, -2) if forward else weight  # (E, K, N)
         if forward and small_block_gemm(rows, K, N):
-            # untransposed operands: the small-matrix kernel runs them without packing (the
-            # 135 blocks of a tiny-preset projection: 0.75 ms against 1.04, one-off); packed
-            # blocks would only pay for the copy (small preset: the layer ~3% slower)
+            # untransposed operands: the small-matrix kernel runs them without packing;
+            # packed blocks would only pay for the copy (docs/benchmarks.md)
             w = mx.contiguous(w)
         return mx.gather_mm(x, w, rhs_indices=block_expert, sorted_indices=True)
     chunks = N // columns

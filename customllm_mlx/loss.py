@@ -1,7 +1,7 @@
 """Cross entropy for large vocabularies, written for speed on MLX's CPU backend.
 
-MLX's Linux CPU `exp` is slow (~13x torch's, 12 ns a number here) and `power(2, .)` not much
-better (4.3 ns), so on the CPU `exp` below is a compiled polynomial (1.5 ns); `softmax` uses it
+MLX's Linux CPU `exp` is slow and `power(2, .)` not much better, so on the CPU `exp` below is
+a compiled polynomial (docs/benchmarks.md, "MLX's exponential on the CPU"); `softmax` uses it
 (the CPU attention's).
 The backward pass recomputes the softmax from the log-sum-exp (recovered from the output) in
 one elementwise pass, and subtracts at the targets with a scatter instead of building an
@@ -16,7 +16,7 @@ import math
 import mlx.core as mx
 
 LOG2E = 1.0 / math.log(2.0)
-# below this many numbers `exp` takes power(2, .): one kernel, ~2x the time per number
+# below this many numbers `exp` takes power(2, .): one kernel, slower per number, no fixed cost
 POLY_MIN_SIZE = 8192
 _ROUND = 1.5 * 2**23  # float32 (y + _ROUND) - _ROUND is y rounded to an integer, for |y| < 2**22
 _ROUND_BITS = 0x4B400000  # the bits of _ROUND: adding n to them gives those of _ROUND + n
@@ -37,8 +37,7 @@ def _exp_cpu(x: mx.array) -> mx.array:
     # 2**y = 2**n * 2**f with n = round(y), f in [-1/2, 1/2]; 2**n written as float32 bits.
     # y is clipped to [-127, 128]: 2**-127 comes out 0 (exponent bits 0), 2**128 inf.
     # 2**f by Estrin's scheme, 4 ops deep where Horner's rule is 12: MLX's compiler fuses at
-    # most 11 deep, so Horner's chain cost a kernel more, and the compiled training step ran
-    # 6.5% (tiny) / 3% (small) slower with it (one-off same-process A/B).
+    # most 11 deep, so Horner's chain would cost one more pass over every logits chunk.
     y = mx.clip(x * LOG2E, -127.0, 128.0)
     shifted = y + _ROUND
     f = y - (shifted - _ROUND)
@@ -53,10 +52,10 @@ def exp(x: mx.array, lean: bool = False) -> mx.array:
     """e**x. On the CPU, for arrays of POLY_MIN_SIZE numbers or more, a polynomial compiled
     into a few fused kernels: as close to e**x as `mx.exp` (both within 1e-6 relative on
     [-20, 0], set by rounding x * log2(e) to float32), 0 below about e**-88 (float32's smallest
-    normal is e**-87.3), and on MLX's Linux CPU three times as fast as `power(2, .)`, seven times
-    `mx.exp` (`scripts/bench_loss.py`). It keeps about three arrays of x's size alive between
-    its kernels, and each kernel costs a fixed ~10 us: smaller arrays (decoding) and `lean`
-    callers (whole logits) take `power(2, x * log2 e)`, one kernel. Elsewhere `mx.exp`."""
+    normal is e**-87.3), and on MLX's Linux CPU faster than `power(2, .)` and `mx.exp`
+    (docs/benchmarks.md). It keeps about three arrays of x's size alive between its kernels,
+    and each kernel has a fixed cost: smaller arrays (decoding) and `lean` callers (whole
+    logits) take `power(2, x * log2 e)`, one kernel. Elsewhere `mx.exp`."""
     if mx.default_device() != mx.cpu:
         return mx.exp(x)
     if lean or x.size < POLY_MIN_SIZE:
@@ -110,7 +109,7 @@ IGNORE_INDEX = -100
 
 def _row_max(x: mx.array) -> mx.array:
     """x (R, V) -> (R, 1), the max of each row; on MLX's CPU first across 8 strided slices of
-    the row, then within the slice: 1.7x faster than x.max(-1) there."""
+    the row, then within the slice: faster than x.max(-1) there."""
     R, V = x.shape
     if V % 8 or mx.default_device() != mx.cpu:
         return x.max(-1, keepdims=True)
@@ -118,9 +117,9 @@ def _row_max(x: mx.array) -> mx.array:
 
 
 def default_chunk_rows(hidden_size: int) -> int:
-    """Rows per chunk of `linear_cross_entropy`. On CPU about hidden/2 (128..1024): at hidden 64
-    128 rows ran 1.15x faster than 64; at hidden 256, 256 or 512 rows only ~1.04x faster than
-    128 for 2-3x the peak memory (one-off sweep). On the GPU a large chunk keeps the GEMMs big."""
+    """Rows per chunk of `linear_cross_entropy`. On CPU about hidden/2 (128..1024): fewer rows
+    are slower, more cost peak memory for little speed (docs/benchmarks.md, "Fused lm_head").
+    On the GPU a large chunk keeps the GEMMs big."""
     if mx.default_device() != mx.cpu:
         return 2048
     return min(1024, max(128, (1 << max(hidden_size - 1, 1).bit_length()) // 2))
@@ -142,7 +141,7 @@ def _chunk_logits(h: mx.array, weight: mx.array, bias: mx.array | None) -> mx.ar
 
 def _chunk_softmax(logits: mx.array, targets: mx.array, ones: mx.array):
     """For a chunk of rows: e = exp(logits - row max), its row sums (R, 1) (`ones` (V, 1): a
-    GEMV, 6x faster than e.sum(-1) on MLX's CPU), the log-sum-exp and the target logits."""
+    GEMV, faster than e.sum(-1) on MLX's CPU), the log-sum-exp and the target logits."""
     m = mx.stop_gradient(_row_max(logits))
     e = exp(logits - m)
     e_sum = e @ ones
@@ -169,7 +168,7 @@ def _linear_cross_entropy(hidden, weight, bias, labels, chunk_rows):
             # addmm starts from a copy of its first operand; MLX's CPU copy from a broadcast
             # row is a slow general-strided loop, from a contiguous (rows, vocab) array a
             # memcpy: the rows are tiled once (one chunk's logits more memory) and copied
-            # from there (compiled tiny step 3%, small 1% faster; one-off same-process A/B)
+            # from there
             seed = mx.contiguous(seed)
     for start in range(0, hidden.shape[0], chunk_rows):
         h, t, s = (a[start : start + chunk_rows] for a in (hidden, targets, scale))
@@ -224,8 +223,7 @@ def linear_nll_sum(
     """(sum of the float32 cross entropies of `hidden @ weight.T + bias` against `labels`,
     number of labels counted), skipping -100: the loss alone, for evaluation, chunk by chunk
     as `linear_cross_entropy` (no (N, vocab) logits stored) but forming no gradient (a third
-    of its GEMMs). Held-out evaluation of the tiny preset (10 batches of 8 x 256): 8.2 s with
-    the logits and `cross_entropy`, 4.1 s with this, 2.6 s on two CPU streams (one-off)."""
+    of its GEMMs); held-out evaluation uses it (docs/benchmarks.md, "Held-out evaluation")."""
     hidden, labels, chunk_rows = _rows(hidden, labels, chunk_rows)
     valid = labels != IGNORE_INDEX
     targets = mx.where(valid, labels, 0)

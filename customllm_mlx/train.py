@@ -493,7 +493,7 @@ def _announce(metrics, cfg, model, world_size, resume, state, parts) -> None:
     if cfg.dtype == "bfloat16" and mx.default_device() == mx.cpu:
         metrics.print(
             "warning: bfloat16 on MLX's CPU backend: its bfloat16 matmuls use no BLAS (6 GFLOP/s "
-            "against 207 in float32 on a 2-core test machine, a tiny-preset step 7x slower); "
+            "against 207 in float32 on a 2-core CPU, a tiny-preset step 7x slower); "
             "float32 trains faster here"
         )
     if state:

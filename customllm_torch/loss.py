@@ -19,8 +19,8 @@ IGNORE_INDEX = -100
 def default_chunk_rows(hidden_size: int, device: torch.device) -> int:
     """Rows per chunk. On CPU twice the hidden size rounded up to a power of two (128..1024): with
     one exp pass and no (rows, vocab) scaling pass left, larger chunks win by keeping the GEMMs
-    big (hidden 64: 128 rows 1.28x faster than 32; hidden 256: 512 rows 1.12x faster than 128,
-    two threads, one-off sweep). On accelerators a large chunk keeps the GEMMs big."""
+    big (docs/benchmarks.md, "Fused lm_head"); on accelerators a large chunk, for the same
+    reason."""
     if device.type != "cpu":
         return 2048
     return min(1024, max(128, 2 << max(hidden_size - 1, 1).bit_length()))

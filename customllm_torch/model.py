@@ -393,7 +393,7 @@ class LlamaMLP(nn.Module):
         order = torch.argsort(flat_expert, stable=True)
         token_of_pair = order // self.top_k
         # (N * k, D), grouped by expert; index_select, whose backward is an index_add_, where
-        # indexing's is an accumulating index_put_ (tiny layer fwd+bwd 2-5% faster, one-off)
+        # indexing's is an accumulating index_put_, slower (docs/benchmarks.md)
         rows = x_flat.index_select(0, token_of_pair)
         if self.use_grouped(rows):
             out = self.grouped_experts(rows, load)

@@ -12,11 +12,11 @@ without the `sorted_indices` flag, one plain matmul per expert over its contiguo
 slice, the blocks' GEMMs whole where ours runs them in column chunks (small, 973m), and the
 layer without its routed GEMMs and without any routed experts (a breakdown of our time, and
 the floor of the ratio); in torch, ours with its grouped GEMMs (CUDA's layout; torch >= 2.10)
-beside the per-expert loop the CPU runs. The MLX rows run as `customllm-mlx train` runs its layers: on a
-multi-core Linux CPU the batch in two slices on two CPU streams (`--cpu-streams 1`: one
-stream, OpenBLAS on all cores; the definition before the eighth session). Last, it counts
-the nodes of the compiled fwd+bwd graphs of the dense layer and ours (`graph_ops`): on MLX's
-Linux CPU backend each node costs a fixed few microseconds besides its work.
+beside the per-expert loop the CPU runs. The MLX rows run as `customllm-mlx train` runs its
+layers: on a multi-core Linux CPU the batch in two slices on two CPU streams (`--cpu-streams 1`:
+one stream, OpenBLAS on all cores). Last, it counts the nodes of the compiled fwd+bwd graphs of
+the dense layer and ours (`graph_ops`): on MLX's Linux CPU backend each node costs a fixed few
+microseconds besides its work.
 
     python scripts/bench_moe.py --preset tiny --json bench_moe.json
 """
@@ -463,8 +463,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--no-input-grad",
         dest="input_grad",
         action="store_false",
-        help="backward forms the weight gradients only (before the seventh session: the "
-        "default then); by default it forms the input gradient too, as in a model",
+        help="backward forms the weight gradients only; by default it forms the input "
+        "gradient too, as in a model",
     )
     parser.add_argument(
         "--cpu-streams",

@@ -316,8 +316,8 @@ def test_bench_loss(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_bench_script_on_cpu(tmp_path):
-    """scripts/gpu_bench.sh, the prepared run for a lent CUDA machine, end to end on the CPU at
-    a minimal size: every step writes its table, JSON and log (about 2 minutes here)."""
+    """scripts/gpu_bench.sh, the prepared run for a CUDA machine, end to end on the CPU at a
+    minimal size: every step writes its table, JSON and log (slow: minutes on a small CPU)."""
     env = {
         **os.environ,
         "DEVICE": "cpu",
