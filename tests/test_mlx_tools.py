@@ -132,3 +132,32 @@ def test_kv_bits_is_refused_with_a_clear_message(folder):
     model(mx.array([[1, 2, 3]]), cache=cache)
     with pytest.raises(ValueError, match="--kv-bits: CustomLLM's cache already holds a compressed"):
         maybe_quantize_kv_cache(cache, quantized_kv_start=0, kv_group_size=64, kv_bits=4)
+
+
+def test_mlx_lm_lora_adapters_generate_as_the_fused_model(folder, tmp_path):
+    """`mlx_lm.lora` on a model folder, then generation with --adapter-path (unfused: the
+    absorbed decode reads the LoRA layers' effective matrices) equals the fused model's."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = "".join(
+        json.dumps({"text": f"Story {i}: once upon a time a cat sat."}) + "\n" for i in range(8)
+    )
+    for name in ("train", "valid"):
+        (data / f"{name}.jsonl").write_text(rows)
+    adapters, fused = tmp_path / "adapters", tmp_path / "fused"
+    common = ["--model", str(folder), "--adapter-path", str(adapters), "--trust-remote-code"]
+    train = [sys.executable, "-m", "mlx_lm", "lora", *common, "--train", "--data", str(data),
+             "--iters", "4", "--batch-size", "2", "--num-layers", "-1", "--learning-rate", "0.05",
+             "--val-batches", "1", "--steps-per-report", "4"]  # fmt: skip
+    fuse = [sys.executable, "-m", "mlx_lm", "fuse", *common, "--save-path", str(fused)]
+    for argv in (train, fuse):
+        done = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stderr[-3000:]
+    model, tokenizer = mlx_lm.load(str(folder), adapter_path=str(adapters), trust_remote_code=True)
+    assert type(model.layers[0].self_attn.k_proj_u).__name__ == "LoRALinear"
+    unfused = [r.token for r in mlx_lm.stream_generate(model, tokenizer, PROMPT, max_tokens=12)]
+    assert unfused == theirs(fused)
+    assert unfused != theirs(folder)  # the adapters changed the model
