@@ -91,7 +91,7 @@ class TrainConfig:
     eval_steps: int = 10
     save_every: int = 100
     keep_last: int = 3
-    log_every: int = 1
+    log_every: int = 10
     out: str = "runs/train"
     resume: str | None = None
     seed: int = 0
