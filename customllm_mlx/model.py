@@ -586,7 +586,8 @@ class CustomLLM(nn.Module):
     def lm_head_params(self) -> tuple[mx.array, mx.array | None]:
         """lm_head's weight and bias (None without one, `lm_head_bias`: False)."""
         head = self.lm_head
-        return head.weight, head["bias"] if "bias" in head else None
+        weight = head.weight if type(head) is nn.Linear else linear_weight(head)  # quantized
+        return weight, head["bias"] if "bias" in head else None
 
     def hidden_states(self, inputs, cache=None, absorb=None):
         """The last decoder layer's output (B, T, hidden), the aux loss and the routing
