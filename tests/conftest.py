@@ -1,12 +1,38 @@
-"""Shared fixtures: paths to the shared data and tokenizer, and tiny configs.
+"""Shared fixtures: the test corpus and tokenizer, the optional shared data, and tiny configs.
 
-The shared folder sits beside the repository (`../shared`), in CI as on the dev machines.
+The default suite needs nothing outside the repository. At import, this file writes the test
+data from the built-in corpus (`customllm.corpus.builtin_documents`, CPython's pydoc help
+topics), once per corpus version, into a cache folder under the system temp dir
+(`customllm-test-data-<hash>`, the hash of the files' text and the tokenizer settings; written
+in a scratch folder and renamed, so a half-written cache is never read):
+  - `TRAIN_TXT` (`train.txt`): the paragraphs of the built-in train topics, one document each,
+    separated by lines `<|endoftext|>` (the `.txt` format the loader reads). About 2,400
+    documents: the loader's hash split (`corpus.is_heldout`, 2%) holds out a few dozen of them.
+    A held-out paragraph whose text also occurs in the training split (a repeated line such as
+    "stop") is left out, so the two splits share no text;
+  - `HELDOUT_TXT` (`heldout.txt`, beside it): the paragraphs of the built-in held-out topics,
+    the same format, again without text that occurs in the training split;
+  - `TOKENIZER_DIR` (`tokenizer/`): a byte-level BPE of `TOKENIZER_VOCAB_SIZE` (4,096) tokens,
+    `customllm.tokenizer.train_tokenizer` on the train split of `TRAIN_TXT` (cosmo2's
+    pre-tokenizer and special tokens: id 0 `<|endoftext|>`, 1 `<|im_start|>`, 2 `<|im_end|>`).
+Models with the 973M preset's 49,152-token vocabulary (`COSMO2_VOCAB_SIZE`) accept it too.
+
+The shared folder beside the repository (`../shared`: TinyStories text and the 49,152-token
+cosmo2 tokenizer) is optional: the tests about those files themselves, and a slow run that
+needs simple English at scale, take the `requires_shared` mark and skip without it. `CUSTOMLLM_SHARED_DIR=PATH` points at another
+shared folder; a path that does not exist (e.g. `CUSTOMLLM_SHARED_DIR=/nonexistent`) runs the
+suite as a bare clone of the repository would.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
+import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
 
 if importlib.util.find_spec("mlx") is not None:
@@ -15,50 +41,111 @@ if importlib.util.find_spec("mlx") is not None:
 import pytest
 
 from customllm.config import ModelConfig
+from customllm.corpus import DOC_SEPARATOR, builtin_documents, is_heldout
 
 REPO_DIR = Path(__file__).resolve().parents[1]
-SHARED_DIR = REPO_DIR.parent / "shared"
-COSMO2_DIR = SHARED_DIR / "tokenizers" / "cosmo2"
-DATA_DIR = SHARED_DIR / "data"
-COSMO2_VOCAB_SIZE = 49152
-TRAIN_TXT = DATA_DIR / "tinystories" / "train.txt"
-HELDOUT_TXT = DATA_DIR / "tinystories" / "heldout.txt"
 
-# For test modules that train on the shared text with the real tokenizer:
-# `from conftest import requires_training_data` and `pytestmark = requires_training_data`.
-requires_training_data = pytest.mark.skipif(
-    not (TRAIN_TXT.is_file() and (COSMO2_DIR / "tokenizer.json").is_file()),
-    reason=f"shared data or tokenizer missing under {SHARED_DIR}",
+# --- the optional shared folder -------------------------------------------------------------
+SHARED_DIR = Path(os.environ.get("CUSTOMLLM_SHARED_DIR") or REPO_DIR.parent / "shared")
+COSMO2_DIR = SHARED_DIR / "tokenizers" / "cosmo2"
+COSMO2_VOCAB_SIZE = 49152
+TINYSTORIES_DIR = SHARED_DIR / "data" / "tinystories"
+
+# For tests about the shared files themselves (the real cosmo2 tokenizer, TinyStories):
+# `from conftest import requires_shared` and `@requires_shared`.
+requires_shared = pytest.mark.skipif(
+    not ((COSMO2_DIR / "tokenizer.json").is_file() and (TINYSTORIES_DIR / "train.txt").is_file()),
+    reason=f"optional: the cosmo2 tokenizer and TinyStories are not under {SHARED_DIR}",
 )
+
+# --- the test corpus and tokenizer, built from the repository alone ------------------------
+TOKENIZER_VOCAB_SIZE = 4096
+_TEST_DATA_FORMAT = 1  # bump when the files below are written differently
+
+
+def _paragraphs(documents) -> list[str]:
+    """Every non-empty blank-line-separated paragraph of `documents`, stripped, in order."""
+    parts = (p.strip() for doc in documents for p in re.split(r"\n[ \t]*\n", doc))
+    return [p for p in parts if p]
+
+
+def _test_documents() -> tuple[list[str], list[str]]:
+    """The documents of train.txt and of heldout.txt (see the module docstring)."""
+    train = _paragraphs(builtin_documents("train"))
+    heldout = _paragraphs(builtin_documents("heldout"))
+    trained_on = f"\n{DOC_SEPARATOR}\n".join(p for p in train if not is_heldout(p))
+    train = [p for p in train if not (is_heldout(p) and p in trained_on)]
+    heldout = [p for p in heldout if p not in trained_on]
+    for doc in train + heldout:
+        assert not re.search(rf"(?m)^{re.escape(DOC_SEPARATOR)}$", doc), doc[:80]
+    return train, heldout
+
+
+def _txt(documents: list[str]) -> str:
+    return "".join(f"{doc}\n{DOC_SEPARATOR}\n" for doc in documents)
+
+
+def _build_test_data() -> tuple[Path, int, int]:
+    """The cache folder holding train.txt, heldout.txt and tokenizer/ (built when missing),
+    and the number of documents in each text file."""
+    import tokenizers
+
+    train, heldout = _test_documents()
+    texts = {"train.txt": _txt(train), "heldout.txt": _txt(heldout)}
+    key = hashlib.sha256()
+    for part in (
+        str(_TEST_DATA_FORMAT),
+        str(TOKENIZER_VOCAB_SIZE),
+        tokenizers.__version__,
+        *texts.values(),
+    ):
+        key.update(part.encode("utf-8") + b"\0")
+    folder = Path(tempfile.gettempdir()) / f"customllm-test-data-{key.hexdigest()[:16]}"
+    if not folder.is_dir():
+        from customllm.tokenizer import train_tokenizer
+
+        scratch = Path(tempfile.mkdtemp(prefix=f"{folder.name}.", dir=folder.parent))
+        scratch.chmod(0o755)  # mkdtemp's 0o700 would hide the cache from other users
+        try:
+            for name, text in texts.items():
+                (scratch / name).write_text(text, encoding="utf-8")
+            tokenizer = train_tokenizer(
+                scratch / "train.txt", TOKENIZER_VOCAB_SIZE, scratch / "tokenizer"
+            )
+            if len(tokenizer) != TOKENIZER_VOCAB_SIZE:
+                raise RuntimeError(
+                    f"the test tokenizer has {len(tokenizer)} tokens, not "
+                    f"{TOKENIZER_VOCAB_SIZE}: the built-in corpus is too small for it"
+                )
+            try:
+                scratch.rename(folder)
+            except OSError:  # another pytest process built it first
+                if not folder.is_dir():
+                    raise
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return folder, len(train), len(heldout)
+
+
+TEST_DATA_DIR, TRAIN_DOCS, HELDOUT_DOCS = _build_test_data()
+TRAIN_TXT = TEST_DATA_DIR / "train.txt"  # TRAIN_DOCS documents
+HELDOUT_TXT = TEST_DATA_DIR / "heldout.txt"  # HELDOUT_DOCS documents, beside train.txt
+TOKENIZER_DIR = TEST_DATA_DIR / "tokenizer"  # TOKENIZER_VOCAB_SIZE tokens
 
 
 def pytest_report_header(config) -> str | None:
-    if importlib.util.find_spec("mlx") is None:
-        return None
-    blas = customllm_mlx._blas.loaded
-    return f"MLX BLAS: {blas or 'its reference BLAS (no OpenBLAS found: MLX tests run slowly)'}"
+    lines = [f"test data: {TEST_DATA_DIR}"]
+    if importlib.util.find_spec("mlx") is not None:
+        blas = customllm_mlx._blas.loaded
+        reference = "its reference BLAS (no OpenBLAS found: MLX tests run slowly)"
+        lines.append(f"MLX BLAS: {blas or reference}")
+    return "\n".join(lines)
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    if not SHARED_DIR.is_dir():
-        pytest.skip(f"shared folder not found: {SHARED_DIR}")
-    return SHARED_DIR
-
-
-@pytest.fixture(scope="session")
-def data_dir(shared_dir: Path) -> Path:
-    if not DATA_DIR.is_dir():
-        pytest.skip(f"shared data not found: {DATA_DIR}")
-    return DATA_DIR
-
-
-@pytest.fixture(scope="session")
-def cosmo2_path(shared_dir: Path) -> Path:
-    """The cosmo2 (SmolLM) tokenizer folder, 49,152 tokens."""
-    if not (COSMO2_DIR / "tokenizer.json").is_file():
-        pytest.skip(f"cosmo2 tokenizer not found: {COSMO2_DIR}")
-    return COSMO2_DIR
+def tokenizer_dir() -> Path:
+    """The test tokenizer folder (`TOKENIZER_DIR`, `TOKENIZER_VOCAB_SIZE` tokens)."""
+    return TOKENIZER_DIR
 
 
 @pytest.fixture

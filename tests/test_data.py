@@ -3,7 +3,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import COSMO2_DIR, HELDOUT_TXT, TRAIN_TXT
+from conftest import HELDOUT_TXT, TOKENIZER_DIR, TRAIN_DOCS, TRAIN_TXT
 
 from customllm.corpus import (
     BUILTIN,
@@ -33,7 +33,7 @@ OFFLINE_AND_PROXY_VARS = (
 
 @pytest.fixture(scope="module")
 def tok():
-    return load_tokenizer(COSMO2_DIR)
+    return load_tokenizer(TOKENIZER_DIR)
 
 
 @pytest.fixture
@@ -173,7 +173,7 @@ def test_shuffle_buffer_permutes_the_blocks(tok):
     another order, and another seed in another order again."""
 
     def one_pass(**kwargs):
-        ds = StreamDataset(TRAIN_TXT, tok, 64, split="heldout", loop=False, **kwargs)
+        ds = StreamDataset(HELDOUT_TXT, tok, 64, split="all", loop=False, **kwargs)
         return [tuple(block.tolist()) for block in ds]
 
     plain = one_pass()
@@ -210,7 +210,7 @@ def test_rank_shards_are_disjoint_and_cover_the_stream(tok, tiny_txt):
 def test_train_and_heldout_splits_are_disjoint(tok):
     train_docs = list(iter_documents(TRAIN_TXT, split="train"))
     heldout_docs = list(iter_documents(TRAIN_TXT, split="heldout"))
-    assert len(train_docs) + len(heldout_docs) == 2309
+    assert len(train_docs) + len(heldout_docs) == TRAIN_DOCS
     assert 20 < len(heldout_docs) < 80
     assert not set(heldout_docs) & set(train_docs)
     assert all(is_heldout(d) for d in heldout_docs)
@@ -229,8 +229,8 @@ def test_train_and_heldout_splits_are_disjoint(tok):
 def test_eval_source_is_read_whole_and_capped(tok):
     batches = eval_batches(HELDOUT_TXT, TRAIN_TXT, tok, seq_len=128, batch_size=8, max_batches=3)
     assert [b.shape for b in batches] == [(8, 129)] * 3
-    first_docs = list(iter_documents(HELDOUT_TXT))[:3]
-    np.testing.assert_array_equal(batches[0][0], expected_stream(tok, first_docs)[:129])
+    docs = list(iter_documents(HELDOUT_TXT))  # in file order: the first 129 tokens
+    np.testing.assert_array_equal(batches[0][0], expected_stream(tok, docs)[:129])
 
 
 # --- columns and errors -------------------------------------------------------------------------
@@ -329,7 +329,7 @@ def test_hub_stream_reads_rows_and_resumes(tok, monkeypatch):
 
     import customllm.corpus as corpus
 
-    docs = list(iter_documents(TRAIN_TXT))[:120]
+    docs = list(iter_documents(TRAIN_TXT))[:400]  # a few held out by the hash split
     rows = [{"text": "", "seed": -1}] + [{"text": d, "seed": i} for i, d in enumerate(docs)]
     calls = []
 

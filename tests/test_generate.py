@@ -1,6 +1,6 @@
 """Generation in both frameworks: samplers, penalties, the latent cache, stats, CLIs, ecosystem.
 
-A tiny random model with the cosmo2 vocabulary is saved once (torch `save`) and loaded by
+A tiny random model with the test tokenizer's vocabulary is saved once (torch `save`) and loaded by
 customllm_mlx, customllm_torch, `mlx_lm.load` and transformers' `from_pretrained`.
 """
 
@@ -14,6 +14,7 @@ import re
 
 import numpy as np
 import pytest
+from conftest import TOKENIZER_VOCAB_SIZE
 
 customllm_mlx = pytest.importorskip("customllm_mlx")  # first: preloads OpenBLAS before mlx.core
 torch = pytest.importorskip("torch")
@@ -69,19 +70,22 @@ CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47}  # chi-square critical value
 
 
 @pytest.fixture(scope="module")
-def tokenizer(cosmo2_path):
-    return load_tokenizer(cosmo2_path)
+def tokenizer(tokenizer_dir):
+    return load_tokenizer(tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, cosmo2_path):
-    """A tiny random model (cosmo2 vocabulary, 64-token context) saved by customllm_torch."""
+def model_dir(tmp_path_factory, tokenizer_dir):
+    """A tiny random model (the test tokenizer's vocabulary, 64-token context) saved by
+    customllm_torch."""
     from customllm_torch.io import save
 
     torch.manual_seed(0)
-    config = ModelConfig.from_preset("tiny", max_position_embeddings=CONTEXT)
+    config = ModelConfig.from_preset(
+        "tiny", vocab_size=TOKENIZER_VOCAB_SIZE, max_position_embeddings=CONTEXT
+    )
     path = tmp_path_factory.mktemp("generate") / "tiny"
-    save(TorchModel(config).eval(), path, tokenizer=cosmo2_path)
+    save(TorchModel(config).eval(), path, tokenizer=tokenizer_dir)
     return path
 
 
@@ -537,7 +541,7 @@ def test_torch_cli_dtype_loads_and_runs_the_model_in_it(model_dir, monkeypatch):
     assert dtypes == [torch.bfloat16] and result.output.splitlines()[1] == tok.decode(ours)
 
 
-def test_hf_generate_uses_our_latent_cache(model_dir):
+def test_hf_generate_uses_our_latent_cache(model_dir, tokenizer):
     """HF's loop feeds 1 token per step after the prompt, with our cache from `.cache`."""
     from transformers import AutoModelForCausalLM
 
@@ -551,8 +555,10 @@ def test_hf_generate_uses_our_latent_cache(model_dir):
         return forward(input_ids, **kwargs)
 
     hf.forward = spy
-    hf.generate(torch.tensor([[6403, 1980, 253, 655]]), max_new_tokens=4, do_sample=False)
-    assert seen == [(4, None), (1, 4), (1, 5), (1, 6)]
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    n = ids.shape[1]
+    hf.generate(ids, max_new_tokens=4, do_sample=False)
+    assert n > 1 and seen == [(n, None), (1, n), (1, n + 1), (1, n + 2)]
 
 
 # --- CLIs ------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ customllm_mlx = pytest.importorskip("customllm_mlx")
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from conftest import COSMO2_DIR, TRAIN_TXT, requires_training_data
+from conftest import TOKENIZER_DIR, TRAIN_TXT
 from mlx.utils import tree_flatten, tree_map
 
 from customllm.config import ModelConfig
@@ -116,7 +116,6 @@ def test_gpu_paths_cached_decoding_equals_full_forward(tiny_config, gpu_paths, a
     )
 
 
-@requires_training_data
 def test_gpu_paths_train_like_the_cpu(tmp_path, gpu_paths):
     """`customllm-mlx train` (the run_training it calls) for 6 tiny steps on the GPU branches:
     one stream per batch, no CPU buffer cache. Its losses equal the CPU branches' run (two
@@ -126,7 +125,7 @@ def test_gpu_paths_train_like_the_cpu(tmp_path, gpu_paths):
     config = tmp_path / "sign.json"
     ModelConfig.from_preset("tiny", bias_update="sign", bias_update_rate=1e-3).to_json(config)
     opts = dict(
-        config=str(config), data=str(TRAIN_TXT), tokenizer=str(COSMO2_DIR), seq_len=32,
+        config=str(config), data=str(TRAIN_TXT), tokenizer=str(TOKENIZER_DIR), seq_len=32,
         batch_size=4, lr=1e-2, warmup_steps=2, steps=6, eval_every=3, save_every=0,
         keep_last=0, sample_every=3, max_sample_tokens=4,
     )  # fmt: skip

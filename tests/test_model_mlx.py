@@ -8,6 +8,7 @@ import dataclasses
 import json
 
 import pytest
+from conftest import TOKENIZER_VOCAB_SIZE
 
 customllm_mlx = pytest.importorskip("customllm_mlx")
 
@@ -634,13 +635,15 @@ def test_balancing_bias_balances_a_drifted_batch(tiny_config):
 # --- Folder IO ----------------------------------------------------------------------------------
 
 
-def test_save_load_round_trip_is_exact(tiny_config, tmp_path, cosmo2_path):
-    tiny_config = dataclasses.replace(tiny_config, vocab_size=49152)  # the tokenizer's
+def test_save_load_round_trip_is_exact(tiny_config, tmp_path, tokenizer_dir):
+    tiny_config = dataclasses.replace(
+        tiny_config, vocab_size=TOKENIZER_VOCAB_SIZE
+    )  # the tokenizer's
     model = build(tiny_config)
-    customllm_mlx.save(model, tmp_path / "m", tokenizer=cosmo2_path)
+    customllm_mlx.save(model, tmp_path / "m", tokenizer=tokenizer_dir)
     assert (tmp_path / "m" / "tokenizer.json").is_file()
     loaded, tokenizer = customllm_mlx.load(tmp_path / "m")
-    assert len(tokenizer) == 49152
+    assert len(tokenizer) == TOKENIZER_VOCAB_SIZE
     assert loaded.training is False
     assert ModelConfig.from_json(tmp_path / "m") == tiny_config
     original = params(model)
@@ -716,7 +719,7 @@ def test_load_names_what_is_wrong(tiny_config, tmp_path):
 # --- CLI ----------------------------------------------------------------------------------------
 
 
-def test_cli_init_writes_a_loadable_folder(tmp_path, cosmo2_path):
+def test_cli_init_writes_a_loadable_folder(tmp_path, tokenizer_dir):
     runner = CliRunner()
     out = tmp_path / "tiny"
     args = [
@@ -726,21 +729,21 @@ def test_cli_init_writes_a_loadable_folder(tmp_path, cosmo2_path):
         "--out",
         str(out),
         "--tokenizer",
-        str(cosmo2_path),
+        str(tokenizer_dir),
         "--seed",
         "3",
     ]
     result = runner.invoke(cli_main, args)
     assert result.exit_code == 0, result.output
-    assert "6.79M parameters" in result.output
+    assert "0.98M parameters" in result.output  # 977,024 with a 4,096-token vocabulary
     model, tokenizer = customllm_mlx.load(out)
-    assert len(tokenizer) == model.model_config.vocab_size == 49152
+    assert len(tokenizer) == model.model_config.vocab_size == TOKENIZER_VOCAB_SIZE
     assert model.model_config.eos_token_id == tokenizer.eos_token_id
     first = params(model)["decoder_layers.0.self_attn.q_proj_d.weight"]
     assert abs(np.array(first).std() - model.model_config.initializer_range) < 2e-3
 
     again = runner.invoke(
-        cli_main, ["init", "--preset", "tiny", "--out", str(out), "--tokenizer", str(cosmo2_path)]
+        cli_main, ["init", "--preset", "tiny", "--out", str(out), "--tokenizer", str(tokenizer_dir)]
     )
     assert again.exit_code == 1 and "--force" in again.output
     same = runner.invoke(cli_main, [*args, "--force"])
@@ -753,7 +756,7 @@ def test_cli_init_writes_a_loadable_folder(tmp_path, cosmo2_path):
     assert not mx.array_equal(params(reseeded)["lm_head.weight"], params(model)["lm_head.weight"])
 
 
-def test_cli_init_from_config_and_refusals(tmp_path, cosmo2_path, tiny_config):
+def test_cli_init_from_config_and_refusals(tmp_path, tokenizer_dir, tiny_config):
     runner = CliRunner()
     config_file = tmp_path / "config.json"
     tiny_config.to_json(config_file)
@@ -766,16 +769,16 @@ def test_cli_init_from_config_and_refusals(tmp_path, cosmo2_path, tiny_config):
             "--out",
             str(tmp_path / "o"),
             "--tokenizer",
-            str(cosmo2_path),
+            str(tokenizer_dir),
         ],
     )
     assert (
         result.exit_code == 1
-        and "49152 tokens, more than the model's vocab_size 256" in result.output
+        and f"{TOKENIZER_VOCAB_SIZE} tokens, more than the model's vocab_size 256" in result.output
     )
     assert not isinstance(result.exception, ValueError) and not (tmp_path / "o").exists()
 
-    matching = dataclasses.replace(tiny_config, vocab_size=49152)
+    matching = dataclasses.replace(tiny_config, vocab_size=TOKENIZER_VOCAB_SIZE)
     matching.to_json(config_file)
     result = runner.invoke(
         cli_main,
@@ -786,7 +789,7 @@ def test_cli_init_from_config_and_refusals(tmp_path, cosmo2_path, tiny_config):
             "--out",
             str(tmp_path / "o"),
             "--tokenizer",
-            str(cosmo2_path),
+            str(tokenizer_dir),
             "--dtype",
             "bfloat16",
         ],

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from conftest import TOKENIZER_VOCAB_SIZE
 from safetensors.torch import load_file, save_file
 
 import customllm_torch
@@ -696,13 +697,13 @@ def test_load_errors_name_the_file_or_tensor(tiny_config, tmp_path):
 # --- CLI --------------------------------------------------------------------------------------
 
 
-def test_cli_init_writes_a_loadable_folder(tmp_path, cosmo2_path):
+def test_cli_init_writes_a_loadable_folder(tmp_path, tokenizer_dir):
     runner = CliRunner()
-    args = ["init", "--preset", "tiny", "--tokenizer", str(cosmo2_path), "--seed", "3"]
+    args = ["init", "--preset", "tiny", "--tokenizer", str(tokenizer_dir), "--seed", "3"]
     result = runner.invoke(cli_main, [*args, "--out", str(tmp_path / "a")])
     assert result.exit_code == 0, result.output
     model, tokenizer = customllm_torch.load(tmp_path / "a")
-    assert model.model_config == ModelConfig.from_preset("tiny")
+    assert model.model_config == ModelConfig.from_preset("tiny", vocab_size=TOKENIZER_VOCAB_SIZE)
     assert tokenizer is not None and len(tokenizer) == model.model_config.vocab_size
     ids = torch.tensor([tokenizer.encode("Once upon a time")])
     assert logits_of(model, ids).shape == (1, ids.shape[1], model.model_config.vocab_size)
@@ -721,7 +722,7 @@ def test_cli_init_writes_a_loadable_folder(tmp_path, cosmo2_path):
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == "{}"
 
 
-def test_cli_init_errors_are_clear(tmp_path, cosmo2_path):
+def test_cli_init_errors_are_clear(tmp_path, tokenizer_dir):
     runner = CliRunner()
     small_vocab = tmp_path / "small_vocab.json"
     ModelConfig.from_preset("tiny", vocab_size=1000).to_json(small_vocab)
@@ -734,11 +735,11 @@ def test_cli_init_errors_are_clear(tmp_path, cosmo2_path):
             "--out",
             str(tmp_path / "m"),
             "--tokenizer",
-            str(cosmo2_path),
+            str(tokenizer_dir),
         ],
     )
     assert result.exit_code == 1
-    assert "49152 tokens, more than the model's vocab_size 1000" in result.output
+    assert f"{TOKENIZER_VOCAB_SIZE} tokens, more than the model's vocab_size 1000" in result.output
     assert isinstance(result.exception, SystemExit)  # a ClickException, not a traceback
     assert not (tmp_path / "m").exists()
 

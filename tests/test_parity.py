@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from click.testing import CliRunner
-from conftest import COSMO2_DIR, TRAIN_TXT, requires_training_data
+from conftest import HELDOUT_TXT, TOKENIZER_DIR, TOKENIZER_VOCAB_SIZE, TRAIN_TXT
 from mlx.utils import tree_flatten
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file as load_torch
@@ -81,17 +81,18 @@ def mlx_copy(model: TorchModel) -> MLXModel:
 
 
 @pytest.fixture(scope="module")
-def text_ids(cosmo2_path, data_dir) -> np.ndarray:
-    """Real text: the start of the held-out TinyStories, tokenized with cosmo2, (4, 64)."""
+def text_ids(tokenizer_dir) -> np.ndarray:
+    """Real text: the start of the held-out test text, tokenized with the test tokenizer,
+    (4, 64)."""
     from customllm.tokenizer import load_tokenizer
 
-    text = (data_dir / "tinystories" / "heldout.txt").read_text()[:20_000]
-    ids = load_tokenizer(cosmo2_path)(text)["input_ids"]
+    text = HELDOUT_TXT.read_text(encoding="utf-8")[:20_000]
+    ids = load_tokenizer(tokenizer_dir)(text)["input_ids"]
     return np.array(ids[: 4 * 64], dtype=np.int64).reshape(4, 64)
 
 
-def cosmo2_config(preset: str) -> ModelConfig:
-    return ModelConfig.from_preset(preset, vocab_size=49152)
+def tokenizer_config(preset: str) -> ModelConfig:
+    return ModelConfig.from_preset(preset, vocab_size=TOKENIZER_VOCAB_SIZE)
 
 
 # --- Same weights, same numbers ---------------------------------------------------------------
@@ -100,12 +101,12 @@ def cosmo2_config(preset: str) -> ModelConfig:
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_logits_match_on_real_text(preset, text_ids):
     ids = text_ids if preset == "tiny" else text_ids[:2]
-    model = torch_model(cosmo2_config(preset))
+    model = torch_model(tokenizer_config(preset))
     twin = mlx_copy(model)
     with torch.no_grad():
         expected = model(torch.from_numpy(ids)).logits.numpy()
     got = np.array(twin(mx.array(ids)))
-    assert got.shape == expected.shape == (*ids.shape, 49152)
+    assert got.shape == expected.shape == (*ids.shape, TOKENIZER_VOCAB_SIZE)
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
     for layer in twin.decoder_layers:  # the routing bias really changes routing
@@ -115,7 +116,7 @@ def test_logits_match_on_real_text(preset, text_ids):
 
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_loss_and_gradients_match(preset, text_ids):
-    config = cosmo2_config(preset)
+    config = tokenizer_config(preset)
     assert config.embd_dropout == config.attn_dropout == config.mlp_dropout == 0.0
     ids = text_ids[:2, :48]
     model = torch_model(config).train()
@@ -146,7 +147,7 @@ def test_loss_and_gradients_match(preset, text_ids):
 
 
 def test_greedy_decoding_gives_identical_tokens(text_ids):
-    model = torch_model(cosmo2_config("tiny"))
+    model = torch_model(tokenizer_config("tiny"))
     twin = mlx_copy(model)
     prompt = text_ids[:1, :16]
 
@@ -175,10 +176,12 @@ def test_greedy_decoding_gives_identical_tokens(text_ids):
 # --- Converters -------------------------------------------------------------------------------
 
 
-def tiny_torch_folder(tmp_path: Path, cosmo2_path: Path | None = None) -> Path:
-    vocab = 256 if cosmo2_path is None else 49152  # the tokenizer's, when the folder has one
+def tiny_torch_folder(tmp_path: Path, tokenizer_dir: Path | None = None) -> Path:
+    vocab = (
+        256 if tokenizer_dir is None else TOKENIZER_VOCAB_SIZE
+    )  # the tokenizer's, when the folder has one
     config = ModelConfig.from_preset("tiny", vocab_size=vocab, max_position_embeddings=64)
-    return customllm_torch.save(torch_model(config), tmp_path / "torch", tokenizer=cosmo2_path)
+    return customllm_torch.save(torch_model(config), tmp_path / "torch", tokenizer=tokenizer_dir)
 
 
 def assert_same_tensors(a: Path, b: Path) -> None:
@@ -190,8 +193,8 @@ def assert_same_tensors(a: Path, b: Path) -> None:
         assert torch.equal(ta[key].view(torch.uint8), tb[key].view(torch.uint8)), key
 
 
-def test_torch_to_mlx_to_torch_is_bit_identical(tmp_path, cosmo2_path):
-    src = tiny_torch_folder(tmp_path, cosmo2_path)
+def test_torch_to_mlx_to_torch_is_bit_identical(tmp_path, tokenizer_dir):
+    src = tiny_torch_folder(tmp_path, tokenizer_dir)
     output = run_script(torch_to_mlx, "--src", src, "--dst", tmp_path / "mlx", "--verify")
     assert "verify: max |logits torch(src) - logits mlx(dst)|" in output
     run_script(mlx_to_torch, "--src", tmp_path / "mlx", "--dst", tmp_path / "back")
@@ -256,10 +259,12 @@ def test_bfloat16_conversion_rounds_like_torch_and_stays_close(tmp_path):
         assert back[key].dtype == torch.float32 and torch.equal(back[key], value.float()), key
 
 
-def test_trainer_checkpoint_with_wrapper_prefixes_converts(tmp_path, cosmo2_path):
+def test_trainer_checkpoint_with_wrapper_prefixes_converts(tmp_path, tokenizer_dir):
     """A `checkpoint-N/` written by transformers (save_pretrained), keys prefixed as
     torch.compile and DDP leave them, beside optimizer and trainer state files."""
-    config = ModelConfig.from_preset("tiny", vocab_size=49152, max_position_embeddings=64)
+    config = ModelConfig.from_preset(
+        "tiny", vocab_size=TOKENIZER_VOCAB_SIZE, max_position_embeddings=64
+    )
     model = torch_model(config)
     ckpt = tmp_path / "run" / "checkpoint-100"
     model.save_pretrained(str(ckpt))
@@ -271,7 +276,7 @@ def test_trainer_checkpoint_with_wrapper_prefixes_converts(tmp_path, cosmo2_path
     save_torch(weights, str(ckpt / WEIGHTS_NAME), metadata={"format": "pt"})
     (ckpt / "trainer_state.json").write_text("{}")
     torch.save({}, ckpt / "optimizer.pt")
-    shutil.copy(cosmo2_path / "tokenizer.json", ckpt / "tokenizer.json")
+    shutil.copy(tokenizer_dir / "tokenizer.json", ckpt / "tokenizer.json")
 
     run_script(torch_to_mlx, "--src", ckpt, "--dst", tmp_path / "mlx", "--dtype", "bfloat16")
     written = load_torch(str(tmp_path / "mlx" / WEIGHTS_NAME))
@@ -419,12 +424,12 @@ def test_converter_force_never_deletes_the_source_or_other_files(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_torch_to_mlx_script_on_a_cli_small_model(tmp_path, cosmo2_path):
+def test_torch_to_mlx_script_on_a_cli_small_model(tmp_path, tokenizer_dir):
     """`customllm-torch init --preset small`, then `python convert/torch_to_mlx.py`."""
     from customllm_torch.cli import main as torch_cli
 
     src, dst = tmp_path / "small-torch", tmp_path / "small-mlx"
-    args = ["init", "--preset", "small", "--out", str(src), "--tokenizer", str(cosmo2_path)]
+    args = ["init", "--preset", "small", "--out", str(src), "--tokenizer", str(tokenizer_dir)]
     result = CliRunner().invoke(torch_cli, args)
     assert result.exit_code == 0, result.output
     proc = subprocess.run(
@@ -442,7 +447,7 @@ def test_torch_to_mlx_script_on_a_cli_small_model(tmp_path, cosmo2_path):
     )
     assert proc.returncode == 0, proc.stderr
     model, tokenizer = customllm_mlx.load(dst)
-    assert len(tokenizer) == model.model_config.vocab_size == 49152
+    assert len(tokenizer) == model.model_config.vocab_size == TOKENIZER_VOCAB_SIZE
     reference, _ = customllm_torch.load(src)
     ids = np.array([tokenizer("Once upon a time, a little dog found a red ball.")["input_ids"]])
     with torch.no_grad():
@@ -451,7 +456,6 @@ def test_torch_to_mlx_script_on_a_cli_small_model(tmp_path, cosmo2_path):
 
 
 # Training: the two trainers take the same steps -------------------------------------------------
-@requires_training_data
 def test_both_trainers_take_the_same_steps(tmp_path):
     """`customllm-mlx train` and `customllm-torch train` (the HF Trainer) from the same weights
     on the same batches: the same losses, pre-clip gradient norms and learning rates at every
@@ -471,7 +475,7 @@ def test_both_trainers_take_the_same_steps(tmp_path):
     # scores to float32 rounding, and a routing tie decided apart moves the next step more
     # than the tolerance (the solve's own parity: test_balancing_bias_and_its_update_agree)
     config = ModelConfig.from_preset("tiny", bias_update="sign", bias_update_rate=1e-3)
-    save(MLXModel(config), init, tokenizer=str(COSMO2_DIR))
+    save(MLXModel(config), init, tokenizer=str(TOKENIZER_DIR))
     run = dict(
         init=str(init),
         data=str(TRAIN_TXT),
@@ -641,8 +645,8 @@ def test_eval_command_gives_the_same_loss_in_both_frameworks(tmp_path):
     assert bad.exit_code != 0 and "Error: --data" in bad.output
 
 
-def test_converters_refuse_a_damaged_tokenizer_and_leave_nothing_behind(tmp_path, cosmo2_path):
-    src = tiny_torch_folder(tmp_path, cosmo2_path)
+def test_converters_refuse_a_damaged_tokenizer_and_leave_nothing_behind(tmp_path, tokenizer_dir):
+    src = tiny_torch_folder(tmp_path, tokenizer_dir)
     (src / "tokenizer.json").write_text("{")
     for module in (torch_to_mlx, mlx_to_torch):
         dst = tmp_path / f"out_{module.__name__}"

@@ -1,7 +1,17 @@
 import time
-from pathlib import Path
 
 import pytest
+from conftest import (
+    COSMO2_DIR,
+    COSMO2_VOCAB_SIZE,
+    HELDOUT_DOCS,
+    HELDOUT_TXT,
+    TINYSTORIES_DIR,
+    TOKENIZER_DIR,
+    TOKENIZER_VOCAB_SIZE,
+    TRAIN_TXT,
+    requires_shared,
+)
 from tokenizers import Tokenizer
 
 from customllm.tokenizer import (
@@ -11,34 +21,48 @@ from customllm.tokenizer import (
     train_tokenizer,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-COSMO2 = SHARED / "tokenizers" / "cosmo2"
-TINYSTORIES = SHARED / "data" / "tinystories"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 @pytest.fixture(scope="module")
-def cosmo2():
-    return load_tokenizer(COSMO2)
+def tok():
+    return load_tokenizer(TOKENIZER_DIR)
 
 
-def test_cosmo2_loads_with_expected_vocab(cosmo2):
+def test_test_tokenizer_loads_with_expected_vocab(tok):
     assert DEFAULT_TOKENIZER == "HuggingFaceTB/cosmo2-tokenizer"
-    assert len(cosmo2) == 49152
+    assert len(tok) == TOKENIZER_VOCAB_SIZE
+    assert eos_token_id(tok) == 0
+    assert tok.convert_ids_to_tokens([0, 1, 2]) == SPECIALS
+
+
+def test_round_trips_heldout_text(tok):
+    text = HELDOUT_TXT.read_text(encoding="utf-8")
+    ids = tok.encode(text, add_special_tokens=False)
+    assert len(text) / 8 < len(ids) < len(text) / 2
+    assert ids.count(0) == text.count("<|endoftext|>") == HELDOUT_DOCS
+    assert tok.decode(ids) == text
+
+
+def test_eos_falls_back_to_endoftext_token():
+    raw = Tokenizer.from_file(str(TOKENIZER_DIR / "tokenizer.json"))  # no eos_token_id attribute
+    assert eos_token_id(raw) == 0
+
+
+@requires_shared
+def test_cosmo2_loads_and_round_trips_tinystories():
+    """The real cosmo2 tokenizer in ../shared: its vocabulary and special tokens, and an exact
+    round trip of the held-out TinyStories."""
+    cosmo2 = load_tokenizer(COSMO2_DIR)
+    assert len(cosmo2) == COSMO2_VOCAB_SIZE
     assert eos_token_id(cosmo2) == 0
     assert cosmo2.convert_ids_to_tokens([0, 1, 2]) == SPECIALS
-
-
-def test_cosmo2_round_trips_heldout_text(cosmo2):
-    text = (TINYSTORIES / "heldout.txt").read_text(encoding="utf-8")
+    text = (TINYSTORIES_DIR / "heldout.txt").read_text(encoding="utf-8")
     ids = cosmo2.encode(text, add_special_tokens=False)
     assert 60_000 < len(ids) < 110_000
     assert ids.count(0) == text.count("<|endoftext|>") == 418
     assert cosmo2.decode(ids) == text
-
-
-def test_eos_falls_back_to_endoftext_token(cosmo2):
-    raw = Tokenizer.from_file(str(COSMO2 / "tokenizer.json"))  # no eos_token_id attribute
+    raw = Tokenizer.from_file(str(COSMO2_DIR / "tokenizer.json"))
     assert eos_token_id(raw) == 0
 
 
@@ -91,9 +115,9 @@ def test_hub_id_unreachable_fails_fast(monkeypatch):
 def test_train_tokenizer_saves_loadable_folder(tmp_path):
     from transformers import AutoTokenizer
 
-    stories = (TINYSTORIES / "train.txt").read_text(encoding="utf-8").split("<|endoftext|>\n")
+    docs = TRAIN_TXT.read_text(encoding="utf-8").split("<|endoftext|>\n")
     corpus = tmp_path / "small.txt"
-    corpus.write_text("<|endoftext|>\n".join(stories[:300]), encoding="utf-8")
+    corpus.write_text("<|endoftext|>\n".join(docs[:300]), encoding="utf-8")
 
     out = tmp_path / "tok"
     trained = train_tokenizer(corpus, vocab_size=600, out_dir=out)
@@ -103,7 +127,7 @@ def test_train_tokenizer_saves_loadable_folder(tmp_path):
     assert loaded.convert_ids_to_tokens([0, 1, 2]) == SPECIALS
     assert eos_token_id(loaded) == 0 and loaded.bos_token_id == 0
 
-    heldout = (TINYSTORIES / "heldout.txt").read_text(encoding="utf-8")[:5000]
+    heldout = HELDOUT_TXT.read_text(encoding="utf-8")[:5000]
     for text in (heldout, "naïve café: 1234 ünïcødé 日本語 🙂\n\n  tabs\tand  spaces "):
         ids = loaded.encode(text, add_special_tokens=False)
         assert loaded.decode(ids) == text
