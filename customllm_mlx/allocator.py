@@ -4,7 +4,7 @@ MLX's CPU allocator caches at most 32 MiB of freed buffers (`CommonAllocator` in
 mlx/backend/no_gpu/allocator.cpp); Metal's cache is as large as its memory limit. Past 32 MiB,
 every buffer a step frees goes back to the OS and the next step's allocation comes back as
 fresh, zero-filled pages: large elementwise ops and the training step run markedly slower
-(docs/benchmarks.md, "MLX's CPU buffer cache"; `python scripts/bench_train.py`, rows compiled
+(docs/benchmarks.md, "MLX's CPU buffer cache"; `python benchmarks/bench_train.py`, rows compiled
 and compiled-mlxcache).
 """
 

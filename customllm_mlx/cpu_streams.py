@@ -11,7 +11,7 @@ MLX orders an evaluation breadth-first only up to `MLX_BFS_MAX_WIDTH` (20) array
 depth-first, and keeps at most 10 tasks in flight: at 20 the slices' ops reach the streams one
 slice after the other, and the split step is slower than one stream. `import customllm_mlx`
 therefore sets MLX_BFS_MAX_WIDTH (unless set) where it loads OpenBLAS, before MLX reads it, and
-the split is used only there. `python scripts/bench_train.py --preset tiny|small` compares the
+the split is used only there. `python benchmarks/bench_train.py --preset tiny|small` compares the
 two (rows compiled and compiled-onestream; docs/benchmarks.md, "Two CPU streams").
 
 `CUSTOMLLM_CPU_STREAMS=N` forces N slices (1: no split); by default 2 where OpenBLAS was loaded

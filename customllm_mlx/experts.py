@@ -39,7 +39,7 @@ def _sigmoid_vjp(x, cotangent, output):  # one input: the primal comes as the ar
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:
     """silu(gate) * up, the sigmoid through `loss.exp`: MLX's Linux CPU exp is slow (see
     loss.py). The same function as `nn.silu(gate) * up` to float32 rounding, values and
-    gradients (tests/test_model_mlx.py); the MLP layers use it (`scripts/bench_moe.py`).
+    gradients (tests/test_model_mlx.py); the MLP layers use it (`benchmarks/bench_moe.py`).
     One custom function for the product, not `silu(gate) * up` with silu the custom function:
     a custom function's output is materialised, so the product after it would be one pass
     more, and its vjp forms both gradients in one compiled function (the sigmoid recomputed).

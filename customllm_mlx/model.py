@@ -484,7 +484,7 @@ class DecoderLayer(nn.Module):
         """The same layer for one token with the latent cache (absorbed attention, no dropout,
         no aux loss), the steps before and after the cache as two compiled functions: a decode
         step is ~25 small ops per layer, and MLX's per-op cost (eager graph building and one
-        kernel each) is most of a small model's decoding time (scripts/bench_generate.py)."""
+        kernel each) is most of a small model's decoding time (benchmarks/bench_generate.py)."""
         if self._decode_in is None:
             self._decode_in = mx.compile(self._project_token, inputs=self.state)
             self._decode_out = mx.compile(self._finish_token, inputs=self.state)

@@ -6,7 +6,7 @@ gradients of the hidden states, the weight and the bias; backward only scales th
 incoming gradient. No GEMM is recomputed, one exp pass replaces log_softmax's forward and
 backward passes, and the peak holds one chunk of logits instead of three full (N, vocab) arrays.
 Equals `F.cross_entropy(F.linear(h, W, b), labels)` to float32 rounding (tests/test_loss_torch.py);
-`scripts/bench_train.py` measures what it is worth against transformers' unfused loss.
+`benchmarks/bench_train.py` measures what it is worth against transformers' unfused loss.
 """
 
 from __future__ import annotations

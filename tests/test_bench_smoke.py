@@ -65,13 +65,13 @@ HEADERS = {
 def runs(tmp_path_factory) -> dict[str, tuple[subprocess.Popen, Path]]:
     out = tmp_path_factory.mktemp("bench")
     procs = {}
-    commands = {name: [str(REPO_DIR / "scripts" / f"bench_{name}.py")] for name in RUNS}
+    commands = {name: [str(REPO_DIR / "benchmarks" / f"bench_{name}.py")] for name in RUNS}
     extras = {  # without MLX (the GPU machine's image), on an explicit torch device
         "train_no_mlx": [*RUNS["train"], *TORCH_BF16],
         "generate_no_mlx": [*RUNS["generate"], "--device", "cpu"],
     }
     for name in extras:
-        script = str(REPO_DIR / "scripts" / f"bench_{name.split('_')[0]}.py")
+        script = str(REPO_DIR / "benchmarks" / f"bench_{name.split('_')[0]}.py")
         commands[name] = ["-c", NO_MLX.format(script=script)]
     for name, start in commands.items():
         path = out / f"{name}.json"
@@ -135,7 +135,7 @@ def test_bench_train(runs):
 
 
 def test_bench_train_torch_alone_without_mlx(runs):
-    """What scripts/gpu_bench.sh runs on a CUDA machine: no MLX there, torch rows alone, timed
+    """What benchmarks/gpu_bench.sh runs on a CUDA machine: no MLX there, torch rows alone, timed
     in this one process, bfloat16 autocast, MFU against the bfloat16 GEMM peak."""
     stdout, result = finish(runs, "train_no_mlx")
     assert "bfloat16, median of" in stdout and "bfloat16 GEMM peak: torch" in stdout
@@ -155,7 +155,7 @@ def test_bench_train_torch_alone_without_mlx(runs):
 
 
 def test_bench_train_rejects_what_it_cannot_run():
-    script = str(REPO_DIR / "scripts" / "bench_train.py")
+    script = str(REPO_DIR / "benchmarks" / "bench_train.py")
     for args, message in (
         (["--frameworks", "jax"], "--frameworks: expected mlx and/or torch, got 'jax'"),
         (["--device", "cuda"] if not torch_cuda() else ["--device", "mps"], "--device"),
@@ -229,7 +229,7 @@ def test_bench_moe_counts_the_compiled_graphs_nodes():
     3 + 3 block GEMMs (`gather_mm`) and one GEMM per expert for each weight (`segmented_mm`)."""
     import mlx.core as mx
 
-    sys.path.insert(0, str(REPO_DIR / "scripts"))
+    sys.path.insert(0, str(REPO_DIR / "benchmarks"))
     import bench_moe
 
     from customllm.config import ModelConfig
@@ -256,7 +256,7 @@ def test_bench_moe_no_gemm_variant_routes_rows_back(monkeypatch):
 
     import mlx.core as mx
 
-    sys.path.insert(0, str(REPO_DIR / "scripts"))
+    sys.path.insert(0, str(REPO_DIR / "benchmarks"))
     import bench_moe
 
     from customllm.config import ModelConfig
@@ -298,7 +298,13 @@ def test_bench_loss(tmp_path):
     path = tmp_path / "loss.json"
     args = ["--hidden", "16,32", "--tokens", "64", "--vocab-size", "512", "--repeats", "2"]
     proc = subprocess.run(
-        [sys.executable, str(REPO_DIR / "scripts" / "bench_loss.py"), *args, "--json", str(path)],
+        [
+            sys.executable,
+            str(REPO_DIR / "benchmarks" / "bench_loss.py"),
+            *args,
+            "--json",
+            str(path),
+        ],
         cwd=REPO_DIR,
         capture_output=True,
         text=True,
@@ -316,7 +322,7 @@ def test_bench_loss(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_bench_script_on_cpu(tmp_path):
-    """scripts/gpu_bench.sh, the prepared run for a CUDA machine, end to end on the CPU at a
+    """benchmarks/gpu_bench.sh, the benchmark run for a CUDA machine, end to end on the CPU at a
     minimal size: every step writes its table, JSON and log (slow: minutes on a small CPU)."""
     env = {
         **os.environ,
@@ -335,7 +341,7 @@ def test_gpu_bench_script_on_cpu(tmp_path):
         "DEADLINE": "850",
     }
     proc = subprocess.run(
-        ["bash", str(REPO_DIR / "scripts" / "gpu_bench.sh"), str(tmp_path)],
+        ["bash", str(REPO_DIR / "benchmarks" / "gpu_bench.sh"), str(tmp_path)],
         env=env,
         capture_output=True,
         text=True,
@@ -371,7 +377,7 @@ def test_gpu_bench_script_on_cpu(tmp_path):
 def test_only_filter_anchors_a_part_ending_in_dollar():
     """`--only 'customllm/mlx/compiled$'` keeps that row and not its "-logits" variant (the GPU
     run's MLX step); a plain part still matches anywhere in the name."""
-    sys.path.insert(0, str(REPO_DIR / "scripts"))
+    sys.path.insert(0, str(REPO_DIR / "benchmarks"))
     import _bench_common as bc
 
     names = ["customllm/mlx/compiled", "customllm/mlx/compiled-logits", "deepseek_v3/mlx/compiled"]
@@ -388,7 +394,7 @@ def test_bench_train_runs_diagnostic_rows_only_when_asked():
     with --diagnostics or where --only names them; CUDA adds the per-expert loop among them."""
     import types
 
-    sys.path.insert(0, str(REPO_DIR / "scripts"))
+    sys.path.insert(0, str(REPO_DIR / "benchmarks"))
     import bench_train
 
     def names(frameworks=("mlx", "torch"), **given):
@@ -460,7 +466,7 @@ def test_a_system_failing_while_compiling_spares_the_others(monkeypatch):
     import numpy as np
     from mlx_lm.models import deepseek_v3
 
-    sys.path.insert(0, str(REPO_DIR / "scripts"))
+    sys.path.insert(0, str(REPO_DIR / "benchmarks"))
     import bench_train
 
     from customllm.config import ModelConfig
@@ -493,9 +499,9 @@ def test_a_system_failing_while_compiling_spares_the_others(monkeypatch):
 
 @pytest.mark.skipif(not hasattr(__import__("torch").nn.functional, "grouped_mm"), reason="torch")
 def test_count_ops_grouped_experts_launch_fewer_ops(tmp_path):
-    """scripts/count_ops.py at a minimal size: the grouped GEMMs take fewer kernel ops and
+    """benchmarks/count_ops.py at a minimal size: the grouped GEMMs take fewer kernel ops and
     matmuls per layer than the per-expert loop (7 experts x 3 projections x fwd and bwd)."""
-    sys.path.insert(0, str(REPO_DIR / "scripts"))
+    sys.path.insert(0, str(REPO_DIR / "benchmarks"))
     import count_ops
 
     argv = "--layers 2 --hidden 64 --heads 2 --latent 16 --intermediate 128 --vocab-size 512"
@@ -522,7 +528,7 @@ def test_bench_quality_and_balance_report(tmp_path):
     train_tokenizer("builtin", 400, tmp_path / "tok")
     out = tmp_path / "quality"
     proc = subprocess.run(
-        [sys.executable, "scripts/bench_quality.py", "--preset", "tiny", "--steps", "3",
+        [sys.executable, "benchmarks/bench_quality.py", "--preset", "tiny", "--steps", "3",
          "--batch-size", "2", "--seq-len", "32", "--seeds", "0", "--data", "builtin",
          "--eval-data", str(text), "--tokenizer", str(tmp_path / "tok"), "--out", str(out)],
         cwd=REPO_DIR, capture_output=True, text=True, timeout=600,
@@ -545,7 +551,7 @@ def test_bench_quality_and_balance_report(tmp_path):
     if importlib.util.find_spec("matplotlib"):
         assert (out / "quality.png").stat().st_size > 1000
     proc = subprocess.run(
-        [sys.executable, "scripts/balance_report.py", str(out / "seed0" / "moe"), "--from-step", "2"],
+        [sys.executable, "benchmarks/balance_report.py", str(out / "seed0" / "moe"), "--from-step", "2"],
         cwd=REPO_DIR, capture_output=True, text=True,
     )  # fmt: skip
     assert proc.returncode == 0 and "3 steps | from step 2:" in proc.stdout, proc.stderr

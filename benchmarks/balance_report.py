@@ -1,7 +1,7 @@
 """Expert balance of training runs, from their metrics.jsonl: how long the collapse phase
 lasted and how well balance held after it (the numbers of docs/quality.md).
 
-    python scripts/balance_report.py runs/tiny runs/small --from-step 150
+    python benchmarks/balance_report.py runs/tiny runs/small --from-step 150
 
 Per run: the share of steps from --from-step on whose worst layer has max/mean load <= 1.3
 (MaxVio <= 0.3), the largest max/mean there, how many steps reached 3, and the collapse phase:

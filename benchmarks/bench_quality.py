@@ -7,7 +7,7 @@ perplexity, MaxVio over training, tokens/s), the paired difference per seed (den
 means the MoE wins), and writes OUT/quality.json, OUT/quality.png (both loss curves per seed)
 and a greedy sample of each model. Runs already finished in OUT are reused.
 
-    python scripts/bench_quality.py --preset small --steps 400 --seeds 0,1,2 \
+    python benchmarks/bench_quality.py --preset small --steps 400 --seeds 0,1,2 \
         --data ../shared/data/tinystories/train.txt \
         --eval-data ../shared/data/tinystories/heldout.txt \
         --tokenizer ../shared/tokenizers/cosmo2 --out runs/quality

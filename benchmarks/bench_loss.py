@@ -8,7 +8,7 @@ MLX the peak memory of the call (`mx.get_peak_memory`). A second table times the
 exponentials on one chunk of shifted logits (what the loss spends most of its time in on CPU):
 `mx.exp`, `power(2, x * log2(e))` (the loss before its own `exp`) and `customllm_mlx.loss.exp`.
 
-    python scripts/bench_loss.py --hidden 64,256,768 --tokens 2048 --torch-threads 1
+    python benchmarks/bench_loss.py --hidden 64,256,768 --tokens 2048 --torch-threads 1
 """
 
 from __future__ import annotations

@@ -6,13 +6,13 @@ optimizer state, counted, plus the step's peak growth: resident memory, or CUDA'
 on a CUDA device), and MFU against the GEMM peak of the same framework, dtype and device
 measured in the same run (see `train_flops_per_token`).
 
-    python scripts/bench_train.py --preset tiny --json bench_train.json
-    python scripts/bench_train.py --preset tiny --diagnostics   # + our variant rows
+    python benchmarks/bench_train.py --preset tiny --json bench_train.json
+    python benchmarks/bench_train.py --preset tiny --diagnostics   # + our variant rows
 
-On a CUDA machine (MLX not needed; `scripts/gpu_bench.sh` is the prepared run), the torch
+On a CUDA machine (MLX not needed; `benchmarks/gpu_bench.sh` runs the GPU set), the torch
 rows in bfloat16 autocast with float32 weights, as `customllm-torch train --dtype bfloat16`:
 
-    python scripts/bench_train.py --preset 973m --frameworks torch --device cuda \
+    python benchmarks/bench_train.py --preset 973m --frameworks torch --device cuda \
         --dtype bfloat16 --gemm-n 8192
 """
 

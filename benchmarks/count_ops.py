@@ -8,9 +8,9 @@ bfloat16 autocast, as `customllm-torch train --dtype bfloat16`. "kernel ops" lea
 views and host-side reads (`t`, `view`, `select`, `.item()`, ...); "all ops" counts them too.
 The default model is the 973m structure (30 layers, 7 routed experts, top-2) at small widths.
 
-    python scripts/count_ops.py
-    python scripts/count_ops.py --hidden 768 --intermediate 1536 --latent 192   # 973m widths
-    python scripts/count_ops.py --by-op 20   # and the 20 kernel ops whose counts differ most
+    python benchmarks/count_ops.py
+    python benchmarks/count_ops.py --hidden 768 --intermediate 1536 --latent 192   # 973m widths
+    python benchmarks/count_ops.py --by-op 20   # and the 20 kernel ops whose counts differ most
 """
 
 from __future__ import annotations

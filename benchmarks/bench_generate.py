@@ -16,8 +16,8 @@ transformers' DeepseekV3ForCausalLM (its DynamicCache).
   row has our routed experts one matmul chain each, for the same-process comparison with the
   grouped GEMMs (which our layer takes by default in bfloat16 on H100/H200/B200).
 
-    python scripts/bench_generate.py --preset tiny --json bench_generate.json
-    python scripts/bench_generate.py --preset 973m --frameworks torch --device cuda --dtype bfloat16
+    python benchmarks/bench_generate.py --preset tiny --json bench_generate.json
+    python benchmarks/bench_generate.py --preset 973m --frameworks torch --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ one stream, OpenBLAS on all cores). Last, it counts the nodes of the compiled fw
 the dense layer and ours (`graph_ops`): on MLX's Linux CPU backend each node costs a fixed few
 microseconds besides its work.
 
-    python scripts/bench_moe.py --preset tiny --json bench_moe.json
+    python benchmarks/bench_moe.py --preset tiny --json bench_moe.json
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ training loss on one batch of random tokens, and reports MLX's peak memory with 
 recomputed in the backward pass (`--gradient-checkpointing`) and without. The weights and their
 gradients are counted in both; the difference is the activations checkpointing saves.
 
-    python scripts/bench_memory.py --preset 973m --batch-size 1 --seq-len 512
+    python benchmarks/bench_memory.py --preset 973m --batch-size 1 --seq-len 512
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 bias update) with `bias_update: "solve"` against the same step with the "sign" rule, which
 computes no balancing bias. Timed round-robin, median of --repeats, same weights and batch.
 
-    python scripts/bench_balance.py --preset tiny
-    python scripts/bench_balance.py --preset small --batch-size 8 --seq-len 256
+    python benchmarks/bench_balance.py --preset tiny
+    python benchmarks/bench_balance.py --preset small --batch-size 8 --seq-len 256
 """
 
 from __future__ import annotations

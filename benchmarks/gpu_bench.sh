@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU run of the benchmarks (docs/benchmarks.md): on a CUDA machine, in one command,
+# The GPU run of the benchmarks (docs/benchmarks.md): on a CUDA machine, in one command,
 #   1. bench_train.py, torch rows (ours and transformers' DeepseekV3), 973m, bfloat16 autocast
 #      with float32 weights (as `customllm-torch train --dtype bfloat16`), batch 8 x 256 (the
 #      benchmark configuration), MFU against the bf16 GEMM peak measured in the same run;
@@ -8,30 +8,32 @@
 #      stage product_compiled: the same with `--compile ${PRODUCT_COMPILE_MODE:-default}`;
 #   4. the MLX rows on the GPU where `import mlx.core` works there (mlx[cuda] installed).
 # Each step writes its JSON and log to OUT before the next starts, so a run cut short keeps
-# what it finished. Needs torch and transformers (the CUDA image has both), not MLX.
+# what it finished. Needs torch (a CUDA build) and transformers; MLX is optional.
 #
-#   bash scripts/gpu_bench.sh OUT                     # on the GPU machine, from the repo root
+# Set up on the CUDA machine, from the repository root:
+#   bash scripts/setup.sh torch && . .venv/bin/activate
+#   # or, where a CUDA build of torch is installed already: pip install -e ".[torch]"
+#   pip install "mlx[cuda]"                               # optional: the MLX rows of step 4
+# then run the benchmark:
+#   bash benchmarks/gpu_bench.sh OUT                  # from the repo root
 #   DEVICE=cpu PRESET=tiny BATCH=2 SEQ=32 STEPS=2 TRAIN_STEPS=3 GEMM_N=256 \
-#       bash scripts/gpu_bench.sh /tmp/gpu_bench      # the same script, checked on a CPU
+#       bash benchmarks/gpu_bench.sh /tmp/gpu_bench   # the same script, checked on a CPU
 #
-# The tokenizer for step 3: TOKENIZER (default ../shared/tokenizers/cosmo2, else .gpu/tokenizer:
-# copy it there and carry .gpu where ../shared does not travel). mlx[cuda] for step 4: its
-# mlx-cuda-13 wheel (90 MB) is larger than what one device call carries (64 MiB), so it travels
-# in two parts over two calls of a warm machine.
+# The tokenizer for step 3: TOKENIZER, a tokenizer folder or a Hugging Face hub name (default
+# HuggingFaceTB/cosmo2-tokenizer, downloaded on first use).
 #
 # STAGES picks and orders the steps (default: torch_eager mlx product torch_compiled, the one
 # most likely to run long last; also "product_compiled", step 3 with --compile, and "generate":
 # bench_generate.py's torch rows, prefill and decode, with ours' per-expert loop as a row on
-# CUDA; a call returns at most 8 files, and each
-# step writes a log and a JSON); DEADLINE (seconds, 0 = none) stops each step at what is left
-# of it, so a time limit cuts a step, not the whole run and its files; RUN_DIR is where
-# step 3 writes its 973m checkpoint (not OUT, whose files travel back); TORCH_ONLY, the --only
-# of step 1 (default: every eager torch row); TORCH_COMPILED_ONLY, step 2's (default: both;
-# transformers' compiled model ran out of 5 minutes on an H200: 'customllm/torch/compiled'
-# alone), TORCH_COMPILE_MODE its torch.compile mode (reduce-overhead: CUDA graphs, for a step
-# bound by launches, as 973m at 8 x 256 is); MLX_ONLY, step 4's (default: ours and mlx_lm's
-# compiled rows; on CUDA mlx_lm's fails: MLX has no VJP of its masked attention there).
-# scripts/gpu_prepare.sh readies the tokenizer and the mlx[cuda] wheel parts on this machine.
+# CUDA; each step writes a log and a JSON); DEADLINE (seconds, 0 = none) stops each step at
+# what is left of it, so a time limit cuts a step, not the whole run and its files; RUN_DIR is
+# where step 3 writes its 973m checkpoint (default: a temporary folder, not OUT, which keeps
+# the results alone); TORCH_ONLY, the --only of step 1 (default: every eager torch row);
+# TORCH_COMPILED_ONLY, step 2's (default: both; transformers' compiled model took over 5
+# minutes on an H200: 'customllm/torch/compiled' alone), TORCH_COMPILE_MODE its torch.compile
+# mode (reduce-overhead: CUDA graphs, for a step bound by launches, as 973m at 8 x 256 is);
+# MLX_ONLY, step 4's (default: ours and mlx_lm's compiled rows; on CUDA mlx_lm's fails: MLX has
+# no VJP of its masked attention there).
 set -uo pipefail
 
 OUT=${1:-gpu_bench_out}
@@ -73,10 +75,9 @@ if torch.cuda.is_available():
     print("device", p.name, f"{p.total_memory / 2**30:.0f} GiB", p.multi_processor_count, "SMs")
 EOF
 
-bench=(scripts/bench_train.py --preset "$PRESET" --batch "$BATCH" --seq-len "$SEQ"
+bench=(benchmarks/bench_train.py --preset "$PRESET" --batch "$BATCH" --seq-len "$SEQ"
        --steps "$STEPS" --gemm-n "$GEMM_N" --dtype bfloat16)
-TOKENIZER=${TOKENIZER:-../shared/tokenizers/cosmo2}
-[ -d "$TOKENIZER" ] || TOKENIZER=.gpu/tokenizer
+TOKENIZER=${TOKENIZER:-HuggingFaceTB/cosmo2-tokenizer}
 
 for stage in $STAGES; do
     case $stage in
@@ -94,15 +95,11 @@ for stage in $STAGES; do
             name=product_torch_train_compiled out=$RUN_DIR-compiled
             compile=(--compile "${PRODUCT_COMPILE_MODE:-default}")
         fi
-        if [ -d "$TOKENIZER" ]; then
-            step "$name" "$PYTHON" -m customllm_torch.cli train --device "$DEVICE" \
-                --preset "$PRESET" --dtype bfloat16 --data builtin --tokenizer "$TOKENIZER" \
-                --seq-len "$SEQ" --batch-size "$BATCH" --steps "$TRAIN_STEPS" --warmup-steps 5 \
-                --eval-every 0 --save-every 0 --sample-every 0 --log-every 5 --out "$out" \
-                "${compile[@]}"
-        else
-            echo "== $name skipped: no tokenizer folder (TOKENIZER, .gpu/tokenizer)"
-        fi ;;
+        step "$name" "$PYTHON" -m customllm_torch.cli train --device "$DEVICE" \
+            --preset "$PRESET" --dtype bfloat16 --data builtin --tokenizer "$TOKENIZER" \
+            --seq-len "$SEQ" --batch-size "$BATCH" --steps "$TRAIN_STEPS" --warmup-steps 5 \
+            --eval-every 0 --save-every 0 --sample-every 0 --log-every 5 --out "$out" \
+            "${compile[@]}" ;;
     mlx)
         if "$PYTHON" -c "import mlx.core" 2>/dev/null; then
             step train_mlx "$PYTHON" "${bench[@]}" --frameworks mlx \
@@ -112,7 +109,7 @@ for stage in $STAGES; do
             echo "== train_mlx skipped: MLX is not installed here"
         fi ;;
     generate)
-        step generate_torch "$PYTHON" scripts/bench_generate.py --preset "$PRESET" \
+        step generate_torch "$PYTHON" benchmarks/bench_generate.py --preset "$PRESET" \
             --frameworks torch --device "$DEVICE" --dtype bfloat16 \
             --contexts "${GEN_CONTEXTS:-128,1024}" \
             --json "$OUT/generate_torch.json" ;;
