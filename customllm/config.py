@@ -38,7 +38,7 @@ class ModelConfig:
     num_experts_per_tok: int = 2
     router_score: str = "sigmoid"
     norm_topk_prob: bool = True
-    routed_scaling_factor: float = 1.0
+    routed_scaling_factor: float = 2.0  # = top-k: the routed experts weigh as a dense layer's
     bias_update: str = (
         "solve"  # "solve": toward the bias that balances the batch; "sign": fixed step
     )

@@ -265,7 +265,9 @@ def test_bias_changes_selection_not_weights(tiny_config):
     assert (idx1 == favoured).any(-1).all(), "a large bias forces its expert into every top-k"
     assert not (idx0 == favoured).any(-1).all()
     chosen_scores = scores0.gather(-1, idx1)
-    expected = chosen_scores / chosen_scores.sum(-1, keepdim=True)
+    expected = (
+        chosen_scores / chosen_scores.sum(-1, keepdim=True) * tiny_config.routed_scaling_factor
+    )
     torch.testing.assert_close(weights1, expected, rtol=1e-6, atol=1e-7)
 
 

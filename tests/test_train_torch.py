@@ -122,9 +122,9 @@ def test_loss_falls_and_metrics_have_the_keys(tmp_path):
         tmp_path,
         seq_len=32,
         batch_size=4,
-        steps=40,
+        steps=60,
         warmup_steps=5,
-        eval_every=20,
+        eval_every=30,
         eval_steps=2,
         save_every=0,
         keep_last=1,
@@ -133,9 +133,9 @@ def test_loss_falls_and_metrics_have_the_keys(tmp_path):
     records = read_metrics(tmp_path / "metrics.jsonl")
     train_records = [r for r in records if "loss" in r]
     eval_records = [r for r in records if "eval_loss" in r]
-    assert [r["step"] for r in train_records] == list(range(1, 41))
+    assert [r["step"] for r in train_records] == list(range(1, 61))
     assert all(tuple(r) == TRAIN_RECORD_KEYS for r in train_records)
-    assert [r["step"] for r in eval_records] == [20, 40]
+    assert [r["step"] for r in eval_records] == [30, 60]
     assert all(tuple(r) == EVAL_RECORD_KEYS for r in eval_records)
     for r in eval_records:
         assert r["eval_ppl"] == pytest.approx(math.exp(r["eval_loss"]))
@@ -148,7 +148,7 @@ def test_loss_falls_and_metrics_have_the_keys(tmp_path):
     assert train_records[0]["learning_rate"] == pytest.approx(1e-3)  # warmup: 5e-3 * 1 / 5
 
     # the last checkpoint is a canonical model folder beside the Trainer's files
-    assert last == tmp_path / "checkpoint-40" and list_checkpoints(tmp_path) == [(40, last)]
+    assert last == tmp_path / "checkpoint-60" and list_checkpoints(tmp_path) == [(60, last)]
     for name in (
         "config.json",
         "model.safetensors",
@@ -163,8 +163,8 @@ def test_loss_falls_and_metrics_have_the_keys(tmp_path):
     model, tokenizer = load(last)
     assert tokenizer is not None and model.model_config.vocab_size == len(tokenizer)
     state = read_training_state(last)
-    assert state["step"] == 40 and state["framework"] == "torch"
-    assert state["tokens_seen"] == 40 * 4 * 32
+    assert state["step"] == 60 and state["framework"] == "torch"
+    assert state["tokens_seen"] == 60 * 4 * 32
     assert state["train_config"]["lr"] == 5e-3
 
 
