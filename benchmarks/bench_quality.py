@@ -122,12 +122,22 @@ def main() -> None:
     p.add_argument("--tokenizer", default=None, help="Tokenizer folder or hub id.")
     p.add_argument("--seeds", default="0,1,2", help="Comma-separated seeds (paired runs).")
     p.add_argument("--out", type=Path, default=Path("runs/quality"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="A field of the MoE's config (a JSON value), e.g. "
+                   "--set routed_scaling_factor=1.0; repeatable.")  # fmt: skip
     opts = p.parse_args()
     seeds = [int(s) for s in opts.seeds.split(",") if s.strip()]
     if not Path(opts.eval_data).exists() and opts.eval_data != "builtin":
         sys.exit(f"Error: --eval-data {opts.eval_data} not found")
     opts.out.mkdir(parents=True, exist_ok=True)
-    moe = ModelConfig.from_preset(opts.preset)
+    try:
+        fields = {k: json.loads(v) for k, _, v in (item.partition("=") for item in opts.set)}
+    except json.JSONDecodeError:
+        sys.exit(f"Error: --set {' '.join(opts.set)}: each takes KEY=VALUE, VALUE in JSON (1.0)")
+    try:
+        moe = ModelConfig.from_preset(opts.preset, **fields)
+    except (ValueError, TypeError) as err:
+        sys.exit(f"Error: --set {' '.join(opts.set)}: {err}")
     configs = {"moe": moe, "dense": dense_baseline(moe)}
     paths = {}
     for kind, config in configs.items():

@@ -20,6 +20,7 @@ import click
 import mlx.core as mx
 from mlx_lm.generate import GenerationResponse
 from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
+from mlx_lm.models.cache import KVCache
 from mlx_lm.sample_utils import make_logits_processors as mlx_lm_make_logits_processors
 from mlx_lm.sample_utils import make_sampler as mlx_lm_make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -38,7 +39,7 @@ from customllm.sampling import (
     validate_max_kv_size,
     validate_sampling,
 )
-from customllm_mlx.model import CustomLLM, LatentKVCache
+from customllm_mlx.model import CustomLLM
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
@@ -75,8 +76,9 @@ def make_logits_processors(
     )
 
 
-class RotatingLatentKVCache(LatentKVCache):
-    """A latent cache that holds the first `keep` tokens and the most recent ones.
+class RotatingLatentKVCache(KVCache):
+    """A latent cache (`customllm_mlx.model.cache_latents`) that holds the first `keep` tokens
+    and the most recent ones.
 
     Before each update the stored tokens are cut to `max_size - 1`, so a 1-token step attends
     to `max_size` tokens. `offset` counts every token seen: it is the absolute position.
@@ -86,41 +88,32 @@ class RotatingLatentKVCache(LatentKVCache):
         super().__init__()
         self.max_size, self.keep = max_size, min(keep, max_size - 1)
 
-    def update_and_fetch(self, c_kv: mx.array, k_rope: mx.array):
-        self.offset += c_kv.shape[1]
-        if self.c_kv is not None:
-            old_c_kv, old_k_rope = self._window(self.max_size - 1)
-            c_kv = mx.concatenate([old_c_kv, c_kv], axis=1)
-            k_rope = mx.concatenate([old_k_rope, k_rope], axis=2)
-        self.c_kv, self.k_rope = c_kv, k_rope
-        return c_kv, k_rope
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        self.offset += keys.shape[2]
+        if self.keys is not None:
+            old_keys, old_values = self._window(self.max_size - 1)
+            keys = mx.concatenate([old_keys, keys], axis=2)
+            values = mx.concatenate([old_values, values], axis=2)
+        self.keys, self.values = keys, values
+        return keys, values
 
     def _window(self, size: int):
-        S = self.c_kv.shape[1]
+        S = self.keys.shape[2]
         if S <= size:
-            return self.c_kv, self.k_rope
+            return self.keys, self.values
         recent = size - self.keep
-        c_kv = mx.concatenate([self.c_kv[:, : self.keep], self.c_kv[:, S - recent :]], axis=1)
-        k_rope = mx.concatenate(
-            [self.k_rope[:, :, : self.keep], self.k_rope[:, :, S - recent :]], axis=2
+        return tuple(
+            mx.concatenate([a[:, :, : self.keep], a[:, :, S - recent :]], axis=2)
+            for a in (self.keys, self.values)
         )
-        return c_kv, k_rope
-
-    @property
-    def state(self):
-        return [] if self.c_kv is None else [self.c_kv, self.k_rope]
-
-    @state.setter
-    def state(self, value):
-        self.c_kv, self.k_rope = value
 
     @property
     def meta_state(self):
-        return tuple(map(str, (self.max_size, self.keep, self.offset)))
+        return tuple(map(str, (self.max_size, self.keep)))
 
     @meta_state.setter
     def meta_state(self, value):
-        self.max_size, self.keep, self.offset = map(int, value)
+        self.max_size, self.keep = map(int, value)
 
     def is_trimmable(self) -> bool:
         return False
@@ -128,8 +121,11 @@ class RotatingLatentKVCache(LatentKVCache):
     def trim(self, n: int) -> int:
         return 0
 
+    def to_quantized(self, group_size: int = 64, bits: int = 4):
+        raise ValueError("--kv-bits: CustomLLM's latent cache is not quantized further")
 
-def make_cache(model: CustomLLM, max_kv_size: int | None = None) -> list[LatentKVCache]:
+
+def make_cache(model: CustomLLM, max_kv_size: int | None = None) -> list[KVCache]:
     """One latent cache per layer; rotating when `max_kv_size` is below the context."""
     validate_max_kv_size(max_kv_size)
     if max_kv_size is None or max_kv_size >= model.model_config.max_position_embeddings:
@@ -146,7 +142,7 @@ def stream_generate(
     logits_processors: list[LogitsProcessor] | None = None,
     max_kv_size: int | None = None,
     prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
-    prompt_cache: list[LatentKVCache] | None = None,
+    prompt_cache: list[KVCache] | None = None,
 ) -> Iterator[GenerationResponse]:
     """Yield one `GenerationResponse` per new token (`.text` is the new text segment, possibly
     empty while a character is incomplete); the last has `finish_reason` "stop" (EOS) or

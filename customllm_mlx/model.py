@@ -1,7 +1,7 @@
 """CustomLLM in MLX: the twin of customllm_torch/model.py (same classes, order and names).
 
 Differences are only what MLX forces: routed experts are held stacked (E, out, in) for
-`mx.gather_mm`, the cache is a list with one `LatentKVCache` per layer (the mlx_lm layout),
+`mx.gather_mm`, the cache is a list with one mlx_lm `KVCache` per layer (`cache_latents`),
 and `expert_bias` is a frozen array rather than a buffer.
 """
 
@@ -12,6 +12,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models.cache import KVCache
 
 from customllm.checkpoint import stack_experts, unstack_experts
 from customllm.config import ModelConfig
@@ -31,73 +32,26 @@ from customllm_mlx.loss import cross_entropy, linear_cross_entropy, softmax
 ModelArgs = ModelConfig  # the name mlx_lm's loader looks for
 
 
-class LatentKVCache:
-    """One layer's cache: `c_kv` (B, S, kv_latent_dim) and rotated `k_rope` (B, H, S, rope_dim)."""
+def cache_latents(cache: KVCache, c_kv: mx.array, k_rope: mx.array):
+    """Append c_kv (B, T, L) and the rotated k_rope (B, H, T, rope) to one layer's cache and
+    return both over every cached position: c_kv (B, S, L), k_rope (B, H, S, rope).
 
-    step = 256  # grow the buffers in chunks, as mlx_lm's KVCache does
-
-    def __init__(self):
-        self.c_kv = None
-        self.k_rope = None
-        self.offset = 0
-
-    def update_and_fetch(self, c_kv: mx.array, k_rope: mx.array):
-        T = c_kv.shape[1]
-        if self.c_kv is None or self.offset + T > self.c_kv.shape[1]:
-            grow = (T + self.step - 1) // self.step * self.step
-            new_c_kv = mx.zeros((c_kv.shape[0], grow, c_kv.shape[2]), c_kv.dtype)
-            new_k_rope = mx.zeros((*k_rope.shape[:2], grow, k_rope.shape[3]), k_rope.dtype)
-            if self.c_kv is None:
-                self.c_kv, self.k_rope = new_c_kv, new_k_rope
-            else:
-                self.c_kv = mx.concatenate([self.c_kv[:, : self.offset], new_c_kv], axis=1)
-                self.k_rope = mx.concatenate([self.k_rope[:, :, : self.offset], new_k_rope], axis=2)
-        self.c_kv[:, self.offset : self.offset + T] = c_kv
-        self.k_rope[:, :, self.offset : self.offset + T] = k_rope
-        self.offset += T
-        return self.c_kv[:, : self.offset], self.k_rope[:, :, : self.offset]
-
-    @property
-    def state(self):
-        if self.c_kv is None:
-            return []
-        return [self.c_kv[:, : self.offset], self.k_rope[:, :, : self.offset]]
-
-    @state.setter
-    def state(self, value):
-        self.c_kv, self.k_rope = value
-        self.offset = self.c_kv.shape[1]
-
-    @property
-    def meta_state(self):
-        return ""
-
-    @meta_state.setter
-    def meta_state(self, value):
-        pass
-
-    def to_quantized(self, group_size: int = 64, bits: int = 4):
-        """mlx_lm's `--kv-bits` asks each cache for this."""
+    The cache is mlx_lm's own `KVCache` holding the latent as a single head: keys c_kv
+    (B, 1, S, L), values the heads' rope keys side by side (B, 1, S, H * rope). So mlx_lm's
+    prompt-cache files save and load it, and its trimming works on it."""
+    if not isinstance(cache, KVCache):
         raise ValueError(
-            "--kv-bits: CustomLLM's cache already holds a compressed latent "
-            f"({self.c_kv.shape[-1] if self.c_kv is not None else '?'} numbers per token and "
-            "layer, plus the rope keys) and is not quantized further; leave --kv-bits out"
+            f"CustomLLM's latent cache is mlx_lm's KVCache, not {type(cache).__name__}: "
+            "the latent (kv_latent_dim numbers per token and layer, plus the rope keys) is not "
+            "quantized further (leave --kv-bits out) and batched caches are not supported "
+            "(generate one prompt at a time)"
         )
-
-    def is_trimmable(self) -> bool:
-        return True
-
-    def trim(self, n: int) -> int:
-        n = min(self.offset, n)
-        self.offset -= n
-        return n
-
-    def empty(self) -> bool:
-        return self.c_kv is None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.state)
+    B, H, T, r = k_rope.shape
+    keys, values = cache.update_and_fetch(
+        c_kv[:, None], k_rope.transpose(0, 2, 1, 3).reshape(B, 1, T, H * r)
+    )
+    S = keys.shape[2]
+    return keys[:, 0], values.reshape(B, S, H, r).transpose(0, 2, 1, 3)
 
 
 def attention(q, k, v, scale: float, mask):
@@ -162,14 +116,14 @@ class MultiHeadLatentAttention(nn.Module):
         self,
         x: mx.array,
         offset: int,
-        cache: LatentKVCache | None = None,
+        cache: KVCache | None = None,
         absorb: bool = False,
     ) -> mx.array:
         B, T, _ = x.shape
         H = self.num_heads
         q_nope, q_rope, c_kv, k_rope = self.project(x, offset)
         if cache is not None:
-            c_kv, k_rope = cache.update_and_fetch(c_kv, k_rope)
+            c_kv, k_rope = cache_latents(cache, c_kv, k_rope)
         mask = "causal" if T > 1 else None  # lower-right aligned: queries sit at the end
         if absorb and self.absorbable:
             out = self.absorbed_attention(q_nope, q_rope, c_kv, k_rope, mask)
@@ -489,7 +443,7 @@ class DecoderLayer(nn.Module):
             self._decode_in = mx.compile(self._project_token, inputs=self.state)
             self._decode_out = mx.compile(self._finish_token, inputs=self.state)
         q_latent, q_rope, c_kv, k_rope = self._decode_in(x, mx.array(offset))
-        c_kv, k_rope = cache.update_and_fetch(c_kv, k_rope)
+        c_kv, k_rope = cache_latents(cache, c_kv, k_rope)
         out_latent = self.self_attn.latent_attention(q_latent, q_rope, c_kv, k_rope, None)
         x, routing = self._decode_out(x, out_latent)
         return x, mx.array(0.0), routing
@@ -554,13 +508,13 @@ class CustomLLM(nn.Module):
         by mlx_lm's convert -q): the routers, whose scores decide the experts."""
         return not path.endswith("mlp.router")
 
-    def make_cache(self) -> list[LatentKVCache]:
-        return [LatentKVCache() for _ in self.decoder_layers]
+    def make_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.decoder_layers]
 
     def __call__(
         self,
         inputs: mx.array,
-        cache: list[LatentKVCache] | None = None,
+        cache: list[KVCache] | None = None,
         absorb: bool | None = None,
         return_aux: bool = False,
     ):

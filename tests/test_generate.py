@@ -373,8 +373,8 @@ def test_cache_holds_576_numbers_per_token_and_layer_at_973m_width():
     mlx_cache = mlx_model.make_cache()
     mlx_model(mx.array(ids), cache=mlx_cache)
     assert len(mlx_cache) == 1
-    assert sum(a.size for a in mlx_cache[0].state) == 576 * T
-    assert mlx_cache[0].nbytes == 576 * T * 4  # float32
+    assert sum(a.size for a in mlx_cache[0].keys_and_values()) == 576 * T
+    assert mlx_cache[0].offset == T
 
     torch.manual_seed(0)
     torch_model = TorchModel(config).eval()
@@ -396,8 +396,8 @@ def test_max_kv_size_bounds_the_cache(framework):
     cache = module.make_cache(model, max_kv_size=window)
     tokens, responses = tokens_of(module, model, tok, ids, max_tokens=N_TOKENS, prompt_cache=cache)
     assert responses[-1].generation_tokens == N_TOKENS
-    layer0 = cache[0].state if name == "mlx" else cache.layers[0]
-    assert layer0[0].shape[1] == window  # the last 1-token step attended to `window` tokens
+    stored = cache[0].keys.shape[2] if name == "mlx" else cache.layers[0][0].shape[1]
+    assert stored == window  # the last 1-token step attended to `window` tokens
     # positions stay absolute (mlx_lm's loop has already fed the last token when it stops)
     offset = cache[0].offset if name == "mlx" else cache.offset
     assert offset == len(ids) + N_TOKENS - (name == "torch")
@@ -415,8 +415,11 @@ def test_rotating_cache_keeps_the_first_and_the_most_recent_tokens(name):
     else:
         cache = torch_gen.RotatingLatentKVCache(1, max_size, keep)
     for p in range(20):
-        if name == "mlx":
-            c_kv, k_rope = cache.update_and_fetch(mx.full((1, 1, L), p), mx.full((1, H, 1, R), p))
+        if name == "mlx":  # the latent as one head: c_kv (1, 1, S, L), rope keys (1, 1, S, H * R)
+            c_kv, k_rope = cache.update_and_fetch(
+                mx.full((1, 1, 1, L), p), mx.full((1, 1, 1, H * R), p)
+            )
+            c_kv, k_rope = c_kv[:, 0], k_rope.reshape(1, -1, H, R).transpose(0, 2, 1, 3)
         else:
             c_kv, k_rope = cache.update(0, torch.full((1, 1, L), p), torch.full((1, H, 1, R), p))
         recent = max_size - keep - 1

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ pytest.importorskip("mlx_lm")
 
 import mlx.core as mx  # noqa: E402
 import mlx_lm  # noqa: E402
+import numpy as np  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
@@ -124,21 +127,57 @@ def test_export_writes_a_folder_this_package_and_mlx_lm_load(folder, tmp_path):
 
 
 def test_kv_bits_is_refused_with_a_clear_message(folder):
-    """mlx_lm's --kv-bits asks each cache for to_quantized: the latent cache says why not."""
+    """mlx_lm's --kv-bits turns each KVCache into a QuantizedKVCache: the next step says why
+    the latent cache is not quantized further."""
     from mlx_lm.generate import maybe_quantize_kv_cache
 
     model, _ = load(folder)
     cache = model.make_cache()
     model(mx.array([[1, 2, 3]]), cache=cache)
-    with pytest.raises(ValueError, match="--kv-bits: CustomLLM's cache already holds a compressed"):
-        maybe_quantize_kv_cache(cache, quantized_kv_start=0, kv_group_size=64, kv_bits=4)
+    maybe_quantize_kv_cache(cache, quantized_kv_start=0, kv_group_size=64, kv_bits=4)
+    with pytest.raises(ValueError, match="not quantized further \\(leave --kv-bits out\\)"):
+        model(mx.array([[4]]), cache=cache)
+
+
+def test_mlx_lm_prompt_cache_files_hold_the_latent_cache(folder, tmp_path):
+    """A prompt cache saved and loaded with mlx_lm's own functions, and the files its
+    `cache_prompt` command writes, continue generation exactly as the live cache does."""
+    from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+
+    model, tokenizer = load(folder)
+    prompt, more = mx.array([[5, 9, 2, 7, 3, 11]]), mx.array([[4, 8]])
+    live = model.make_cache()
+    model(prompt, cache=live)
+    save_prompt_cache(str(tmp_path / "c.safetensors"), live, {"model": str(folder)})
+    loaded = load_prompt_cache(str(tmp_path / "c.safetensors"))
+    assert [type(c).__name__ for c in loaded] == ["KVCache"] * len(live)
+    expected = model(more, cache=live)
+    np.testing.assert_array_equal(np.array(model(more, cache=loaded)), np.array(expected))
+
+    text = "Once upon a time there was a"
+    cache_file = tmp_path / "prompt.safetensors"
+    subprocess.run(
+        [sys.executable, "-m", "mlx_lm", "cache_prompt", "--model", str(folder),
+         "--prompt", text, "--prompt-cache-file", str(cache_file), "--trust-remote-code"],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    generate = [sys.executable, "-m", "mlx_lm", "generate", "--model", str(folder),
+                "--max-tokens", "8", "--temp", "0", "--trust-remote-code"]  # fmt: skip
+    cached = subprocess.run(
+        [*generate, "--prompt-cache-file", str(cache_file), "--prompt", " little"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    whole = subprocess.run(
+        [*generate, "--prompt", text + " little"], capture_output=True, text=True
+    )
+    assert cached.returncode == 0 and whole.returncode == 0, cached.stderr + whole.stderr
+    answer = [line for line in cached.stdout.split("==========")[1:2]]
+    assert answer and answer == whole.stdout.split("==========")[1:2], (cached.stdout, whole.stdout)
 
 
 def test_mlx_lm_lora_adapters_generate_as_the_fused_model(folder, tmp_path):
     """`mlx_lm.lora` on a model folder, then generation with --adapter-path (unfused: the
     absorbed decode reads the LoRA layers' effective matrices) equals the fused model's."""
-    import subprocess
-    import sys
 
     data = tmp_path / "data"
     data.mkdir()

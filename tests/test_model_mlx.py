@@ -18,6 +18,7 @@ import mlx.optimizers as optim
 import numpy as np
 from click.testing import CliRunner
 from mlx.utils import tree_flatten
+from mlx_lm.models.cache import KVCache
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 
@@ -29,7 +30,6 @@ from customllm_mlx.cli import main as cli_main
 from customllm_mlx.experts import CPU_BLOCK_ROWS, CPU_BLOCK_ROWS_CHUNKED, CPU_BLOCK_ROWS_PACKED
 from customllm_mlx.model import (
     CustomLLM,
-    LatentKVCache,
     LlamaMLP,
     causal_lm_loss,
 )
@@ -87,7 +87,7 @@ def test_canonical_weights_have_the_checkpoint_keys_and_shapes(tiny_config):
 
 @pytest.mark.parametrize("absorb", [None, False, True])
 def test_cached_decode_equals_full_forward(tiny_config, sharp_config, monkeypatch, absorb):
-    monkeypatch.setattr(LatentKVCache, "step", 8)  # make the buffers grow several times
+    monkeypatch.setattr(KVCache, "step", 8)  # make the buffers grow several times
     model = build(sharp_config)
     ids = random_ids(tiny_config, T=40)
     full = model(ids)
@@ -99,9 +99,10 @@ def test_cached_decode_equals_full_forward(tiny_config, sharp_config, monkeypatc
     ]
     chunks += [model(ids[:, t : t + 1], cache=cache, absorb=absorb) for t in range(12, 40)]
     cached = mx.concatenate(chunks, axis=1)
-    assert cache[0].offset == 40 and cache[0].c_kv.shape[1] >= 40
-    assert cache[0].state[0].shape == (2, 40, tiny_config.kv_latent_dim)
-    assert cache[0].state[1].shape == (2, 2, 40, tiny_config.qk_rope_head_dim)
+    assert cache[0].offset == 40 and cache[0].keys.shape[2] >= 40
+    keys, values = cache[0].keys_and_values()  # the latent as one head (cache_latents)
+    assert keys.shape == (2, 1, 40, tiny_config.kv_latent_dim)
+    assert values.shape == (2, 1, 40, 2 * tiny_config.qk_rope_head_dim)
     np.testing.assert_allclose(np.array(cached), np.array(full), atol=close(full), rtol=0)
 
 
