@@ -12,7 +12,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from customllm.checkpoint import stack_experts, unstack_experts
 from customllm.config import ModelConfig
@@ -38,13 +38,13 @@ def cache_latents(cache: KVCache, c_kv: mx.array, k_rope: mx.array):
 
     The cache is mlx_lm's own `KVCache` holding the latent as a single head: keys c_kv
     (B, 1, S, L), values the heads' rope keys side by side (B, 1, S, H * rope). So mlx_lm's
-    prompt-cache files save and load it, and its trimming works on it."""
-    if not isinstance(cache, KVCache):
+    prompt-cache files save and load it, and its trimming works on it. Batched generation uses
+    its `BatchKVCache` the same way (one offset per row, left padding masked)."""
+    if not isinstance(cache, (KVCache, BatchKVCache)):
         raise ValueError(
             f"CustomLLM's latent cache is mlx_lm's KVCache, not {type(cache).__name__}: "
             "the latent (kv_latent_dim numbers per token and layer, plus the rope keys) is not "
-            "quantized further (leave --kv-bits out) and batched caches are not supported "
-            "(generate one prompt at a time)"
+            "quantized further (leave --kv-bits out)"
         )
     B, H, T, r = k_rope.shape
     keys, values = cache.update_and_fetch(
@@ -56,8 +56,8 @@ def cache_latents(cache: KVCache, c_kv: mx.array, k_rope: mx.array):
 
 def attention(q, k, v, scale: float, mask):
     """`mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)`; q (B, H, T, d),
-    k and v (B, H or 1, S, d), mask None, "causal" (aligned to the last key) or an additive
-    array. On the CPU with several queries the fast kernel falls back to plain ops with MLX's
+    k and v (B, H or 1, S, d), mask None, "causal" (aligned to the last key), a boolean
+    (True: attend) or an additive array. On the CPU with several queries the fast kernel falls back to plain ops with MLX's
     slow exp; the same ops with `loss.softmax` run forward + backward ~1.6x faster."""
     T, S = q.shape[2], k.shape[2]
     if T == 1 or mx.default_device() != mx.cpu:
@@ -65,6 +65,8 @@ def attention(q, k, v, scale: float, mask):
     scores = (q * scale) @ k.swapaxes(-1, -2)  # (B, H, T, S)
     if isinstance(mask, str):  # "causal"
         scores = mx.where(causal_mask(T, S), scores, mx.array(-mx.inf, scores.dtype))
+    elif mask is not None and mask.dtype == mx.bool_:
+        scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
     elif mask is not None:
         scores = scores + mask
     return softmax(scores) @ v
@@ -118,13 +120,17 @@ class MultiHeadLatentAttention(nn.Module):
         offset: int,
         cache: KVCache | None = None,
         absorb: bool = False,
+        mask: mx.array | None = None,
     ) -> mx.array:
+        """`offset`: the first position, per row (B,) for a batched cache; `mask` (B, 1, T, S)
+        bool for a batched cache (causal, left padding out), else causal."""
         B, T, _ = x.shape
         H = self.num_heads
         q_nope, q_rope, c_kv, k_rope = self.project(x, offset)
         if cache is not None:
             c_kv, k_rope = cache_latents(cache, c_kv, k_rope)
-        mask = "causal" if T > 1 else None  # lower-right aligned: queries sit at the end
+        if mask is None and T > 1:
+            mask = "causal"  # lower-right aligned: queries sit at the end
         if absorb and self.absorbable:
             out = self.absorbed_attention(q_nope, q_rope, c_kv, k_rope, mask)
         else:
@@ -182,8 +188,10 @@ class MultiHeadLatentAttention(nn.Module):
         # The per-head rope scores go in as an additive mask, so SDPA sees the latent as ONE
         # key/value head shared by all query heads (no per-head copy of the cache).
         rope_scores = (q_rope * self.scale) @ k_rope.swapaxes(-1, -2)  # (B, H, T, S)
-        if mask == "causal":
-            rope_scores = mx.where(causal_mask(*rope_scores.shape[-2:]), rope_scores, -mx.inf)
+        if isinstance(mask, str):  # "causal"
+            mask = causal_mask(*rope_scores.shape[-2:])
+        if mask is not None:
+            rope_scores = mx.where(mask, rope_scores, -mx.inf)
         c_kv = c_kv[:, None]  # (B, 1, S, L)
         return attention(q_latent, c_kv, c_kv, self.scale, rope_scores.astype(q_latent.dtype))
 
@@ -421,20 +429,20 @@ class DecoderLayer(nn.Module):
         self.mlp_dropout = Dropout(config.mlp_dropout)
         self._decode_in = self._decode_out = None  # compiled on the first decode_step
 
-    def __call__(self, x, offset, cache=None, absorb=False, key=None):
+    def __call__(self, x, offset, cache=None, absorb=False, key=None, mask=None):
         """`key`: draw the dropout masks from it (a checkpointed layer's recomputation draws
-        the same), else from the global random state."""
+        the same), else from the global random state. `mask`: as MultiHeadLatentAttention's."""
         absorb = absorb and self.self_attn.absorbable
         if absorb and cache is not None and x.shape[1] == 1 and not self.training:
-            return self.decode_step(x, offset, cache)
+            return self.decode_step(x, offset, cache, mask)
         keys = (None, None) if key is None else mx.random.split(key)
-        attn = self.self_attn(self.input_norm(x), offset, cache, absorb)
+        attn = self.self_attn(self.input_norm(x), offset, cache, absorb, mask)
         x = x + self.attn_dropout(attn, keys[0])
         with_aux = cache is None or self.training  # generating: no use for the aux loss
         mlp_out, aux_loss, routing = self.mlp(self.post_attn_norm(x), with_aux)
         return x + self.mlp_dropout(mlp_out, keys[1]), aux_loss, routing
 
-    def decode_step(self, x, offset, cache):
+    def decode_step(self, x, offset, cache, mask=None):
         """The same layer for one token with the latent cache (absorbed attention, no dropout,
         no aux loss), the steps before and after the cache as two compiled functions: a decode
         step is ~25 small ops per layer, and MLX's per-op cost (eager graph building and one
@@ -444,7 +452,7 @@ class DecoderLayer(nn.Module):
             self._decode_out = mx.compile(self._finish_token, inputs=self.state)
         q_latent, q_rope, c_kv, k_rope = self._decode_in(x, mx.array(offset))
         c_kv, k_rope = cache_latents(cache, c_kv, k_rope)
-        out_latent = self.self_attn.latent_attention(q_latent, q_rope, c_kv, k_rope, None)
+        out_latent = self.self_attn.latent_attention(q_latent, q_rope, c_kv, k_rope, mask)
         x, routing = self._decode_out(x, out_latent)
         return x, mx.array(0.0), routing
 
@@ -548,13 +556,20 @@ class CustomLLM(nn.Module):
         statistics (num_layers, 2, n_routed_experts): [:, 0] the expert loads (LlamaMLP)."""
         B, T = inputs.shape
         offset = 0 if cache is None else cache[0].offset
-        if offset + T > self.model_config.max_position_embeddings:
+        batched = isinstance(offset, mx.array)  # mlx_lm's BatchKVCache: an offset per row
+        end = (int(offset.max().item()) if batched else offset) + T
+        if end > self.model_config.max_position_embeddings:
             raise ValueError(
-                f"sequence of {offset + T} tokens exceeds the context of "
+                f"sequence of {end} tokens exceeds the context of "
                 f"{self.model_config.max_position_embeddings} (max_position_embeddings)"
             )
         absorb = cache is not None and T == 1 if absorb is None else absorb
-        pos = mx.arange(offset, offset + T)
+        mask = None
+        if batched:  # left padding sits at negative positions, masked out
+            pos = mx.maximum(offset[:, None] + mx.arange(T), 0)
+            mask = cache[0].make_mask(T)
+        else:
+            pos = mx.arange(offset, offset + T)
         x = self.dropout(self.token_embeddings(inputs) + self.position_embeddings(pos))
         aux_loss, routing = mx.array(0.0), []
         checkpoint = self.checkpoint_layers and self.training and cache is None
@@ -562,7 +577,8 @@ class CustomLLM(nn.Module):
             if checkpoint:
                 x, layer_aux, stats = checkpointed(layer, x, offset)
             else:
-                x, layer_aux, stats = layer(x, offset, None if cache is None else cache[i], absorb)
+                layer_cache = None if cache is None else cache[i]
+                x, layer_aux, stats = layer(x, offset, layer_cache, absorb, mask=mask)
             aux_loss = aux_loss + layer_aux
             routing.append(stats)
         return x, aux_loss, mx.stack(routing)

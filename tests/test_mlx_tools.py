@@ -200,3 +200,18 @@ def test_mlx_lm_lora_adapters_generate_as_the_fused_model(folder, tmp_path):
     unfused = [r.token for r in mlx_lm.stream_generate(model, tokenizer, PROMPT, max_tokens=12)]
     assert unfused == theirs(fused)
     assert unfused != theirs(folder)  # the adapters changed the model
+
+
+def test_batch_generate_equals_one_prompt_at_a_time(folder):
+    """mlx_lm's batch_generate (a BatchKVCache per layer: right-padded prefill, then left
+    padding masked out, one position per row) on 3 prompts of different lengths gives each
+    prompt's greedy tokens alone."""
+    from mlx_lm.generate import batch_generate
+
+    model, tokenizer = mlx_lm.load(str(folder), trust_remote_code=True)
+    prompts = [tokenizer.encode(p) for p in ("Once", "Once upon a time there", "The cat sat")]
+    assert len({len(p) for p in prompts}) == 3
+    batched = batch_generate(model, tokenizer, prompts, max_tokens=10, return_token_ids=True)
+    for prompt, tokens in zip(prompts, batched.token_ids, strict=True):
+        alone = [r.token for r in mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=10)]
+        assert list(tokens) == alone, (prompt, tokens, alone)
