@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import warnings
 
 CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
@@ -35,19 +36,45 @@ def preload_openblas() -> str | None:
     global loaded
     if loaded or not sys.platform.startswith("linux") or os.environ.get("CUSTOMLLM_NO_OPENBLAS"):
         return loaded
-    if "mlx.core" in sys.modules:
-        return None  # too late: MLX has already bound its BLAS symbols
     wanted = os.environ.get("CUSTOMLLM_OPENBLAS")
-    for path in (wanted,) if wanted else CANDIDATES:
-        if path and os.path.exists(path):
-            try:
-                library = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-            except OSError:
-                continue
-            loaded = path
-            _bind(library)
-            break
+    paths = [p for p in ((wanted,) if wanted else CANDIDATES) if p and os.path.exists(p)]
+    if "mlx.core" in sys.modules:  # MLX has already bound its BLAS symbols
+        mapped = _mapped_library("libopenblas")
+        if mapped:  # loaded before MLX all the same (LD_PRELOAD): MLX uses it
+            loaded = mapped
+            _bind(ctypes.CDLL(mapped, mode=ctypes.RTLD_GLOBAL))
+        elif paths:
+            warnings.warn(
+                "customllm_mlx: mlx.core was imported first, so MLX's CPU matmuls run on its "
+                "slow reference BLAS; import customllm_mlx before mlx (or mlx_lm), or start "
+                f"the process with LD_PRELOAD={paths[0]} (docs/linux-cpu.md)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return loaded
+    for path in paths:
+        try:
+            library = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            continue
+        loaded = path
+        _bind(library)
+        break
     return loaded
+
+
+def _mapped_library(name: str) -> str | None:
+    """The path of a shared library whose file name starts with `name` that this process has
+    mapped (/proc/self/maps), or None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split(maxsplit=5)[-1].strip()
+                if os.path.basename(path).startswith(name):
+                    return path
+    except OSError:
+        pass
+    return None
 
 
 def _bind(library: ctypes.CDLL) -> None:

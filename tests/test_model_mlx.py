@@ -945,3 +945,25 @@ def test_cached_decode_through_quantized_and_adapted_layers_equals_full_forward(
     np.testing.assert_allclose(
         np.array(mx.concatenate(chunks, axis=1)), np.array(full), atol=1e-3, rtol=1e-4
     )
+
+
+def test_openblas_set_up_too_late_warns_and_ld_preload_counts(tmp_path):
+    """`import mlx.core` before `import customllm_mlx` cannot swap the BLAS: a warning names
+    the fix; with OpenBLAS preloaded (LD_PRELOAD) the package finds and uses it."""
+    import os
+    import subprocess
+    import sys
+
+    from customllm_mlx import _blas
+
+    if _blas.loaded is None:
+        pytest.skip("no OpenBLAS here (or CUSTOMLLM_NO_OPENBLAS)")
+    code = "import mlx.core; import customllm_mlx; print(customllm_mlx._blas.loaded)"
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    late = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert late.returncode == 0 and late.stdout.strip() == "None", late.stderr
+    assert f"LD_PRELOAD={_blas.loaded}" in late.stderr, late.stderr
+    env["LD_PRELOAD"] = _blas.loaded
+    early = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert early.returncode == 0 and "openblas" in early.stdout, early.stdout + early.stderr
+    assert "RuntimeWarning" not in early.stderr, early.stderr
