@@ -57,15 +57,16 @@ def cache_latents(cache: KVCache, c_kv: mx.array, k_rope: mx.array):
 def attention(q, k, v, scale: float, mask):
     """`mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)`; q (B, H, T, d),
     k and v (B, H or 1, S, d), mask None, "causal" (aligned to the last key), a boolean
-    (True: attend) or an additive array. On the CPU with several queries the fast kernel falls back to plain ops with MLX's
-    slow exp; the same ops with `loss.softmax` run forward + backward ~1.6x faster."""
+    (True: attend) or an additive array. On the CPU with several queries the fast kernel falls
+    back to plain ops with MLX's slow exp; the same ops with `loss.softmax` run forward +
+    backward ~1.6x faster."""
     T, S = q.shape[2], k.shape[2]
     if T == 1 or mx.default_device() != mx.cpu:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     scores = (q * scale) @ k.swapaxes(-1, -2)  # (B, H, T, S)
     if isinstance(mask, str):  # "causal"
-        scores = mx.where(causal_mask(T, S), scores, mx.array(-mx.inf, scores.dtype))
-    elif mask is not None and mask.dtype == mx.bool_:
+        mask = causal_mask(T, S)
+    if mask is not None and mask.dtype == mx.bool_:
         scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
     elif mask is not None:
         scores = scores + mask
@@ -548,8 +549,7 @@ class CustomLLM(nn.Module):
     def lm_head_params(self) -> tuple[mx.array, mx.array | None]:
         """lm_head's weight and bias (None without one, `lm_head_bias`: False)."""
         head = self.lm_head
-        weight = head.weight if type(head) is nn.Linear else linear_weight(head)  # quantized
-        return weight, head["bias"] if "bias" in head else None
+        return linear_weight(head), head["bias"] if "bias" in head else None
 
     def hidden_states(self, inputs, cache=None, absorb=None):
         """The last decoder layer's output (B, T, hidden), the aux loss and the routing
