@@ -14,6 +14,8 @@ MODEL_TYPE = "customllm"
 KIND_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
 # What a complete config.json written before these fields existed trained with
 LEGACY_DEFAULTS = {"bias_update": "sign", "router_lr_scale": 1.0}
+# Fields added since, with the value a complete config.json without them was trained with
+ADDED_FIELDS = {"embedding_init_std": 0.02}
 DERIVED_FIELDS = ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 # Keys of transformers' configs (DeepseekV3, Llama) that lie near a field name: kept as extra
 FOREIGN_KEYS = ("head_dim", "qk_head_dim", "moe_intermediate_size", "attention_dropout")
@@ -55,6 +57,9 @@ class ModelConfig:
     mlp_dropout: float = 0.3
     lm_head_bias: bool = True
     initializer_range: float = 0.02
+    embedding_init_std: float = (
+        1.0  # the token embeddings' init: tokens stay apart (architecture.md)
+    )
     eos_token_id: int = 0
     bos_token_id: int = 0
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -135,7 +140,13 @@ class ModelConfig:
         for name in ("embd_dropout", "attn_dropout", "mlp_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        for name in ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "initializer_range"):
+        for name in (
+            "rms_norm_eps",
+            "rope_theta",
+            "routed_scaling_factor",
+            "initializer_range",
+            "embedding_init_std",
+        ):
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.bias_update not in ("solve", "sign"):
@@ -248,6 +259,7 @@ def check_complete(values: dict[str, Any], source: str) -> None:
         if f.name not in values
         and f.name not in (*DERIVED_FIELDS, "extra")
         and not (legacy and f.name in LEGACY_DEFAULTS)
+        and f.name not in ADDED_FIELDS
     ]
     if missing:
         raise ValueError(
@@ -259,9 +271,12 @@ def check_complete(values: dict[str, Any], source: str) -> None:
 
 
 def with_legacy_defaults(values: dict[str, Any]) -> dict[str, Any]:
-    """`values` with what a config.json written before LEGACY_DEFAULTS' fields trained with."""
+    """`values` with what a config.json written before LEGACY_DEFAULTS' or ADDED_FIELDS' fields
+    trained with (a complete one: it has initializer_range; a dict of overrides keeps defaults)."""
     if "bias_update_rate" in values and "bias_update" not in values:
-        return {**LEGACY_DEFAULTS, **values}
+        values = {**LEGACY_DEFAULTS, **values}
+    if "initializer_range" in values:
+        values = {**ADDED_FIELDS, **values}
     return values
 
 

@@ -496,15 +496,18 @@ class CustomLLM(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """Normal(0, initializer_range) for matrices, zeros for biases, ones for norms."""
+        """Normal(0, initializer_range) for matrices, Normal(0, embedding_init_std) for the token
+        embeddings, zeros for biases, ones for norms."""
         std = self.model_config.initializer_range
+        embedding_std = self.model_config.embedding_init_std
 
         def init(path: str, value: mx.array) -> mx.array:
             if path.endswith("expert_bias") or path.endswith(".bias"):
                 return mx.zeros_like(value)
             if value.ndim == 1:  # norm weights
                 return mx.ones_like(value)
-            return std * mx.random.normal(value.shape, dtype=value.dtype)
+            scale = embedding_std if path.startswith("token_embeddings.") else std
+            return scale * mx.random.normal(value.shape, dtype=value.dtype)
 
         self.update(tree_unflatten([(k, init(k, v)) for k, v in tree_flatten(self.parameters())]))
 

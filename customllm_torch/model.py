@@ -552,6 +552,8 @@ class CustomLLM(PreTrainedModel, GenerationMixin):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
+            if module is getattr(self, "token_embeddings", None):
+                std = self.model_config.embedding_init_std
             nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, CustomRMSNorm):
             nn.init.ones_(module.weight)

@@ -741,6 +741,8 @@ def test_cli_init_writes_a_loadable_folder(tmp_path, tokenizer_dir):
     assert model.model_config.eos_token_id == tokenizer.eos_token_id
     first = params(model)["decoder_layers.0.self_attn.q_proj_d.weight"]
     assert abs(np.array(first).std() - model.model_config.initializer_range) < 2e-3
+    embeddings = np.array(params(model)["token_embeddings.weight"])
+    assert abs(embeddings.std() - model.model_config.embedding_init_std) < 0.02
 
     again = runner.invoke(
         cli_main, ["init", "--preset", "tiny", "--out", str(out), "--tokenizer", str(tokenizer_dir)]

@@ -709,6 +709,9 @@ def test_cli_init_writes_a_loadable_folder(tmp_path, tokenizer_dir):
     assert tokenizer is not None and len(tokenizer) == model.model_config.vocab_size
     ids = torch.tensor([tokenizer.encode("Once upon a time")])
     assert logits_of(model, ids).shape == (1, ids.shape[1], model.model_config.vocab_size)
+    config = model.model_config
+    assert abs(model.token_embeddings.weight.std().item() - config.embedding_init_std) < 0.02
+    assert abs(model.position_embeddings.weight.std().item() - config.initializer_range) < 2e-3
 
     again = runner.invoke(cli_main, [*args, "--out", str(tmp_path / "b")])
     assert again.exit_code == 0, again.output

@@ -99,6 +99,21 @@ def test_config_round_trips_through_a_dict():
     assert TrainConfig.from_dict({**cfg.to_dict(), "not_an_option": 1}) == cfg
 
 
+def test_a_config_written_before_embedding_init_std_keeps_its_init(tmp_path):
+    """A complete config.json without `embedding_init_std` loads (from_json checks that every
+    field is there) with the 0.02 its token embeddings were drawn with; new and partial
+    configs take the default 1.0."""
+    old = ModelConfig.from_preset("tiny").to_dict()
+    del old["embedding_init_std"]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(old))
+    assert ModelConfig.from_json(path).embedding_init_std == 0.02
+    assert ModelConfig.from_preset("tiny").embedding_init_std == 1.0
+    assert ModelConfig.from_dict({"rope_theta": 1e4}).embedding_init_std == 1.0
+    with pytest.raises(ValueError, match="embedding_init_std must be positive"):
+        ModelConfig.from_preset("tiny", embedding_init_std=0.0)
+
+
 def test_a_config_written_before_the_balancing_fields_keeps_its_rule():
     """A complete config.json without `bias_update` / `router_lr_scale` (as written before they
     existed) loads with the rule it was trained with: the sign step and the router at the
