@@ -469,17 +469,31 @@ class DecoderLayer(nn.Module):
 
 
 def checkpointed(layer: DecoderLayer, x: mx.array, offset: int):
-    """`layer(x, offset)` under `mx.checkpoint`: its activations are recomputed in the backward
-    pass instead of kept. Its dropout masks come from a key that is an input of the
-    checkpointed function, so the recomputation draws the same ones."""
+    """`layer(x, offset)` with its activations recomputed in the backward pass instead of kept
+    (what `mx.checkpoint` does). The recomputation waits for the cotangent of this layer's
+    output: with nothing to wait for, a breadth-first evaluation (cpu_streams.py) recomputes
+    every layer at once and keeps them all. Its dropout masks come from a key that is an
+    input, so the recomputation draws the same ones."""
+    names, values = zip(*tree_flatten(layer.trainable_parameters()), strict=True)
 
-    def forward(params, key, x):
-        layer.update(params)
+    def forward(key, x, *values):
+        layer.update(tree_unflatten(list(zip(names, values, strict=True))))
         return layer(x, offset, key=mx.stop_gradient(key))  # the masks take no gradient
+
+    @mx.custom_function
+    def run(key, x, *values):
+        return forward(key, x, *values)
+
+    @run.vjp
+    def run_vjp(primals, cotangents, outputs):
+        key, x, *values = primals
+        x = mx.depends(x, list(cotangents))
+        _, grads = mx.vjp(lambda x, *v: forward(key, x, *v), [x, *values], list(cotangents))
+        return (mx.zeros_like(key), *grads)
 
     # a key (two uint32 words) drawn from the global state, as the masks would have been
     key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)
-    return mx.checkpoint(forward)(layer.trainable_parameters(), key, x)
+    return run(key, x, *values)
 
 
 class CustomLLM(nn.Module):
