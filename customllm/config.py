@@ -57,9 +57,8 @@ class ModelConfig:
     mlp_dropout: float = 0.3
     lm_head_bias: bool = True
     initializer_range: float = 0.02
-    embedding_init_std: float = (
-        1.0  # the token embeddings' init: tokens stay apart (architecture.md)
-    )
+    # the token embeddings' init, wider than the matrices' so tokens stay apart (architecture.md)
+    embedding_init_std: float = 1.0
     eos_token_id: int = 0
     bos_token_id: int = 0
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)

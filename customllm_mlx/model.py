@@ -480,9 +480,7 @@ def checkpointed(layer: DecoderLayer, x: mx.array, offset: int):
         layer.update(tree_unflatten(list(zip(names, values, strict=True))))
         return layer(x, offset, key=mx.stop_gradient(key))  # the masks take no gradient
 
-    @mx.custom_function
-    def run(key, x, *values):
-        return forward(key, x, *values)
+    run = mx.custom_function(forward)
 
     @run.vjp
     def run_vjp(primals, cotangents, outputs):
