@@ -1,10 +1,9 @@
 """Where text comes from: `--data` sources and the documents they hold, framework-free.
 
 A `--data` string is one of:
-  - `builtin`: the help topics of CPython's `pydoc` (`pydoc_data.topics.topics`), real English
-    text that ships with Python, so the quick start needs no download. One document per topic in
-    sorted-key order, repeated texts dropped; on Python 3.11 that is 78 documents and 112,889
-    cosmo2 tokens (EOS included);
+  - `builtin`: 20,000 short children's stories written by a seeded grammar
+    (`customllm.stories`), so the quick start needs no download and a small model soon writes
+    text that reads like it;
   - a local path: a `.txt`, `.jsonl` or `.parquet` file, a folder (every such file below it,
     sorted by path) or a glob pattern;
   - a hub dataset `name[:config]`, streamed with `datasets` (e.g. `data.DEFAULT_HUB_DATA`).
@@ -14,11 +13,10 @@ file has any; otherwise every blank-line-separated paragraph is a document. Surr
 is stripped and empty documents are skipped. `.jsonl` / `.parquet` / hub rows give one document
 each, from the `text_column` field.
 
-Held-out split. For `builtin`, every 10th document (indices 0, 10, ...; 8 documents, about 7k
-tokens) is held out. For every other source a document is held out when a stable hash of its
-text (blake2b) falls in the first `heldout_fraction` of the hash range; the `train` split skips
-exactly those documents, so eval never sees training text (identical documents always land on
-the same side). On a hub stream the held-out split reads about 1/heldout_fraction times more text
+Held-out split. For `builtin`, every 10th story (numbers 0, 10, ...; 2,000 stories) is held
+out. For every other source a document is held out when a stable hash of its text (blake2b) falls
+in the first `heldout_fraction` of the hash range; the `train` split skips exactly those
+documents, so eval never sees training text (identical documents always land on the same side). On a hub stream the held-out split reads about 1/heldout_fraction times more text
 than it keeps, so cap its eval batches.
 """
 
@@ -34,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from customllm.stories import N_STORIES, story
 from customllm.tokenizer import hub_unreachable_reason, looks_like_path
 
 BUILTIN = "builtin"  # the `--data` value that selects the built-in corpus
@@ -48,17 +47,6 @@ _HASH_BUCKETS = 10_000
 _DATA_HINT = "Use --data PATH with local .txt/.jsonl/.parquet files, or --data builtin"
 
 
-def _topics() -> dict[str, str]:
-    try:
-        from pydoc_data.topics import topics
-    except ImportError as e:  # some distributions strip pydoc_data from the standard library
-        raise ValueError(
-            "the built-in corpus needs pydoc_data from the Python standard library, which this "
-            "Python lacks; use --data PATH instead"
-        ) from e
-    return topics
-
-
 def is_builtin_heldout(index: int) -> bool:
     """Whether built-in document number `index` belongs to the held-out split."""
     return index % BUILTIN_HELDOUT_EVERY == 0
@@ -68,11 +56,9 @@ def builtin_documents(split: str = "all") -> Iterator[str]:
     """Yield the built-in documents of `split` ("all", "train" or "heldout") in a fixed order."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    topics = _topics()
-    texts = dict.fromkeys(topics[key].strip() for key in sorted(topics))  # drops repeats
-    for index, text in enumerate(t for t in texts if t):
+    for index in range(N_STORIES):
         if split == "all" or is_builtin_heldout(index) == (split == "heldout"):
-            yield text
+            yield story(index)
 
 
 @dataclass(frozen=True)

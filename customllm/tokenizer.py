@@ -1,7 +1,7 @@
 """Tokenizer loading and training, framework-free.
 
-`load_tokenizer` returns a `transformers` fast tokenizer from a local folder or a hub id;
-`train_tokenizer` trains a byte-level BPE on local text and saves a folder that
+`load_tokenizer` returns a `transformers` fast tokenizer from a local folder, a hub id or
+`builtin` (a BPE of the built-in stories, trained on first use into the user's cache); `train_tokenizer` trains a byte-level BPE on local text and saves a folder that
 `AutoTokenizer.from_pretrained` loads. `transformers` is imported lazily (it pulls in torch when
 torch is installed), so importing this module stays cheap.
 """
@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
 DEFAULT_TOKENIZER = "HuggingFaceTB/cosmo2-tokenizer"
+BUILTIN_TOKENIZER = "builtin"  # the default for --data builtin: no download
+BUILTIN_VOCAB_SIZE = 1024  # at most: the merges run out at 938, every word one token
 EOS_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = [EOS_TOKEN, "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 after training
 
@@ -130,6 +132,8 @@ def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_TOKENIZER) -> PreTr
     exists) never falls through to the hub: a missing folder raises FileNotFoundError naming it.
     """
     name = os.fspath(name_or_path)
+    if name == BUILTIN_TOKENIZER:
+        return _load_local(builtin_tokenizer_dir())
     path = Path(name).expanduser()
     if path.exists() or looks_like_path(name):
         return _load_local(path)
@@ -206,6 +210,36 @@ def train_tokenizer(
     out.mkdir(parents=True, exist_ok=True)
     wrapped.save_pretrained(str(out))
     return load_tokenizer(out.resolve())
+
+
+def builtin_tokenizer_dir() -> Path:
+    """The folder of the built-in tokenizer: a BPE of up to `BUILTIN_VOCAB_SIZE` tokens trained on the
+    built-in stories' training split, cached under $XDG_CACHE_HOME (else ~/.cache)/customllm and
+    keyed by the story generator's source, so a changed corpus gets a new tokenizer."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    import tokenizers
+
+    import customllm.stories
+
+    key = hashlib.sha256(Path(customllm.stories.__file__).read_bytes())
+    key.update(f"{BUILTIN_VOCAB_SIZE} {tokenizers.__version__}".encode())
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "customllm"
+    folder = cache / f"builtin-tokenizer-{key.hexdigest()[:16]}"
+    if not (folder / "tokenizer.json").is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f"{folder.name}.", dir=cache))
+        try:  # written aside and renamed: a half-written folder is never read
+            train_tokenizer("builtin", BUILTIN_VOCAB_SIZE, scratch)
+            scratch.rename(folder)
+        except OSError:
+            if not (folder / "tokenizer.json").is_file():  # not another process's rename
+                raise
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return folder
 
 
 def load_folder_tokenizer(folder: str | os.PathLike) -> PreTrainedTokenizerFast | None:

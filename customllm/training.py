@@ -198,8 +198,9 @@ OPTION_HELP = {
     "Default: builtin (tiny, small), the hub corpus (973m).",
     "eval_data": "Text to evaluate on. Default: the held-out split of --data.",
     "text_column": "Field holding the text in .jsonl/.parquet/hub rows.",
-    "tokenizer": "Tokenizer folder or hub id. Default: the --resume/--init folder's, "
-    "else customllm.tokenizer.DEFAULT_TOKENIZER.",
+    "tokenizer": "Tokenizer folder, hub id or builtin. Default: the --resume/--init folder's, "
+    "else builtin (938 tokens, trained once on the built-in stories) for --data builtin, "
+    "else HuggingFaceTB/cosmo2-tokenizer.",
     "seq_len": "Tokens per sequence (each block holds seq_len + 1).",
     "batch_size": "Sequences per micro-batch (per device).",
     "grad_accum": "Micro-batches per optimizer step.",
@@ -436,15 +437,17 @@ def check_resume(
 
 
 def tokenizer_source(cfg: TrainConfig, resume: Path | None) -> str:
-    """--tokenizer, else the tokenizer saved in the --resume/--init folder, else the default."""
-    from customllm.tokenizer import DEFAULT_TOKENIZER
+    """--tokenizer, else the tokenizer saved in the --resume/--init folder, else the built-in
+    one for the built-in corpus, else the default (cosmo2)."""
+    from customllm.corpus import BUILTIN
+    from customllm.tokenizer import BUILTIN_TOKENIZER, DEFAULT_TOKENIZER
 
     if cfg.tokenizer:
         return cfg.tokenizer
     for folder in (resume, Path(cfg.init) if cfg.init else None):
         if folder is not None and (folder / "tokenizer.json").is_file():
             return str(folder)
-    return DEFAULT_TOKENIZER
+    return BUILTIN_TOKENIZER if cfg.train_data() == BUILTIN else DEFAULT_TOKENIZER
 
 
 def new_model_config(cfg: TrainConfig, tokenizer) -> ModelConfig:

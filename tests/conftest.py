@@ -1,16 +1,16 @@
 """Shared fixtures: the test corpus and tokenizer, the optional shared data, and tiny configs.
 
 The default suite needs nothing outside the repository. At import, this file writes the test
-data from the built-in corpus (`customllm.corpus.builtin_documents`, CPython's pydoc help
-topics), once per corpus version, into a cache folder under the system temp dir
+data from CPython's pydoc help topics (`pydoc_data.topics`, technical English that ships with
+Python; every 10th topic held out), once per corpus version, into a cache folder under the system temp dir
 (`customllm-test-data-<hash>`, the hash of the files' text and the tokenizer settings; written
 in a scratch folder and renamed, so a half-written cache is never read):
-  - `TRAIN_TXT` (`train.txt`): the paragraphs of the built-in train topics, one document each,
+  - `TRAIN_TXT` (`train.txt`): the paragraphs of the training topics, one document each,
     separated by lines `<|endoftext|>` (the `.txt` format the loader reads). About 2,400
     documents: the loader's hash split (`corpus.is_heldout`, 2%) holds out a few dozen of them.
     A held-out paragraph whose text also occurs in the training split (a repeated line such as
     "stop") is left out, so the two splits share no text;
-  - `HELDOUT_TXT` (`heldout.txt`, beside it): the paragraphs of the built-in held-out topics,
+  - `HELDOUT_TXT` (`heldout.txt`, beside it): the paragraphs of the held-out topics,
     the same format, again without text that occurs in the training split;
   - `TOKENIZER_DIR` (`tokenizer/`): a byte-level BPE of `TOKENIZER_VOCAB_SIZE` (4,096) tokens,
     `customllm.tokenizer.train_tokenizer` on the train split of `TRAIN_TXT` (cosmo2's
@@ -41,7 +41,7 @@ if importlib.util.find_spec("mlx") is not None:
 import pytest
 
 from customllm.config import ModelConfig
-from customllm.corpus import DOC_SEPARATOR, builtin_documents, is_heldout
+from customllm.corpus import DOC_SEPARATOR, is_heldout
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 
@@ -69,10 +69,18 @@ def _paragraphs(documents) -> list[str]:
     return [p for p in parts if p]
 
 
+def _topics(heldout: bool) -> list[str]:
+    """pydoc's help topics in sorted-key order, repeats dropped, every 10th held out."""
+    from pydoc_data.topics import topics
+
+    texts = [t for t in dict.fromkeys(topics[key].strip() for key in sorted(topics)) if t]
+    return [t for i, t in enumerate(texts) if (i % 10 == 0) == heldout]
+
+
 def _test_documents() -> tuple[list[str], list[str]]:
     """The documents of train.txt and of heldout.txt (see the module docstring)."""
-    train = _paragraphs(builtin_documents("train"))
-    heldout = _paragraphs(builtin_documents("heldout"))
+    train = _paragraphs(_topics(heldout=False))
+    heldout = _paragraphs(_topics(heldout=True))
     trained_on = f"\n{DOC_SEPARATOR}\n".join(p for p in train if not is_heldout(p))
     train = [p for p in train if not (is_heldout(p) and p in trained_on)]
     heldout = [p for p in heldout if p not in trained_on]

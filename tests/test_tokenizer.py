@@ -14,8 +14,11 @@ from conftest import (
 )
 from tokenizers import Tokenizer
 
+from customllm.stories import story
 from customllm.tokenizer import (
+    BUILTIN_VOCAB_SIZE,
     DEFAULT_TOKENIZER,
+    builtin_tokenizer_dir,
     eos_token_id,
     load_tokenizer,
     train_tokenizer,
@@ -140,3 +143,20 @@ def test_train_tokenizer_rejects_tiny_vocab(tmp_path):
     corpus.write_text("hello world\n", encoding="utf-8")
     with pytest.raises(ValueError, match="vocab_size"):
         train_tokenizer(corpus, vocab_size=100, out_dir=tmp_path / "tok")
+
+
+def test_builtin_tokenizer_is_trained_once_into_the_cache_and_fits_the_stories(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    tok = load_tokenizer("builtin")
+    folder = builtin_tokenizer_dir()
+    assert folder.parent == tmp_path / "customllm" and 500 < len(tok) <= BUILTIN_VOCAB_SIZE
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no scratch left
+    assert eos_token_id(tok) == 0 and tok.convert_ids_to_tokens([0, 1, 2]) == SPECIALS
+    text = story(3)
+    ids = tok(text)["input_ids"]
+    assert tok.decode(ids) == text and len(ids) < len(text.split()) * 1.5
+    written = (folder / "tokenizer.json").stat().st_mtime_ns
+    assert len(load_tokenizer("builtin")) == len(tok)
+    assert (folder / "tokenizer.json").stat().st_mtime_ns == written  # trained once

@@ -52,6 +52,7 @@ from customllm.training import (
     decays,
     lr_at,
     new_model_config,
+    tokenizer_source,
     train_options,
 )
 
@@ -590,3 +591,15 @@ def test_a_batch_that_cannot_fit_is_refused_naming_the_size_that_does():
         check_batch_fits(config, fits + 1, 32, 1 * gib)
     with pytest.raises(TrainingError, match="the model alone does not fit"):
         check_batch_fits(ModelConfig.from_preset("973m"), 1, 32, 1 * gib)
+
+
+def test_default_tokenizer_follows_the_data(tmp_path):
+    """The built-in stories get the built-in tokenizer (no download); other data cosmo2; a
+    --resume or --init folder its own tokenizer; --tokenizer always wins."""
+    assert tokenizer_source(TrainConfig(preset="tiny"), None) == "builtin"
+    assert tokenizer_source(TrainConfig(preset="small", data="builtin"), None) == "builtin"
+    assert tokenizer_source(TrainConfig(preset="973m"), None) == "HuggingFaceTB/cosmo2-tokenizer"
+    assert tokenizer_source(TrainConfig(data="d.txt"), None) == "HuggingFaceTB/cosmo2-tokenizer"
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert tokenizer_source(TrainConfig(preset="tiny"), tmp_path) == str(tmp_path)
+    assert tokenizer_source(TrainConfig(preset="tiny", tokenizer="t"), tmp_path) == "t"
