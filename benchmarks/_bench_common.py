@@ -38,7 +38,9 @@ def _have_mlx() -> bool:
 
 HAVE_MLX = _have_mlx()
 if HAVE_MLX:
-    import customllm_mlx  # noqa: F401  (must precede the first `import mlx.core`)
+    import customllm_mlx
+
+    customllm_mlx.setup_cpu()  # must precede the first `import mlx.core`
 
 # --- timing ----------------------------------------------------------------------------------
 
@@ -431,7 +433,7 @@ def measure_per_process(
 ) -> dict | None:
     """`measure(frameworks)` for this process's frameworks, then, where torch is wanted and
     this process loaded OpenBLAS for MLX (unless --torch-in-process), `script` run again in a
-    child for its torch rows alone (CUSTOMLLM_NO_OPENBLAS=1), merged in (lists extended, dicts
+    child for its torch rows alone (CUSTOMLLM_OPENBLAS=none), merged in (lists extended, dicts
     updated). In that child: writes what it measured for the parent and returns None (the
     parent prints)."""
     here = _setup_process(args)
@@ -451,7 +453,7 @@ def measure_per_process(
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "torch.json"
         cmd = [sys.executable, script, *argv, "--framework-only", "torch", "--child-json", str(out)]
-        env = {**os.environ, "CUSTOMLLM_NO_OPENBLAS": "1"}
+        env = {**os.environ, "CUSTOMLLM_OPENBLAS": "none"}
         subprocess.run(cmd, env=env, check=True)
         child = json.loads(out.read_text())
     for key, value in child.items():

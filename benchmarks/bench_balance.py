@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _bench_common  # noqa: E402, F401  (imports customllm_mlx before mlx.core)
+import _bench_common  # noqa: E402, F401  (sets up MLX's CPU BLAS before mlx.core)
 import mlx.core as mx  # noqa: E402
 
 from customllm.config import ModelConfig  # noqa: E402

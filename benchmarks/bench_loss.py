@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _bench_common as bc  # noqa: E402  (imports customllm_mlx before mlx.core)
+import _bench_common as bc  # noqa: E402  (sets up MLX's CPU BLAS before mlx.core)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _bench_common  # noqa: E402, F401  (imports customllm_mlx before mlx.core)
+import _bench_common  # noqa: E402, F401  (sets up MLX's CPU BLAS before mlx.core)
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402

@@ -14,9 +14,11 @@ import shutil
 
 import click
 
-import customllm_mlx  # before anything imports mlx.core: preloads OpenBLAS
+import customllm_mlx
 from customllm.convert import DTYPES, convert_folder
 from customllm.tokenizer import load_folder_tokenizer
+
+customllm_mlx.setup_cpu()  # before anything imports mlx.core
 
 VERIFY_TOKENS = 16
 

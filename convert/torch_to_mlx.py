@@ -13,8 +13,10 @@ import shutil
 
 import click
 
-import customllm_mlx  # before anything imports mlx.core: preloads OpenBLAS
+import customllm_mlx
 from customllm.convert import DTYPES, convert_folder
+
+customllm_mlx.setup_cpu()  # before anything imports mlx.core
 
 VERIFY_TOKENS = 16
 

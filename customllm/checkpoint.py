@@ -38,7 +38,9 @@ EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 MLX_LM_SHIM_NAME = "customllm_mlx_lm.py"
 MLX_LM_SHIM = (
     '"""Lets mlx_lm.load(folder, trust_remote_code=True) build CustomLLM (needs customllm[mlx])."""\n'
-    "from customllm_mlx.model import Model, ModelArgs  # noqa: F401\n"
+    "import customllm_mlx\n\n"
+    "customllm_mlx.setup_cpu()  # on a Linux CPU: names the fix when MLX's slow BLAS is in use\n"
+    "from customllm_mlx.model import Model, ModelArgs  # noqa: E402, F401\n"
 )
 # Prefixes that torch.compile, DDP and FSDP wrappers add to state-dict keys.
 WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_fsdp_wrapped_module.")

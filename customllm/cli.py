@@ -118,6 +118,6 @@ def export_command(framework: str, load: Callable) -> click.Command:
             export_folder(model_dir, out, framework)
         except (OSError, ValueError) as err:
             raise click.ClickException(str(err)) from err
-        click.echo(f"wrote {out}: upload it with `huggingface-cli upload NAME {out}`")
+        click.echo(f"wrote {out}: upload it with `hf upload NAME {out}`")
 
     return export

@@ -1,11 +1,15 @@
-"""CustomLLM in MLX. On Linux CPU, importing this package first loads OpenBLAS for MLX's matmuls
-and has MLX order its evaluations breadth-first (for the training step's CPU streams)."""
+"""CustomLLM in MLX: `CustomLLM`, `load`, `save`.
 
+On a Linux CPU, call `setup_cpu()` before anything imports `mlx.core`: it gives MLX's matmuls
+OpenBLAS (docs/linux-cpu.md). Importing this package has no such effect and leaves `mlx.core`
+unimported until a model class or function is used; the commands call it as they start.
+"""
+
+import importlib
 import importlib.metadata
-import os
 import re
 
-from customllm_mlx._blas import BFS_ENV, BFS_WIDTH, preload_openblas
+from customllm_mlx._blas import setup_cpu
 
 # MLX before 0.32.3 miscompiles a bit `view` inside mx.compile on the CPU: loss.exp's 2**n
 # came out wrong (inf), and with it every loss (tests fail at 0.32.2, pass at 0.32.3)
@@ -29,10 +33,14 @@ def check_mlx_version(version: str | None = None) -> None:
 
 
 check_mlx_version()
-if preload_openblas():  # before MLX reads it (cpu_streams.py)
-    os.environ.setdefault(BFS_ENV, str(BFS_WIDTH))
 
-from customllm_mlx.io import load, save  # noqa: E402
-from customllm_mlx.model import CustomLLM  # noqa: E402
+_LAZY = {"CustomLLM": "customllm_mlx.model", "load": "customllm_mlx.io", "save": "customllm_mlx.io"}
 
-__all__ = ["CustomLLM", "load", "save"]
+
+def __getattr__(name: str):
+    if name in _LAZY:  # imported on first use, so that setup_cpu() can still act before it
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'customllm_mlx' has no attribute {name!r}")
+
+
+__all__ = ["CustomLLM", "load", "save", "setup_cpu"]

@@ -1,10 +1,9 @@
-"""Make MLX's Linux CPU backend use an optimised BLAS.
+"""Make MLX's Linux CPU backend use an optimised BLAS: `setup_cpu`, where a program starts.
 
 The Linux `mlx[cpu]` wheel links a reference BLAS, far slower for float32 matmuls
-(docs/benchmarks.md). Loading OpenBLAS with RTLD_GLOBAL before the first `import mlx.core`
-makes MLX's BLAS symbols resolve to it. Set CUSTOMLLM_NO_OPENBLAS=1 to opt out, or
-CUSTOMLLM_OPENBLAS=/path/to/libopenblas.so to choose the library. `threads` / `set_threads`
-read and set its thread count (cpu_streams.py runs its training step on fewer).
+(docs/linux-cpu.md). Loading OpenBLAS with RTLD_GLOBAL before the first `import mlx.core`
+makes MLX's BLAS symbols resolve to it. `threads` / `set_threads` read and set its thread count
+(cpu_streams.py runs its training step on fewer).
 """
 
 from __future__ import annotations
@@ -31,13 +30,23 @@ loaded: str | None = None
 _library: ctypes.CDLL | None = None
 
 
-def preload_openblas() -> str | None:
-    """Load OpenBLAS globally on Linux if found; returns its path (None if not used)."""
+def setup_cpu(openblas: str | None = None) -> str | None:
+    """On Linux, load OpenBLAS for MLX's CPU matmuls and have MLX order evaluations breadth-first
+    (for the training step's CPU streams, cpu_streams.py). Call it before anything imports
+    `mlx.core`; afterwards it can only warn, naming the fix. Does nothing elsewhere.
+
+    `openblas`: the library's path, or "none" to keep MLX's own BLAS; default: the environment's
+    CUSTOMLLM_OPENBLAS (same values), else the first of CANDIDATES that exists. Returns the path
+    of the OpenBLAS that MLX uses, None when none. Idempotent."""
     global loaded
-    if loaded or not sys.platform.startswith("linux") or os.environ.get("CUSTOMLLM_NO_OPENBLAS"):
+    if loaded or not sys.platform.startswith("linux"):
         return loaded
-    wanted = os.environ.get("CUSTOMLLM_OPENBLAS")
-    paths = [p for p in ((wanted,) if wanted else CANDIDATES) if p and os.path.exists(p)]
+    wanted = openblas or os.environ.get("CUSTOMLLM_OPENBLAS") or ""
+    if wanted.lower() == "none":
+        return None
+    paths = [p for p in ((wanted,) if wanted else CANDIDATES) if os.path.exists(p)]
+    if wanted and not paths:
+        raise FileNotFoundError(f"OpenBLAS library {wanted} does not exist")
     if "mlx.core" in sys.modules:  # MLX has already bound its BLAS symbols
         mapped = _mapped_library("libopenblas")
         if mapped:  # loaded before MLX all the same (LD_PRELOAD): MLX uses it
@@ -45,11 +54,12 @@ def preload_openblas() -> str | None:
             _bind(ctypes.CDLL(mapped, mode=ctypes.RTLD_GLOBAL))
         elif paths:
             warnings.warn(
-                "customllm_mlx: mlx.core was imported first, so MLX's CPU matmuls run on its "
-                "slow reference BLAS; import customllm_mlx before mlx (or mlx_lm), or start "
-                f"the process with LD_PRELOAD={paths[0]} (docs/linux-cpu.md)",
+                "customllm_mlx.setup_cpu: mlx.core was imported first, so MLX's CPU matmuls run "
+                "on its slow reference BLAS; call customllm_mlx.setup_cpu() before importing mlx "
+                f"(or mlx_lm), or start the process with LD_PRELOAD={paths[0]} "
+                "(docs/linux-cpu.md)",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=2,
             )
         return loaded
     for path in paths:
@@ -59,6 +69,7 @@ def preload_openblas() -> str | None:
             continue
         loaded = path
         _bind(library)
+        os.environ.setdefault(BFS_ENV, str(BFS_WIDTH))  # read when mlx.core loads
         break
     return loaded
 

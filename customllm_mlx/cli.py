@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import click
 
-import customllm_mlx  # noqa: F401  (first: preloads OpenBLAS before mlx.core is imported)
+import customllm_mlx
 from customllm.cli import export_command, init_options, prepare_init
+
+customllm_mlx.setup_cpu()  # before the commands below import mlx.core
 
 
 @click.group()
@@ -87,5 +89,5 @@ from customllm_mlx.io import load  # noqa: E402
 main.add_command(export_command("mlx", load))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m customllm_mlx.cli (sets up the CPU first)
     main()

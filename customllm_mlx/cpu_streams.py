@@ -9,12 +9,12 @@ same update to float32 rounding, every core busy.
 
 MLX orders an evaluation breadth-first only up to `MLX_BFS_MAX_WIDTH` (20) arrays wide, then
 depth-first, and keeps at most 10 tasks in flight: at 20 the slices' ops reach the streams one
-slice after the other, and the split step is slower than one stream. `import customllm_mlx`
+slice after the other, and the split step is slower than one stream. `customllm_mlx.setup_cpu()`
 therefore sets MLX_BFS_MAX_WIDTH (unless set) where it loads OpenBLAS, before MLX reads it, and
 the split is used only there. `python benchmarks/bench_train.py --preset tiny|small` compares the
 two (rows compiled and compiled-onestream; docs/benchmarks.md, "Two CPU streams").
 
-`CUSTOMLLM_CPU_STREAMS=N` forces N slices (1: no split); by default 2 where OpenBLAS was loaded
+`--cpu-streams N` (or `CUSTOMLLM_CPU_STREAMS=N`) forces N slices (1: no split); by default 2 where OpenBLAS was loaded
 with 2 threads or more, in a single-process run, with an even batch. CPU device only.
 """
 
@@ -40,20 +40,22 @@ def breadth_first() -> bool:
         return False
 
 
-def stream_parts(batch_size: int, world_size: int = 1) -> int:
-    """Slices per micro-batch on the CPU device: $CUSTOMLLM_CPU_STREAMS, else 2 where the
-    split pays (module docstring), else 1. Always 1 on a GPU."""
+def stream_parts(batch_size: int, world_size: int = 1, wanted: int | None = None) -> int:
+    """Slices per micro-batch on the CPU device: `wanted` (--cpu-streams), else
+    $CUSTOMLLM_CPU_STREAMS, else 2 where the split pays (module docstring), else 1. Always 1 on
+    a GPU."""
     if mx.default_device() != mx.cpu:
         return 1
-    wanted = os.environ.get(ENV, "").strip()
-    if wanted:
+    name = "--cpu-streams" if wanted is not None else ENV
+    if wanted is None and os.environ.get(ENV, "").strip():
         try:
-            parts = int(wanted)
+            wanted = int(os.environ[ENV])
         except ValueError as err:
-            raise ValueError(f"{ENV} must be a whole number, got {wanted!r}") from err
-        if parts < 1 or batch_size % parts:
-            raise ValueError(f"{ENV}={parts} must be >= 1 and divide the batch size ({batch_size})")
-        return parts
+            raise ValueError(f"{ENV} must be a whole number, got {os.environ[ENV]!r}") from err
+    if wanted is not None:
+        if wanted < 1 or batch_size % wanted:
+            raise ValueError(f"{name} {wanted} must be >= 1 and divide --batch-size {batch_size}")
+        return wanted
     usable = (_blas.threads() or 1) >= 2 and breadth_first() and world_size == 1
     return 2 if usable and batch_size % 2 == 0 else 1
 

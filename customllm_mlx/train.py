@@ -14,7 +14,6 @@ to resume, every host needs the checkpoint folder at the same path.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -329,8 +328,9 @@ def build_model(cfg: TrainConfig, resume: Path | None, tokenizer) -> CustomLLM:
     return model.train()
 
 
-def run_training(cfg: TrainConfig, stream=None) -> Path | None:
-    """Train (or resume) per `cfg`; returns the last checkpoint folder."""
+def run_training(cfg: TrainConfig, stream=None, cpu_streams: int | None = None) -> Path | None:
+    """Train (or resume) per `cfg`, each micro-batch over `cpu_streams` CPU streams (default:
+    cpu_streams.stream_parts's choice); returns the last checkpoint folder."""
     if cfg.plot:
         require_matplotlib()  # before training, not after it
     use_full_cpu_cache()
@@ -384,7 +384,7 @@ def run_training(cfg: TrainConfig, stream=None) -> Path | None:
             train_stream.load_state_dict(state["data_state"][rank])
             set_rng_key(state["rng_state"][rank])
             step, tokens_seen = state["step"], state.get("tokens_seen", 0)
-        parts = stream_parts(cfg.batch_size, world_size)
+        parts = stream_parts(cfg.batch_size, world_size, cpu_streams)
         train_step = make_train_step(model, optimizer, cfg, world, parts=parts)
         heldout = heldout_slices(model, parts) if eval_set else None
         # a new run (0) drops the records of one killed before its first checkpoint
@@ -501,12 +501,22 @@ def _announce(metrics, cfg, model, world_size, resume, state, parts) -> None:
             metrics.print(f"warning: option changed since the checkpoint: {line}")
 
 
+CPU_STREAMS_OPTION = click.option(
+    "--cpu-streams",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Linux CPU: split each micro-batch over N MLX CPU streams (1: no split). Default: 2 "
+    "where OpenBLAS has 2+ threads and the batch is even (docs/linux-cpu.md).",
+)
+
+
 @click.command("train")
 @train_options
-def train_command(**options) -> None:
+@CPU_STREAMS_OPTION
+def train_command(cpu_streams: int | None, **options) -> None:
     """Train or resume a model with a compiled MLX step (checkpoints in OUT/checkpoint-N)."""
     try:
-        run_training(TrainConfig.from_dict(options))
+        run_training(TrainConfig.from_dict(options), cpu_streams=cpu_streams)
     except (TrainingError, ValueError, FileNotFoundError, ConnectionError, OSError) as err:
         raise click.ClickException(str(err)) from err
 
@@ -514,7 +524,8 @@ def train_command(**options) -> None:
 # `customllm-mlx eval` ----------------------------------------------------------------------------
 @click.command("eval")
 @eval_options
-def eval_command(model_dir: str, **options) -> None:
+@CPU_STREAMS_OPTION
+def eval_command(model_dir: str, cpu_streams: int | None, **options) -> None:
     """Held-out loss, perplexity and expert balance (MaxVio) of a model folder on a text."""
     use_full_cpu_cache()
     try:
@@ -523,13 +534,9 @@ def eval_command(model_dir: str, **options) -> None:
         raise click.ClickException(str(err)) from err
     batches = heldout_batches(model_dir, tokenizer, model.model_config, options)
     try:
-        parts = stream_parts(options["batch_size"])
+        parts = stream_parts(options["batch_size"], wanted=cpu_streams)
     except ValueError as err:
         raise click.ClickException(str(err)) from err
     world = mx.distributed.init()
     loss, routed = evaluate_loss(model, batches, world, heldout_slices(model, parts))
     report(model_dir, batches, loss, routed, options)
-
-
-if __name__ == "__main__":  # python -m customllm_mlx.train
-    sys.exit(train_command())

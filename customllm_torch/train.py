@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 import json
 import sys
 import time
@@ -409,6 +410,15 @@ class StepCallback(TrainerCallback):
 
 
 # Setting up a run -------------------------------------------------------------------------------
+
+# transformers 5.x renamed TrainingArguments' gradient_checkpointing (deprecated, warns)
+CHECKPOINTING_ARG = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in inspect.signature(TrainingArguments).parameters
+    else "gradient_checkpointing"
+)
+
+
 def training_arguments(
     cfg: TrainConfig, device: str, compile_mode: str | None = None
 ) -> TrainingArguments:
@@ -439,7 +449,7 @@ def training_arguments(
         ignore_data_skip=True,  # the data stream resumes from its saved position, not by replay
         seed=cfg.seed,
         bf16=cfg.dtype == "bfloat16",
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        **{CHECKPOINTING_ARG: cfg.gradient_checkpointing},
         use_cpu=device == "cpu",
         dataloader_num_workers=0,
         remove_unused_columns=False,

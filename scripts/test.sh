@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh all
 . .venv/bin/activate
-python -c "import customllm_mlx._blas as b; print('MLX BLAS:', b.loaded or 'reference (slow)')" || true
+python -c "import customllm_mlx as c; print('MLX BLAS:', c.setup_cpu() or 'reference (slow)')" || true
 if [ "${1:-}" = --compat ]; then
     # The oldest versions pyproject.toml accepts, each installed beside the venv's own (with
     # its dependencies of its day) and first on the path, must pass too: transformers' API

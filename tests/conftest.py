@@ -36,7 +36,9 @@ import tempfile
 from pathlib import Path
 
 if importlib.util.find_spec("mlx") is not None:
-    import customllm_mlx  # noqa: F401  (first: preloads OpenBLAS before anything imports mlx.core)
+    import customllm_mlx
+
+    customllm_mlx.setup_cpu()  # first: OpenBLAS before anything imports mlx.core
 
 import pytest
 

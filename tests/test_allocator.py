@@ -6,7 +6,6 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-import customllm_mlx  # noqa: F401  (before mlx.core)
 from customllm_mlx.allocator import ENV, use_full_cpu_cache
 
 pytestmark = pytest.mark.skipif(mx.default_device() != mx.cpu, reason="CPU allocator only")

@@ -489,7 +489,7 @@ def test_small_block_gemm_only_where_openblas_has_the_small_kernel():
 
     for core, small in (("Cooperlake", True), ("SkylakeX", True), ("Haswell", False)):
         assert _blas.small_gemm_kernel(core) is small
-    if _blas.loaded is None:  # no OpenBLAS (CUSTOMLLM_NO_OPENBLAS, macOS): no core, no kernel
+    if _blas.loaded is None:  # no OpenBLAS (CUSTOMLLM_OPENBLAS=none, macOS): no core, no kernel
         assert _blas.corename() is None and not _blas.small_gemm_kernel()
     assert mlx_experts.SMALL_BLOCK_GEMM == (100**3 if _blas.small_gemm_kernel() else 0)
 
@@ -950,8 +950,9 @@ def test_cached_decode_through_quantized_and_adapted_layers_equals_full_forward(
 
 
 def test_openblas_set_up_too_late_warns_and_ld_preload_counts(tmp_path):
-    """`import mlx.core` before `import customllm_mlx` cannot swap the BLAS: a warning names
-    the fix; with OpenBLAS preloaded (LD_PRELOAD) the package finds and uses it."""
+    """Importing the package sets up nothing; `setup_cpu()` after `import mlx.core` cannot swap
+    the BLAS: a warning names the fix; with OpenBLAS preloaded (LD_PRELOAD) it finds and uses
+    it."""
     import os
     import subprocess
     import sys
@@ -959,9 +960,12 @@ def test_openblas_set_up_too_late_warns_and_ld_preload_counts(tmp_path):
     from customllm_mlx import _blas
 
     if _blas.loaded is None:
-        pytest.skip("no OpenBLAS here (or CUSTOMLLM_NO_OPENBLAS)")
-    code = "import mlx.core; import customllm_mlx; print(customllm_mlx._blas.loaded)"
+        pytest.skip("no OpenBLAS here (or CUSTOMLLM_OPENBLAS=none)")
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    code = "import sys, customllm_mlx; print(customllm_mlx._blas.loaded, 'mlx.core' in sys.modules)"
+    bare = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert bare.stdout.split() == ["None", "False"], bare.stdout + bare.stderr
+    code = "import mlx.core, customllm_mlx; print(customllm_mlx.setup_cpu())"
     late = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert late.returncode == 0 and late.stdout.strip() == "None", late.stderr
     assert f"LD_PRELOAD={_blas.loaded}" in late.stderr, late.stderr

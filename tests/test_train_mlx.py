@@ -149,7 +149,7 @@ def test_sigterm_saves_then_resume_matches(tmp_path):
     watched = options(cut, steps=steps, log_every=1)  # a console line for step 1
     args = [f"--{k.replace('_', '-')}={v}" for k, v in watched.items()]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "customllm_mlx.train", *args],
+        [sys.executable, "-m", "customllm_mlx.cli", "train", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -310,8 +310,12 @@ def test_cpu_stream_parts(monkeypatch):
     assert cpu_streams.stream_parts(8) == auto
     assert cpu_streams.stream_parts(7) == 1  # an odd batch is not split
     assert cpu_streams.stream_parts(8, world_size=2) == 1  # ranks share the cores
+    assert cpu_streams.stream_parts(8, wanted=4) == 4 and cpu_streams.stream_parts(8, wanted=1) == 1
+    with pytest.raises(ValueError, match="--cpu-streams 3 must be >= 1 and divide --batch-size 8"):
+        cpu_streams.stream_parts(8, wanted=3)
     monkeypatch.setenv(cpu_streams.ENV, "4")
     assert cpu_streams.stream_parts(8) == 4
+    assert cpu_streams.stream_parts(8, wanted=1) == 1  # the option wins
     for bad in ("3", "0", "two"):
         monkeypatch.setenv(cpu_streams.ENV, bad)
         with pytest.raises(ValueError, match=cpu_streams.ENV):
@@ -354,6 +358,27 @@ def test_killed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     train(out, steps=4, save_every=2, resume="latest")
     assert not stale.exists()  # removed by the rotation after the next save
     assert sorted(losses(out)) == [1, 2, 3, 4]
+
+
+def test_cpu_streams_option_is_checked_and_keeps_the_step(tmp_path):
+    """--cpu-streams 1 trains the same steps as the default split to float32 rounding; a
+    count that does not divide the batch is an Error naming both options."""
+
+    def args(out, **overrides):
+        values = options(out, **overrides).items()
+        return ["train", *[f"--{k.replace('_', '-')}={v}" for k, v in values if v is not None]]
+
+    bad = CliRunner().invoke(cli, [*args(tmp_path / "bad", steps=2), "--cpu-streams=3"])
+    assert bad.exit_code == 1 and "--cpu-streams 3 must be >= 1 and divide --batch-size" in (
+        bad.output
+    )
+    assert not (tmp_path / "bad").exists()
+    one = CliRunner().invoke(cli, [*args(tmp_path / "one", steps=3), "--cpu-streams=1"])
+    assert one.exit_code == 0, one.output
+    train(tmp_path / "auto", steps=3)
+    one, auto = losses(tmp_path / "one"), losses(tmp_path / "auto")
+    assert list(one) == list(auto) == [1, 2, 3]
+    np.testing.assert_allclose(list(one.values()), list(auto.values()), rtol=1e-5)
 
 
 def test_corrupt_or_mismatched_checkpoint_gives_clear_error(tmp_path):
@@ -580,7 +605,8 @@ def launch_two_ranks(out: Path, **overrides) -> str:
             "2",
             sys.executable,
             "-m",
-            "customllm_mlx.train",
+            "customllm_mlx.cli",
+            "train",
             *args,
         ],
         capture_output=True,

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -189,7 +190,11 @@ def test_sigterm_saves_and_resume_reaches_the_same_weights(dropout_run, tmp_path
     cfg = tiny(tmp_path, config=config)
     # The child must bind the BLAS this process uses (conftest preloads OpenBLAS for MLX, and
     # torch's sgemm then resolves to it): the last bits of float32 results depend on it.
-    preload = "import customllm_mlx; " if "customllm_mlx" in sys.modules else ""
+    preload = (
+        "import customllm_mlx; customllm_mlx.setup_cpu(); "
+        if "customllm_mlx" in sys.modules
+        else ""
+    )
     cli_main = preload + "from customllm_torch.cli import main; main()"
     run = subprocess.Popen(
         [sys.executable, "-c", cli_main, "train", "--device", "cpu", *as_argv(cfg)],
@@ -546,11 +551,23 @@ def test_the_dense_baseline_trains_from_a_config_file(tmp_path):
     assert not any("router" in k or "routed" in k or "expert_bias" in k for k in keys)
 
 
-def test_gradient_checkpointing_trains_the_same_weights(dropout_run, tmp_path):
+def test_gradient_checkpointing_trains_the_same_weights(dropout_run, tmp_path, monkeypatch):
     """--gradient-checkpointing recomputes each layer in the backward pass, dropout masks
     included (torch replays the RNG): the same run as without."""
     config, reference_run = dropout_run
-    last = train(tiny(tmp_path, config=config, gradient_checkpointing=True))
+    enabled = []
+    name = "activation_checkpointing_enable"  # transformers 5.x; gradient_... before
+    name = name if hasattr(torch_model.CustomLLM, name) else "gradient_checkpointing_enable"
+    real_enable = getattr(torch_model.CustomLLM, name)
+    monkeypatch.setattr(
+        torch_model.CustomLLM,
+        name,
+        lambda self, *a, **kw: enabled.append(1) or real_enable(self, *a, **kw),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no deprecated TrainingArguments
+        last = train(tiny(tmp_path, config=config, gradient_checkpointing=True))
+    assert enabled  # the Trainer turned it on
     assert train_losses(tmp_path) == pytest.approx(train_losses(reference_run), rel=1e-6)
     for key, value in weights(reference_run / "checkpoint-6").items():
         torch.testing.assert_close(weights(last)[key], value, atol=1e-6, rtol=1e-5, msg=key)
