@@ -12,6 +12,7 @@ from typing import Any
 import click
 import numpy as np
 
+from customllm.corpus import BUILTIN
 from customllm.data import eval_batches
 from customllm.metrics import max_vio
 
@@ -24,8 +25,9 @@ def eval_options(command: Callable) -> Callable:
         click.option(
             "--data",
             required=True,
-            help="Text to evaluate on: builtin, a .txt/.jsonl/.parquet path or folder, or a hub "
-            "dataset name[:config] (with --max-batches). All of it is read, in order.",
+            help="Text to evaluate on: a .txt/.jsonl/.parquet path or folder, or a hub dataset "
+            "name[:config] (with --max-batches), all of it read in order; or builtin: the "
+            "built-in stories' held-out split.",
         ),
         click.option(
             "--text-column",
@@ -75,9 +77,10 @@ def heldout_batches(model_dir: str, tokenizer: Any, config: Any, options: dict) 
             param_hint="--seq-len",
         )
     try:
+        builtin = options["data"] == BUILTIN  # its held-out split: a text training never saw
         batches = eval_batches(
-            options["data"],
-            None,
+            None if builtin else options["data"],
+            options["data"] if builtin else None,
             tokenizer,
             options["seq_len"],
             options["batch_size"],

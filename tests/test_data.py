@@ -235,6 +235,19 @@ def test_eval_source_is_read_whole_and_capped(tok):
     np.testing.assert_array_equal(batches[0][0], expected_stream(tok, docs)[:129])
 
 
+def test_eval_command_reads_the_builtin_heldout_stories(tok):
+    """`eval --data builtin` scores the 2,000 held-out stories, not the ones trained on."""
+    from types import SimpleNamespace
+
+    from customllm.evaluate import heldout_batches
+
+    options = dict(data=BUILTIN, seq_len=64, batch_size=2, max_batches=2, text_column="text")
+    config = SimpleNamespace(max_position_embeddings=128)
+    batches = heldout_batches("m", tok, config, options)
+    stream = expected_stream(tok, [story(0), story(10), story(20), story(30)])
+    np.testing.assert_array_equal(np.concatenate([b.reshape(-1) for b in batches]), stream[:260])
+
+
 # --- columns and errors -------------------------------------------------------------------------
 
 
