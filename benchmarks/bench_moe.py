@@ -145,7 +145,7 @@ def mlx_layers(cfg: ModelConfig, tokens: int) -> dict[str, tuple[nn.Module, bool
     per call (CPU stream slice); "no routed GEMMs" only where ours takes the blocked layout."""
     from mlx_lm.models import deepseek_v3
 
-    from customllm_mlx.experts import chunk_columns
+    from customllm_mlx.experts import chunk_columns, cpu_block_rows
     from customllm_mlx.model import DeepSeekExpertLayer, LlamaMLP
 
     D, inter = cfg.hidden_size, cfg.intermediate_size
@@ -156,8 +156,8 @@ def mlx_layers(cfg: ModelConfig, tokens: int) -> dict[str, tuple[nn.Module, bool
     ours = LlamaMLP(cfg)
     layers["customllm MoE"] = (ours, True)
     pairs = tokens * cfg.num_experts_per_tok
-    if ours.blocked_dispatch(pairs):
-        g = ours.block_rows(pairs)
+    if ours.routed_experts.blocked_dispatch(pairs):
+        g = cpu_block_rows(D, inter, pairs, cfg.n_routed_experts)
         if chunk_columns(g, D, inter) or chunk_columns(g, inter, D):
             layers[WHOLE] = (LlamaMLP(cfg), True)  # the same layer, timed by `whole_block_gemms`
         mlp = LlamaMLP(cfg)

@@ -1,6 +1,6 @@
 """MLX building blocks of the MoE layer (the mlx_lm `switch_layers.py` of this project): the
-SwiGLU activation, the routed experts stacked and applied with `mx.gather_mm`, and the row
-permutations of the blocked CPU dispatch (`LlamaMLP.blocked_experts` in model.py)."""
+SwiGLU activation, the routed experts stacked and applied with `mx.gather_mm`, and the blocked
+dispatch that MLX's CPU backend takes instead (`StackedExperts.blocked`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import mlx.nn as nn
 from customllm_mlx import _blas
 from customllm_mlx.loss import exp
 
-# rows per GEMM of the blocked CPU dispatch (LlamaMLP.blocked_experts), see `cpu_block_rows`
+# rows per GEMM of the blocked CPU dispatch (StackedExperts.blocked), see `cpu_block_rows`
 CPU_BLOCK_ROWS = 32  # the default, and the fewest pairs per expert for the blocked layout
 CPU_BLOCK_ROWS_PACKED = 64  # blocks OpenBLAS packs, in large batches
 CPU_BLOCK_ROWS_CHUNKED = 16  # blocks too large for the small kernel at 32 rows: column chunks
@@ -255,6 +255,50 @@ class StackedExperts(nn.Module):
 
         hidden = swiglu(linear(self.gate_proj, x), linear(self.up_proj, x))
         return linear(self.down_proj, hidden).astype(dtype)
+
+    @property
+    def num_experts(self) -> int:
+        return self.up_proj.weight.shape[0]
+
+    def blocked_dispatch(self, pairs: int) -> bool:
+        """Whether `pairs` token-expert pairs (sorted) take the blocked CPU dispatch."""
+        plain = isinstance(self.up_proj, StackedExpertLinear)  # not quantized
+        return (
+            plain and mx.default_device() == mx.cpu and pairs >= self.num_experts * CPU_BLOCK_ROWS
+        )
+
+    def blocked(self, x_flat, flat_expert, order, counts, top_k: int):
+        """Expert outputs (N * k, D) in pair order, for MLX's CPU gather_mm, which runs one
+        GEMM per batch entry (one GEMV per row when sorted): each expert's sorted rows are
+        padded to whole blocks of `cpu_block_rows` and sent as (blocks, rows, D), one GEMM
+        per block (the weight gradients: one per expert, over its padded rows, `segments`).
+        The padded length has a static bound, so this compiles (no host sync)."""
+        _, inter, hidden = self.up_proj.weight.shape
+        E, P = self.num_experts, order.size
+        g = cpu_block_rows(hidden, inter, P, E)
+        sorted_expert = flat_expert[order]
+        padded = (counts + g - 1) // g * g
+        end = mx.cumsum(padded)
+        first = end - padded  # each expert's padded rows: [first, end)
+        shift = first - (mx.cumsum(counts) - counts)  # per expert
+        row = (shift[sorted_expert] + mx.arange(P)).astype(mx.uint32)  # padded row of each pair
+        rows = (P + E * (g - 1)) // g * g  # each expert pads < g rows: whole blocks fit
+        pair_row = mx.zeros((P,), mx.uint32)  # padded row of each pair, in pair order
+        pair_row[order] = row
+        pair_of_row = mx.full((rows,), P, mx.uint32)  # and back; padding: P
+        pair_of_row[row] = order.astype(mx.uint32)
+        token = pair_of_row // top_k  # padding: P // k = N, which reads an all-zero row
+        # each block's expert: the experts whose padded rows end at or before its start (a
+        # block never straddles two); trailing blocks E - 1, so the indices stay sorted
+        start = mx.arange(0, rows, g)
+        block_expert = mx.minimum((end[None] <= start[:, None]).sum(-1), E - 1).astype(mx.uint32)
+        token, block_expert, pair_row, pair_of_row = map(
+            mx.stop_gradient, (token, block_expert, pair_row, pair_of_row)
+        )
+        segments = mx.stop_gradient(mx.stack([first, end], -1).astype(mx.uint32))
+        x_rows = rows_to_blocks(x_flat, token, pair_row.reshape(-1, top_k))
+        out = self.blocks(x_rows.reshape(rows // g, g, -1), block_expert, segments)
+        return blocks_to_pairs(out.reshape(rows, -1), pair_row, pair_of_row)
 
 
 # The blocked dispatch's two row permutations, each with the other as its vjp: a gather both

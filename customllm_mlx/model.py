@@ -16,17 +16,7 @@ from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from customllm.checkpoint import stack_experts, unstack_experts
 from customllm.config import ModelConfig
-from customllm_mlx.experts import (
-    CPU_BLOCK_ROWS,
-    SORT_MIN_PAIRS,
-    StackedExpertLinear,
-    StackedExperts,
-    blocks_to_pairs,
-    cpu_block_rows,
-    rows_to_blocks,
-    sigmoid,
-    swiglu,
-)
+from customllm_mlx.experts import SORT_MIN_PAIRS, StackedExperts, sigmoid, swiglu
 from customllm_mlx.loss import cross_entropy, linear_cross_entropy, softmax
 
 ModelArgs = ModelConfig  # the name mlx_lm's loader looks for
@@ -338,8 +328,8 @@ class LlamaMLP(nn.Module):
             out = self.routed_experts(x_flat[:, None, None], idx, sorted_indices=False)
         else:
             order = mx.stop_gradient(mx.argsort(flat_expert))
-            if self.blocked_dispatch(order.size):
-                out = self.blocked_experts(x_flat, flat_expert, order, load)
+            if self.routed_experts.blocked_dispatch(order.size):
+                out = self.routed_experts.blocked(x_flat, flat_expert, order, load, self.top_k)
             else:
                 out = self.sorted_experts(x_flat, flat_expert, order)
         return (out.reshape(*idx.shape, -1) * weights[..., None]).sum(axis=1)
@@ -350,49 +340,6 @@ class LlamaMLP(nn.Module):
         # gather as (P, 1, D) directly: x[idx][:, None] sends CPU gather_mm down a slow path
         out = self.routed_experts(x_flat[(order // self.top_k)[:, None]], flat_expert[order])
         return out[:, 0][mx.argsort(order)]
-
-    def blocked_dispatch(self, pairs: int) -> bool:
-        """Whether `pairs` token-expert pairs (sorted) take the blocked CPU dispatch."""
-        plain = isinstance(self.routed_experts.up_proj, StackedExpertLinear)  # not quantized
-        return (
-            plain and mx.default_device() == mx.cpu and pairs >= self.num_experts * CPU_BLOCK_ROWS
-        )
-
-    def block_rows(self, pairs: int) -> int:
-        """Rows per block of the blocked CPU dispatch (`experts.cpu_block_rows`)."""
-        _, inter, hidden = self.routed_experts.up_proj.weight.shape
-        return cpu_block_rows(hidden, inter, pairs, self.num_experts)
-
-    def blocked_experts(self, x_flat, flat_expert, order, counts):
-        """Expert outputs (N * k, D) in pair order, for MLX's CPU gather_mm, which runs one
-        GEMM per batch entry (one GEMV per row in `sorted_experts`): each expert's sorted rows
-        are padded to whole blocks of `block_rows` and sent as (blocks, rows, D), one GEMM
-        per block (the weight gradients: one per expert, over its padded rows, `segments`).
-        The padded length has a static bound, so this compiles (no host sync)."""
-        g, E, P = self.block_rows(order.size), self.num_experts, order.size
-        sorted_expert = flat_expert[order]
-        padded = (counts + g - 1) // g * g
-        end = mx.cumsum(padded)
-        first = end - padded  # each expert's padded rows: [first, end)
-        shift = first - (mx.cumsum(counts) - counts)  # per expert
-        row = (shift[sorted_expert] + mx.arange(P)).astype(mx.uint32)  # padded row of each pair
-        rows = (P + E * (g - 1)) // g * g  # each expert pads < g rows: whole blocks fit
-        pair_row = mx.zeros((P,), mx.uint32)  # padded row of each pair, in pair order
-        pair_row[order] = row
-        pair_of_row = mx.full((rows,), P, mx.uint32)  # and back; padding: P
-        pair_of_row[row] = order.astype(mx.uint32)
-        token = pair_of_row // self.top_k  # padding: P // k = N, which reads an all-zero row
-        # each block's expert: the experts whose padded rows end at or before its start (a
-        # block never straddles two); trailing blocks E - 1, so the indices stay sorted
-        start = mx.arange(0, rows, g)
-        block_expert = mx.minimum((end[None] <= start[:, None]).sum(-1), E - 1).astype(mx.uint32)
-        token, block_expert, pair_row, pair_of_row = map(
-            mx.stop_gradient, (token, block_expert, pair_row, pair_of_row)
-        )
-        segments = mx.stop_gradient(mx.stack([first, end], -1).astype(mx.uint32))
-        x_rows = rows_to_blocks(x_flat, token, pair_row.reshape(-1, self.top_k))
-        out = self.routed_experts.blocks(x_rows.reshape(rows // g, g, -1), block_expert, segments)
-        return blocks_to_pairs(out.reshape(rows, -1), pair_row, pair_of_row)
 
     def sequence_aux_loss(self, scores: mx.array) -> mx.array:
         """aux_loss_coef * sum_i f_i P_i per sequence, averaged over the batch; f_i counts the

@@ -76,11 +76,11 @@ def test_gpu_paths_equal_cpu_paths_values_and_gradients(tiny_config, gpu_paths, 
     ids = mx.array(np.random.default_rng(3).integers(0, tiny_config.vocab_size, (2, 64)))
     model = build(tiny_config)
     mlp = model.decoder_layers[0].mlp
-    assert mlp.blocked_dispatch(ids.size * mlp.top_k)
+    assert mlp.routed_experts.blocked_dispatch(ids.size * mlp.top_k)
     cpu = logits_loss_and_grads(model, ids)
 
     gpu_paths()
-    assert not mlp.blocked_dispatch(ids.size * mlp.top_k)
+    assert not mlp.routed_experts.blocked_dispatch(ids.size * mlp.top_k)
     fast_calls = []
     sdpa = mx.fast.scaled_dot_product_attention
     monkeypatch.setattr(

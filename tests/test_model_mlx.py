@@ -409,7 +409,7 @@ def test_blocked_cpu_dispatch_equals_sorted_rows_values_and_gradients(
         monkeypatch.setattr(mlx_experts, "CHUNK_VIEW_MIN_IN", 0 if "view" in block_gemm else 10**9)
         assert mlx_experts.chunk_columns(block_rows, 64, 128) == 64
         assert mlx_experts.chunk_columns(block_rows, 128, 64) == 32
-    monkeypatch.setattr(mlx_model, "cpu_block_rows", lambda *args: block_rows)
+    monkeypatch.setattr(mlx_experts, "cpu_block_rows", lambda *args: block_rows)
     model = build(tiny_config, bias_std=0.0)
     mlp = model.decoder_layers[0].mlp
     mlp.expert_bias = mx.array([5.0, -5.0, 0.0, 0.0, 0.0, 0.0, 0.0])
@@ -432,7 +432,7 @@ def test_blocked_cpu_dispatch_equals_sorted_rows_values_and_gradients(
         return mx.take_along_axis(every, idx[..., None], 1).reshape(-1, x_flat.shape[-1])
 
     paths = {
-        "blocked": lambda x_flat: mlp.blocked_experts(x_flat, flat_expert, order, counts),
+        "blocked": lambda x_flat: mlp.routed_experts.blocked(x_flat, flat_expert, order, counts, 2),
         "sorted": lambda x_flat: mlp.sorted_experts(x_flat, flat_expert, order),
         "reference": dense_reference,
     }
@@ -539,7 +539,7 @@ def test_blocked_dispatch_fits_the_most_padding(tiny_config, monkeypatch):
     """Six experts one row past a whole block, the seventh two: 216 padding rows, E * (g - 1)
     less one, which fills the static row bound exactly (a row past it would be lost)."""
     g, E = 32, tiny_config.n_routed_experts
-    monkeypatch.setattr(mlx_model, "cpu_block_rows", lambda *args: g)
+    monkeypatch.setattr(mlx_experts, "cpu_block_rows", lambda *args: g)
     mlp = build(tiny_config).decoder_layers[0].mlp
     counts = np.array([g + 1] * 6 + [2 * g + 2])  # 328 pairs, 164 tokens
     P = int(counts.sum())
@@ -547,7 +547,7 @@ def test_blocked_dispatch_fits_the_most_padding(tiny_config, monkeypatch):
     flat_expert = mx.array(np.random.default_rng(0).permutation(np.repeat(np.arange(E), counts)))
     x_flat = mx.random.normal((P // 2, tiny_config.hidden_size), key=mx.random.key(3))
     order = mx.argsort(flat_expert)
-    blocked = mlp.blocked_experts(x_flat, flat_expert, order, mx.array(counts))
+    blocked = mlp.routed_experts.blocked(x_flat, flat_expert, order, mx.array(counts), 2)
     rows = mlp.sorted_experts(x_flat, flat_expert, order)
     np.testing.assert_allclose(np.array(blocked), np.array(rows), atol=1e-7, rtol=1e-5)
 
