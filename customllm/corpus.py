@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from customllm.hub import hub_unreachable_reason, looks_like_path
 from customllm.stories import N_STORIES, story
-from customllm.tokenizer import hub_unreachable_reason, looks_like_path
 
 BUILTIN = "builtin"  # the `--data` value that selects the built-in corpus
 BUILTIN_HELDOUT_EVERY = 10

@@ -9,12 +9,12 @@ torch is installed), so importing this module stays cheap.
 from __future__ import annotations
 
 import os
-import socket
-import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlparse
+
+from customllm.corpus import iter_documents
+from customllm.hub import hub_unreachable_reason, looks_like_path
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -24,48 +24,6 @@ BUILTIN_TOKENIZER = "builtin"  # the default for --data builtin: no download
 BUILTIN_VOCAB_SIZE = 1024  # at most: the merges run out at 938, every word one token
 EOS_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = [EOS_TOKEN, "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 after training
-
-_TRUE = {"1", "true", "yes", "on"}
-
-
-def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
-    """Why the Hugging Face hub cannot be used right now, or None if a TCP probe succeeds.
-
-    Checks `HF_HUB_OFFLINE` / `HF_DATASETS_OFFLINE`, then opens one connection to `HF_ENDPOINT`
-    (or the HTTPS proxy when one is set) with a short timeout, so callers fail in seconds instead
-    of sitting through the hub client's retries.
-    """
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in _TRUE:
-            return f"{var} is set"
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-    url = urlparse(proxy or endpoint)
-    host = url.hostname or "huggingface.co"
-    port = url.port or (443 if url.scheme == "https" else 80)
-    error: list[str] = ["timed out"]
-
-    def probe() -> None:  # in a thread: DNS lookups ignore socket timeouts
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            error.clear()
-        except OSError as e:
-            error[0] = str(e) or type(e).__name__
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout + 1.0)
-    if thread.is_alive() or error:
-        return f"cannot reach {host}:{port} ({error[0] if error else 'timed out'})"
-    return None
-
-
-def looks_like_path(name: str) -> bool:
-    """True when `name` is meant as a filesystem path rather than a hub id `owner/name`."""
-    if name.startswith((".", "/", "~", "\\")) or "\\" in name or os.path.isabs(name):
-        return True
-    parts = Path(name).parts
-    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).exists())
 
 
 def _load_local(path: Path) -> PreTrainedTokenizerFast:
@@ -168,8 +126,6 @@ def train_tokenizer(
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from customllm.corpus import iter_documents
 
     min_vocab = 256 + len(SPECIAL_TOKENS)
     if vocab_size < min_vocab:
