@@ -48,8 +48,8 @@ def attention(q, k, v, scale: float, mask):
     """`mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)`; q (B, H, T, d),
     k and v (B, H or 1, S, d), mask None, "causal" (aligned to the last key), a boolean
     (True: attend) or an additive array. On the CPU with several queries the fast kernel falls
-    back to plain ops with MLX's slow exp; the same ops with `loss.softmax` run forward +
-    backward ~1.6x faster."""
+    back to plain ops with MLX's slow exp; the same ops with `loss.softmax` are faster
+    (docs/linux-cpu.md)."""
     T, S = q.shape[2], k.shape[2]
     if T == 1 or mx.default_device() != mx.cpu:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)

@@ -492,9 +492,8 @@ def _announce(metrics, cfg, model, world_size, resume, state, parts) -> None:
     )
     if cfg.dtype == "bfloat16" and mx.default_device() == mx.cpu:
         metrics.print(
-            "warning: bfloat16 on MLX's CPU backend: its bfloat16 matmuls use no BLAS (6 GFLOP/s "
-            "against 207 in float32 on a 2-core CPU, a tiny-preset step 7x slower); "
-            "float32 trains faster here"
+            "warning: bfloat16 on MLX's CPU backend: its bfloat16 matmuls use no BLAS and run "
+            "far slower than float32 (docs/linux-cpu.md); --dtype float32 trains faster here"
         )
     if state:
         for line in config_differences(state["train_config"], cfg):
