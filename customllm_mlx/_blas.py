@@ -27,6 +27,7 @@ CANDIDATES = (
 BFS_ENV, BFS_WIDTH = "MLX_BFS_MAX_WIDTH", 1 << 20
 
 loaded: str | None = None
+bfs_chosen_here = False  # whether setup_cpu set BFS_ENV (not the user)
 _library: ctypes.CDLL | None = None
 
 
@@ -38,7 +39,7 @@ def setup_cpu(openblas: str | None = None) -> str | None:
     `openblas`: the library's path, or "none" to keep MLX's own BLAS; default: the environment's
     CUSTOMLLM_OPENBLAS (same values), else the first of CANDIDATES that exists. Returns the path
     of the OpenBLAS that MLX uses, None when none. Idempotent."""
-    global loaded
+    global loaded, bfs_chosen_here
     if loaded or not sys.platform.startswith("linux"):
         return loaded
     wanted = openblas or os.environ.get("CUSTOMLLM_OPENBLAS") or ""
@@ -69,7 +70,8 @@ def setup_cpu(openblas: str | None = None) -> str | None:
             continue
         loaded = path
         _bind(library)
-        os.environ.setdefault(BFS_ENV, str(BFS_WIDTH))  # read when mlx.core loads
+        if BFS_ENV not in os.environ:  # MLX reads it once, at its first evaluation
+            os.environ[BFS_ENV], bfs_chosen_here = str(BFS_WIDTH), True
         break
     return loaded
 

@@ -40,6 +40,18 @@ def breadth_first() -> bool:
         return False
 
 
+def depth_first_for_checkpointing() -> bool:
+    """Give MLX back its own depth-first evaluation order (MLX_BFS_MAX_WIDTH 20) where
+    `setup_cpu` chose the breadth-first one: gradient checkpointing recomputes layers then one
+    after another and frees each, where breadth-first order keeps many alive at once
+    (docs/training.md, "Gradient checkpointing"); the two-stream split is off with it. MLX reads
+    the order at its first evaluation: call this before any. Returns whether it changed it."""
+    if not _blas.bfs_chosen_here or not breadth_first():
+        return False
+    os.environ[_blas.BFS_ENV] = "20"
+    return True
+
+
 def stream_parts(batch_size: int, world_size: int = 1, wanted: int | None = None) -> int:
     """Slices per micro-batch on the CPU device: `wanted` (--cpu-streams), else
     $CUSTOMLLM_CPU_STREAMS, else 2 where the split pays (module docstring), else 1. Always 1 on

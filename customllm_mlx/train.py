@@ -66,6 +66,7 @@ from customllm.training import (
 from customllm_mlx.allocator import use_full_cpu_cache
 from customllm_mlx.cpu_streams import (
     blas_threads_per_part,
+    depth_first_for_checkpointing,
     on_streams,
     sliced_value_and_grad,
     stream_parts,
@@ -514,6 +515,8 @@ CPU_STREAMS_OPTION = click.option(
 @CPU_STREAMS_OPTION
 def train_command(cpu_streams: int | None, **options) -> None:
     """Train or resume a model with a compiled MLX step (checkpoints in OUT/checkpoint-N)."""
+    if options["gradient_checkpointing"] and cpu_streams is None:
+        depth_first_for_checkpointing()  # before this process's first evaluation
     try:
         run_training(TrainConfig.from_dict(options), cpu_streams=cpu_streams)
     except (TrainingError, ValueError, FileNotFoundError, ConnectionError, OSError) as err:

@@ -303,6 +303,20 @@ def test_on_streams_slice_0_stays_on_the_default_stream_and_extra_streams_are_sh
     assert first[1].device == again[2].device == mx.cpu
 
 
+def test_checkpointing_takes_mlx_depth_first_order_unless_the_user_chose(monkeypatch):
+    """--gradient-checkpointing on the CPU: back to MLX's depth-first order (the split off)
+    where setup_cpu chose breadth-first; an order the user set stays."""
+    monkeypatch.setattr(customllm_mlx._blas, "bfs_chosen_here", True)
+    monkeypatch.setenv("MLX_BFS_MAX_WIDTH", str(1 << 20))
+    assert cpu_streams.depth_first_for_checkpointing()
+    assert os.environ["MLX_BFS_MAX_WIDTH"] == "20" and cpu_streams.stream_parts(8) == 1
+    assert not cpu_streams.depth_first_for_checkpointing()  # already depth-first
+    monkeypatch.setattr(customllm_mlx._blas, "bfs_chosen_here", False)
+    monkeypatch.setenv("MLX_BFS_MAX_WIDTH", str(1 << 20))
+    assert not cpu_streams.depth_first_for_checkpointing()
+    assert os.environ["MLX_BFS_MAX_WIDTH"] == str(1 << 20)
+
+
 def test_cpu_stream_parts(monkeypatch):
     monkeypatch.delenv(cpu_streams.ENV, raising=False)
     threads = customllm_mlx._blas.threads()
