@@ -14,10 +14,11 @@ is stripped and empty documents are skipped. `.jsonl` / `.parquet` / hub rows gi
 each, from the `text_column` field.
 
 Held-out split. For `builtin`, every 10th story (numbers 0, 10, ...; 2,000 stories) is held
-out. For every other source a document is held out when a stable hash of its text (blake2b) falls
-in the first `heldout_fraction` of the hash range; the `train` split skips exactly those
-documents, so eval never sees training text (identical documents always land on the same side). On a hub stream the held-out split reads about 1/heldout_fraction times more text
-than it keeps, so cap its eval batches.
+out. For every other source a document is held out when a stable hash of its text (blake2b)
+falls in the first `heldout_fraction` of the hash range; the `train` split skips exactly those
+documents, so eval never sees training text (identical documents always land on the same side).
+On a hub stream the held-out split reads about 1/heldout_fraction times more text than it
+keeps, so cap its eval batches.
 """
 
 from __future__ import annotations

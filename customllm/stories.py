@@ -71,16 +71,7 @@ class _Story:
         self.lines.append(self.pick(options))
 
 
-def _subject(who) -> str:
-    return {"he": "He", "she": "She"}[who[1]]
-
-
-def _object(who) -> str:
-    return {"he": "him", "she": "her"}[who[1]]
-
-
-def _possessive(who) -> str:
-    return {"he": "his", "she": "her"}[who[1]]
+PRONOUNS = {"he": ("He", "him", "his"), "she": ("She", "her", "her")}  # subject, object, possessive
 
 
 def _a(word: str) -> str:
@@ -91,9 +82,9 @@ def story(index: int) -> str:
     """Built-in story number `index` (the same text on every machine)."""
     s = _Story(random.Random(index))
     name, _, kind = s.hero
-    he, him, his = _subject(s.hero), _object(s.hero), _possessive(s.hero)
+    he, him, his = PRONOUNS[s.hero[1]]
     friend, _, friend_kind = s.friend
-    fhe, fhis = _subject(s.friend), _possessive(s.friend)
+    fhe, _, fhis = PRONOUNS[s.friend[1]]
     adj = s.pick(ADJECTIVES)
     thing = f"{s.color} {s.thing}"
     good, bad = s.pick(FEELINGS["good"]), s.pick(FEELINGS["bad"])

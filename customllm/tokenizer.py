@@ -1,7 +1,8 @@
 """Tokenizer loading and training, framework-free.
 
 `load_tokenizer` returns a `transformers` fast tokenizer from a local folder, a hub id or
-`builtin` (a BPE of the built-in stories, trained on first use into the user's cache); `train_tokenizer` trains a byte-level BPE on local text and saves a folder that
+`builtin` (a BPE of the built-in stories, trained on first use into the user's cache);
+`train_tokenizer` trains a byte-level BPE on local text and saves a folder that
 `AutoTokenizer.from_pretrained` loads. `transformers` is imported lazily (it pulls in torch when
 torch is installed), so importing this module stays cheap.
 """
@@ -169,32 +170,23 @@ def train_tokenizer(
 
 
 def builtin_tokenizer_dir() -> Path:
-    """The folder of the built-in tokenizer: a BPE of up to `BUILTIN_VOCAB_SIZE` tokens trained on the
-    built-in stories' training split, cached under $XDG_CACHE_HOME (else ~/.cache)/customllm and
-    keyed by the story generator's source, so a changed corpus gets a new tokenizer."""
+    """The folder of the built-in tokenizer: a BPE of up to `BUILTIN_VOCAB_SIZE` tokens trained
+    on the built-in stories' training split, cached under $XDG_CACHE_HOME (else ~/.cache)/customllm
+    and keyed by the story generator's source, so a changed corpus gets a new tokenizer."""
     import hashlib
-    import shutil
-    import tempfile
 
     import tokenizers
 
     import customllm.stories
+    from customllm.checkpoint import atomic_folder
 
     key = hashlib.sha256(Path(customllm.stories.__file__).read_bytes())
     key.update(f"{BUILTIN_VOCAB_SIZE} {tokenizers.__version__}".encode())
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "customllm"
     folder = cache / f"builtin-tokenizer-{key.hexdigest()[:16]}"
     if not (folder / "tokenizer.json").is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=f"{folder.name}.", dir=cache))
-        try:  # written aside and renamed: a half-written folder is never read
+        with atomic_folder(folder) as scratch:  # a half-written folder is never read
             train_tokenizer("builtin", BUILTIN_VOCAB_SIZE, scratch)
-            scratch.rename(folder)
-        except OSError:
-            if not (folder / "tokenizer.json").is_file():  # not another process's rename
-                raise
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
     return folder
 
 

@@ -25,6 +25,7 @@ CANDIDATES = (
 # where OpenBLAS is loaded, before MLX reads it, for the training step's CPU streams
 # (cpu_streams.py)
 BFS_ENV, BFS_WIDTH = "MLX_BFS_MAX_WIDTH", 1 << 20
+MLX_BFS_WIDTH = 20  # MLX's own default: depth-first past 20 arrays
 
 loaded: str | None = None
 bfs_chosen_here = False  # whether setup_cpu set BFS_ENV (not the user)

@@ -14,8 +14,9 @@ therefore sets MLX_BFS_MAX_WIDTH (unless set) where it loads OpenBLAS, before ML
 the split is used only there. `python benchmarks/bench_train.py --preset tiny|small` compares the
 two (rows compiled and compiled-onestream; docs/benchmarks.md, "Two CPU streams").
 
-`--cpu-streams N` (or `CUSTOMLLM_CPU_STREAMS=N`) forces N slices (1: no split); by default 2 where OpenBLAS was loaded
-with 2 threads or more, in a single-process run, with an even batch. CPU device only.
+`--cpu-streams N` (or `CUSTOMLLM_CPU_STREAMS=N`) forces N slices (1: no split); by default 2
+where OpenBLAS was loaded with 2 threads or more, in a single-process run, with an even batch.
+CPU device only.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ ENV = "CUSTOMLLM_CPU_STREAMS"
 def breadth_first() -> bool:
     """Whether MLX will order evaluations breadth-first (see the module docstring)."""
     try:
-        return int(os.environ.get(_blas.BFS_ENV, "") or 20) >= _blas.BFS_WIDTH
+        return int(os.environ.get(_blas.BFS_ENV, "") or _blas.MLX_BFS_WIDTH) >= _blas.BFS_WIDTH
     except ValueError:
         return False
 
@@ -48,7 +49,7 @@ def depth_first_for_checkpointing() -> bool:
     the order at its first evaluation: call this before any. Returns whether it changed it."""
     if not _blas.bfs_chosen_here or not breadth_first():
         return False
-    os.environ[_blas.BFS_ENV] = "20"
+    os.environ[_blas.BFS_ENV] = str(_blas.MLX_BFS_WIDTH)
     return True
 
 
