@@ -2,9 +2,10 @@
 
 For each seed, trains the preset (the MoE) and its dense baseline (`n_routed_experts: 0`, the
 shared SwiGLU (1 + top-k) x as wide: the MoE's active parameters) with the same command line,
-then evaluates both on --eval-data with the `eval` command. Prints a table (held-out loss,
-perplexity, MaxVio over training, tokens/s), the paired difference per seed (dense - MoE: > 0
-means the MoE wins), and writes OUT/quality.json, OUT/quality.png (both loss curves per seed)
+then evaluates both on --eval-data with the `eval` command, and on the first batches of the
+training text itself. Prints a table (held-out loss, perplexity, the loss on training text and
+its gap to held-out, MaxVio over training, tokens/s), the paired difference per seed
+(dense - MoE: > 0 means the MoE wins), and writes OUT/quality.json, OUT/quality.png (both loss curves per seed)
 and a greedy sample of each model. Runs already finished in OUT are reused.
 
     python benchmarks/bench_quality.py --preset small --steps 400 --seeds 0,1,2 \
@@ -81,6 +82,15 @@ def train_and_eval(opts, kind: str, config_path: Path, seed: int) -> dict:
         if opts.max_eval_batches:
             evaluate += ["--max-batches", str(opts.max_eval_batches)]
         run(evaluate, opts.out / f"seed{seed}-{kind}-eval.log")
+    fit = None
+    if opts.train_eval_batches and opts.data != "builtin":  # eval's builtin: held-out only
+        fit_path = out / "eval-train.json"
+        if not fit_path.is_file():
+            evaluate = cli + ["eval", "--model", str(checkpoint), "--data", opts.data,
+                              "--seq-len", str(opts.seq_len), "--json", str(fit_path),
+                              "--max-batches", str(opts.train_eval_batches)]  # fmt: skip
+            run(evaluate, opts.out / f"seed{seed}-{kind}-eval-train.log")
+        fit = json.loads(fit_path.read_text())["loss"]
     sample = run(
         cli + ["generate", "--model", str(checkpoint), "-p", SAMPLE_PROMPT, "-m", "60"],
         opts.out / f"seed{seed}-{kind}-generate.log",
@@ -93,6 +103,7 @@ def train_and_eval(opts, kind: str, config_path: Path, seed: int) -> dict:
         "kind": kind,
         "seed": seed,
         "heldout_loss": result["loss"],
+        "train_text_loss": fit,
         "perplexity": result["perplexity"],
         "heldout_max_vio": result["max_vio"],
         "train_max_vio_mean": statistics.fmean(vios) if vios else None,
@@ -119,6 +130,9 @@ def main() -> None:
     p.add_argument("--data", default="builtin", help="Training text (as --data of train).")
     p.add_argument("--eval-data", required=True, help="Held-out text (any file eval reads).")
     p.add_argument("--max-eval-batches", type=int, default=None)
+    p.add_argument("--train-eval-batches", type=int, default=40,
+                   help="Also evaluate on the first N batches of --data, the text trained on "
+                   "(the gap to held-out shows memorisation); 0: skip (default: 40).")  # fmt: skip
     p.add_argument("--tokenizer", default=None, help="Tokenizer folder or hub id.")
     p.add_argument("--seeds", default="0,1,2", help="Comma-separated seeds (paired runs).")
     p.add_argument("--out", type=Path, default=Path("runs/quality"))
@@ -148,10 +162,13 @@ def main() -> None:
         for kind in configs:
             rows.append(train_and_eval(opts, kind, paths[kind], seed))
 
-    headers = ["model", "seed", "held-out loss", "ppl", "MaxVio (train, 2nd half)",
-               "<= 0.3", "MaxVio (held-out)", "tokens/s"]  # fmt: skip
+    headers = ["model", "seed", "held-out loss", "ppl", "training-text loss", "gap",
+               "MaxVio (train, 2nd half)", "<= 0.3", "MaxVio (held-out)", "tokens/s"]  # fmt: skip
+    gap = {id(r): None if r["train_text_loss"] is None
+           else r["heldout_loss"] - r["train_text_loss"] for r in rows}  # fmt: skip
     table = [
         [r["kind"], str(r["seed"]), f"{r['heldout_loss']:.4f}", f"{r['perplexity']:.2f}",
+         fmt(r["train_text_loss"], ".4f"), fmt(gap[id(r)], ".4f"),
          fmt(r["train_max_vio_late"], ".3f"), fmt(r["share_balanced"], ".0%"),
          fmt(r["heldout_max_vio"], ".3f"), f"{r['tokens_per_sec']:,.0f}"]
         for r in rows

@@ -18,8 +18,8 @@ in a scratch folder and renamed, so a half-written cache is never read):
 Models with the 973M preset's 49,152-token vocabulary (`COSMO2_VOCAB_SIZE`) accept it too.
 
 The shared folder beside the repository (`../shared`: TinyStories text and the 49,152-token
-cosmo2 tokenizer) is optional: the tests about those files themselves, and a slow run that
-needs simple English at scale, take the `requires_shared` mark and skip without it. `CUSTOMLLM_SHARED_DIR=PATH` points at another
+cosmo2 tokenizer) is optional: the tests about those files themselves take `requires_shared`,
+which puts them in the slow set and skips them without the files. `CUSTOMLLM_SHARED_DIR=PATH` points at another
 shared folder; a path that does not exist (e.g. `CUSTOMLLM_SHARED_DIR=/nonexistent`) runs the
 suite as a bare clone of the repository would.
 """
@@ -53,12 +53,17 @@ COSMO2_DIR = SHARED_DIR / "tokenizers" / "cosmo2"
 COSMO2_VOCAB_SIZE = 49152
 TINYSTORIES_DIR = SHARED_DIR / "data" / "tinystories"
 
-# For tests about the shared files themselves (the real cosmo2 tokenizer, TinyStories):
-# `from conftest import requires_shared` and `@requires_shared`.
-requires_shared = pytest.mark.skipif(
+_shared_present = pytest.mark.skipif(
     not ((COSMO2_DIR / "tokenizer.json").is_file() and (TINYSTORIES_DIR / "train.txt").is_file()),
     reason=f"optional: the cosmo2 tokenizer and TinyStories are not under {SHARED_DIR}",
 )
+
+
+def requires_shared(test):
+    """For tests about the shared files themselves (the real cosmo2 tokenizer, TinyStories): in
+    the slow set, so the default suite never skips for data a clone does not have."""
+    return pytest.mark.slow(_shared_present(test))
+
 
 # --- the test corpus and tokenizer, built from the repository alone ------------------------
 TOKENIZER_VOCAB_SIZE = 4096

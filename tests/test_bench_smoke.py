@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO_DIR, TOKENIZER_DIR
 
-REPO_DIR = Path(__file__).resolve().parents[1]
 SMALL = ["--preset", "tiny", "--vocab-size", "512"]
 RUNS = {
     "train": [
@@ -334,7 +334,7 @@ def test_gpu_bench_script_on_cpu(tmp_path):
         "TRAIN_STEPS": "2",
         "GEMM_N": "256",
         "PYTHON": sys.executable,
-        "TOKENIZER": str(REPO_DIR.parent / "shared" / "tokenizers" / "cosmo2"),
+        "TOKENIZER": str(TOKENIZER_DIR),
         "RUN_DIR": str(tmp_path / "run"),
         "STAGES": "torch_eager mlx product product_compiled torch_compiled generate",
         "GEN_CONTEXTS": "16,32",
@@ -521,16 +521,20 @@ def test_bench_quality_and_balance_report(tmp_path):
     """bench_quality.py on the tiny preset, 3 steps, one seed: both models train with the
     same command line, both are evaluated on any --eval-data file, and the table, JSON, PNG
     and samples come out; balance_report.py reads the MoE's metrics."""
+    from customllm.stories import story
     from customllm.tokenizer import train_tokenizer
 
     text = tmp_path / "heldout.txt"
     text.write_text("\n\n".join(f"Tom had {i} red balls and a dog." for i in range(200)))
+    train = tmp_path / "train.txt"
+    train.write_text("\n<|endoftext|>\n".join(story(i) for i in range(1, 200)))
     train_tokenizer("builtin", 400, tmp_path / "tok")
     out = tmp_path / "quality"
     proc = subprocess.run(
         [sys.executable, "benchmarks/bench_quality.py", "--preset", "tiny", "--steps", "3",
-         "--batch-size", "2", "--seq-len", "32", "--seeds", "0", "--data", "builtin",
-         "--eval-data", str(text), "--tokenizer", str(tmp_path / "tok"), "--out", str(out)],
+         "--batch-size", "2", "--seq-len", "32", "--seeds", "0", "--data", str(train),
+         "--eval-data", str(text), "--tokenizer", str(tmp_path / "tok"), "--out", str(out),
+         "--train-eval-batches", "2"],
         cwd=REPO_DIR, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -542,6 +546,8 @@ def test_bench_quality_and_balance_report(tmp_path):
     )
     for r in kinds.values():
         assert 4 < r["heldout_loss"] < 12 and len(r["curve"]) == 3 and r["sample"]
+        fit = json.loads((out / "seed0" / r["kind"] / "eval-train.json").read_text())
+        assert r["train_text_loss"] == fit["loss"] and fit["tokens"] == 2 * 8 * 32
     assert report["paired_difference"] == [
         pytest.approx(kinds["dense"]["heldout_loss"] - kinds["moe"]["heldout_loss"])
     ]
