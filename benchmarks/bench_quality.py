@@ -5,8 +5,8 @@ shared SwiGLU (1 + top-k) x as wide: the MoE's active parameters) with the same 
 then evaluates both on --eval-data with the `eval` command, and on the first batches of the
 training text itself. Prints a table (held-out loss, perplexity, the loss on training text and
 its gap to held-out, MaxVio over training, tokens/s), the paired difference per seed
-(dense - MoE: > 0 means the MoE wins), and writes OUT/quality.json, OUT/quality.png (both loss curves per seed)
-and a greedy sample of each model. Runs already finished in OUT are reused.
+(dense - MoE: > 0 means the MoE wins), and writes OUT/quality.json, OUT/quality.png (both loss
+curves per seed) and a greedy sample of each model. Runs already finished in OUT are reused.
 
     python benchmarks/bench_quality.py --preset small --steps 400 --seeds 0,1,2 \
         --data ../shared/data/tinystories/train.txt \
@@ -75,22 +75,22 @@ def train_and_eval(opts, kind: str, config_path: Path, seed: int) -> dict:
         print(f"training {kind}, seed {seed}: {out}", flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         run(train, opts.out / f"seed{seed}-{kind}-train.log")
-    result_path = out / "eval.json"
-    if not result_path.is_file():
-        evaluate = cli + ["eval", "--model", str(checkpoint), "--data", opts.eval_data,
-                          "--seq-len", str(opts.seq_len), "--json", str(result_path)]  # fmt: skip
-        if opts.max_eval_batches:
-            evaluate += ["--max-batches", str(opts.max_eval_batches)]
-        run(evaluate, opts.out / f"seed{seed}-{kind}-eval.log")
+
+    def evaluate(data: str, name: str, max_batches: int | None) -> dict:
+        """The `eval` command's results on `data`, from OUT/.../NAME.json once it ran."""
+        path = out / f"{name}.json"
+        if not path.is_file():
+            args = cli + ["eval", "--model", str(checkpoint), "--data", data,
+                          "--seq-len", str(opts.seq_len), "--json", str(path)]  # fmt: skip
+            if max_batches:
+                args += ["--max-batches", str(max_batches)]
+            run(args, opts.out / f"seed{seed}-{kind}-{name}.log")
+        return json.loads(path.read_text())
+
+    result = evaluate(opts.eval_data, "eval", opts.max_eval_batches)
     fit = None
     if opts.train_eval_batches and opts.data != "builtin":  # eval's builtin: held-out only
-        fit_path = out / "eval-train.json"
-        if not fit_path.is_file():
-            evaluate = cli + ["eval", "--model", str(checkpoint), "--data", opts.data,
-                              "--seq-len", str(opts.seq_len), "--json", str(fit_path),
-                              "--max-batches", str(opts.train_eval_batches)]  # fmt: skip
-            run(evaluate, opts.out / f"seed{seed}-{kind}-eval-train.log")
-        fit = json.loads(fit_path.read_text())["loss"]
+        fit = evaluate(opts.data, "eval-train", opts.train_eval_batches)["loss"]
     sample = run(
         cli + ["generate", "--model", str(checkpoint), "-p", SAMPLE_PROMPT, "-m", "60"],
         opts.out / f"seed{seed}-{kind}-generate.log",
@@ -98,12 +98,12 @@ def train_and_eval(opts, kind: str, config_path: Path, seed: int) -> dict:
     records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     vios = [r["max_vio"] for r in records if r.get("max_vio") is not None]
     late = vios[len(vios) // 2 :]
-    result = json.loads(result_path.read_text())
     return {
         "kind": kind,
         "seed": seed,
         "heldout_loss": result["loss"],
         "train_text_loss": fit,
+        "gap": None if fit is None else result["loss"] - fit,
         "perplexity": result["perplexity"],
         "heldout_max_vio": result["max_vio"],
         "train_max_vio_mean": statistics.fmean(vios) if vios else None,
@@ -164,11 +164,9 @@ def main() -> None:
 
     headers = ["model", "seed", "held-out loss", "ppl", "training-text loss", "gap",
                "MaxVio (train, 2nd half)", "<= 0.3", "MaxVio (held-out)", "tokens/s"]  # fmt: skip
-    gap = {id(r): None if r["train_text_loss"] is None
-           else r["heldout_loss"] - r["train_text_loss"] for r in rows}  # fmt: skip
     table = [
         [r["kind"], str(r["seed"]), f"{r['heldout_loss']:.4f}", f"{r['perplexity']:.2f}",
-         fmt(r["train_text_loss"], ".4f"), fmt(gap[id(r)], ".4f"),
+         fmt(r["train_text_loss"], ".4f"), fmt(r["gap"], ".4f"),
          fmt(r["train_max_vio_late"], ".3f"), fmt(r["share_balanced"], ".0%"),
          fmt(r["heldout_max_vio"], ".3f"), f"{r['tokens_per_sec']:,.0f}"]
         for r in rows
