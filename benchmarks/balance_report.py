@@ -20,6 +20,8 @@ from customllm.metrics import METRICS_NAME, read_metrics
 
 def report(run: Path, from_step: int) -> dict:
     path = run / METRICS_NAME if run.is_dir() else run
+    if not path.is_file():
+        sys.exit(f"Error: {path} not found: give a run folder (holding {METRICS_NAME}) or the file")
     records = [r for r in read_metrics(path) if "loss" in r]
     ratio = {r["step"]: r["max_vio"] + 1 for r in records if r.get("max_vio") is not None}
     if not ratio:

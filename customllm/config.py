@@ -45,7 +45,7 @@ class ModelConfig:
         "solve"  # "solve": toward the bias that balances the batch; "sign": fixed step
     )
     bias_update_rate: float = (
-        0.5  # solve: least share of the way per step (+ MaxVio); sign: the step
+        0.2  # solve: least share of the way per step (+ MaxVio); sign: the step
     )
     router_lr_scale: float = 0.1  # the router's learning rate, as a multiple of --lr
     aux_loss_coef: float = 1e-4

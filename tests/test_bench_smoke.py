@@ -561,3 +561,21 @@ def test_bench_quality_and_balance_report(tmp_path):
         cwd=REPO_DIR, capture_output=True, text=True,
     )  # fmt: skip
     assert proc.returncode == 0 and "3 steps | from step 2:" in proc.stdout, proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/balance_report.py", str(out / "missing")],
+        cwd=REPO_DIR, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 1 and proc.stderr.startswith("Error: ") and "missing" in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/bias_replay.py", "--model", str(out / "seed0" / "moe" / "checkpoint-3"),
+         "--data", str(train), "--eval-data", str(text), "--batches", "4", "--eval-batches", "2",
+         "--batch-size", "2", "--seq-len", "32", "--rates", "0.5,0.2",
+         "--json", str(tmp_path / "replay.json")],
+        cwd=REPO_DIR, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rates = json.loads((tmp_path / "replay.json").read_text())["rates"]
+    assert [r["rate"] for r in rates] == [0.5, 0.2]
+    for r in rates:  # 4 batches: the share is a multiple of 1/4
+        assert r["balanced_share"] * 4 == round(r["balanced_share"] * 4)
+        assert 0 <= r["mean_max_vio"] <= 2.5 and 0 <= r["heldout_max_vio"] <= 2.5

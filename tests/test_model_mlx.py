@@ -610,6 +610,22 @@ def test_solve_bias_update_moves_toward_the_batch_mean(tiny_config):
     )
 
 
+def test_solve_bias_update_goes_further_by_the_maxvio(tiny_config):
+    """Rate 0.2 plus the batch's MaxVio of the way: 0.7 at max/mean 1.5, 0.3 at 1.1, and all
+    of it when the loads are far apart (3.5)."""
+    config = dataclasses.replace(tiny_config, bias_update_rate=0.2)
+    E = config.n_routed_experts
+    target = mx.array([0.3, -0.1, 0.0, 0.2, -0.2, -0.1, -0.1])
+    for top, share in ((1.5, 0.7), (1.1, 0.3), (3.5, 1.0)):
+        model = build(config, bias_std=0.0)
+        load = mx.array([top] + [(E - top) / (E - 1)] * (E - 1)) * 20  # mean 20: 70 tokens
+        routing = mx.stack([mx.stack([load, target * 70])] * config.num_hidden_layers)
+        model.update_expert_bias(routing)
+        np.testing.assert_allclose(
+            np.array(model.decoder_layers[0].mlp.expert_bias), share * np.array(target), atol=1e-6
+        )
+
+
 def drifted_scores(N: int = 512, E: int = 7, seed: int = 0) -> np.ndarray:
     """Sigmoid scores whose experts differ by a common offset (up to 0.2) far larger than the
     spread across tokens (0.01): the router's state once its hidden states grow alike."""

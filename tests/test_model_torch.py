@@ -313,6 +313,18 @@ def test_solve_bias_update_moves_toward_the_batch_mean(tiny_config):
     torch.testing.assert_close(model.decoder_layers[0].mlp.expert_bias, 0.5 * target)
 
 
+def test_solve_bias_update_goes_further_by_the_maxvio(tiny_config):
+    config = dataclasses.replace(tiny_config, bias_update_rate=0.2)
+    E = config.n_routed_experts
+    target = torch.tensor([0.3, -0.1, 0.0, 0.2, -0.2, -0.1, -0.1])
+    for top, share in ((1.5, 0.7), (1.1, 0.3), (3.5, 1.0)):
+        model = build(config)
+        load = torch.tensor([top] + [(E - top) / (E - 1)] * (E - 1)) * 20  # mean 20: 70 tokens
+        layer = torch.stack([load, target * 70])
+        model.update_expert_bias(torch.stack([layer] * config.num_hidden_layers))
+        torch.testing.assert_close(model.decoder_layers[0].mlp.expert_bias, share * target)
+
+
 def test_balancing_bias_balances_a_drifted_batch(tiny_config):
     rng = np.random.default_rng(0)
     N, E, k = 512, tiny_config.n_routed_experts, tiny_config.num_experts_per_tok

@@ -130,7 +130,7 @@ def test_a_config_written_before_the_balancing_fields_keeps_its_rule():
     )
     assert ModelConfig.from_dict(config.to_dict()) == config  # and it is written out explicitly
     new = ModelConfig.from_preset("tiny")
-    assert (new.bias_update, new.bias_update_rate, new.router_lr_scale) == ("solve", 0.5, 0.03)
+    assert (new.bias_update, new.bias_update_rate, new.router_lr_scale) == ("solve", 0.2, 0.03)
     assert (
         ModelConfig.from_dict({"hidden_size": 64, "num_attention_heads": 2}).bias_update == "solve"
     )
