@@ -7,9 +7,10 @@
 Records every layer's router scores on --batches consecutive batches of --data (the order
 training reads a file in) and on --eval-batches of --eval-data, then, for each
 `bias_update_rate` of the "solve" rule, starts from the model's own expert bias and runs the
-model's `update_expert_bias` after each batch, as training does. Per rate it prints the share of batches whose worst layer stays at max/mean load <= 1.3 (the
-bias is always solved on earlier batches), their mean MaxVio (max/mean - 1), and the MaxVio
-over the whole held-out set under the bias the replay ends with. With the router fixed, this
+model's `update_expert_bias` after each batch, as training does. Per rate it prints the share
+of batches whose worst layer stays at max/mean load <= 1.3 (the bias is always solved on
+earlier batches), their mean MaxVio (max/mean - 1), and the MaxVio over the whole held-out
+set under the bias the replay ends with. With the router fixed, this
 measures how well a rate balances the batch-to-batch noise of trained routing, apart from
 how it follows a router that still moves (that takes training runs: balance_report.py).
 """
@@ -30,6 +31,7 @@ customllm_mlx.setup_cpu()
 import mlx.core as mx  # noqa: E402
 
 from customllm.data import eval_batches  # noqa: E402
+from customllm.metrics import max_vio  # noqa: E402
 from customllm_mlx import load  # noqa: E402
 from customllm_mlx.model import balancing_bias, top_k_indices  # noqa: E402
 
@@ -61,10 +63,6 @@ def loads(scores: mx.array, bias: mx.array, k: int) -> mx.array:
     return (idx[..., None] == mx.arange(E)).sum(axis=(0, 1)).astype(mx.float32)
 
 
-def max_vio(load: mx.array) -> float:
-    return (load.max() / mx.maximum(load.mean(), 1e-9)).item() - 1
-
-
 def replay(model, train: list, heldout: list, rate: float) -> dict:
     config = dataclasses.replace(model.model_config, bias_update_rate=rate)
     k, layers = config.num_experts_per_tok, model.decoder_layers
@@ -77,10 +75,11 @@ def replay(model, train: list, heldout: list, rate: float) -> dict:
             bias = layer.mlp.expert_bias
             target = balancing_bias(scores, bias, k) * scores.shape[0]
             routing.append(mx.stack([loads(scores, bias, k), target]))
-        worst.append(max(max_vio(r[0]) for r in routing))
-        model.update_expert_bias(mx.stack(routing))
+        routing = mx.stack(routing)  # (layers, 2, E), as a training step reports it
+        worst.append(max_vio(np.array(routing[:, 0]))[0])
+        model.update_expert_bias(routing)
     held = [
-        max_vio(sum(loads(batch[i], layer.mlp.expert_bias, k) for batch in heldout))
+        sum(loads(batch[i], layer.mlp.expert_bias, k) for batch in heldout)
         for i, layer in enumerate(layers)
     ]
     for layer, bias in zip(layers, start, strict=True):
@@ -90,7 +89,7 @@ def replay(model, train: list, heldout: list, rate: float) -> dict:
         "rate": rate,
         "balanced_share": float((worst <= 0.3).mean()),
         "mean_max_vio": float(worst.mean()),
-        "heldout_max_vio": max(held),
+        "heldout_max_vio": max_vio(np.array(mx.stack(held)))[0],
     }
 
 

@@ -20,8 +20,8 @@ Models with the 973M preset's 49,152-token vocabulary (`COSMO2_VOCAB_SIZE`) acce
 The shared folder beside the repository (`../shared`: TinyStories text and the 49,152-token
 cosmo2 tokenizer) is optional: the tests about those files themselves take `requires_shared`,
 which puts them in the slow set and skips them without the files. `CUSTOMLLM_SHARED_DIR=PATH`
-points at another shared folder; a path that does not exist (e.g. `CUSTOMLLM_SHARED_DIR=/nonexistent`) runs the
-suite as a bare clone of the repository would.
+points at another shared folder; a path that does not exist (e.g.
+`CUSTOMLLM_SHARED_DIR=/nonexistent`) runs the suite as a bare clone of the repository would.
 """
 
 from __future__ import annotations
